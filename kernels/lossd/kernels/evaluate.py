@@ -1,0 +1,337 @@
+"""Evaluate functions over tensors, accumulate states over batches, finalize merged states.
+
+This is the whole in-process API the gRPC servicer calls, so users calling
+``lossd.kernels`` directly get bit-for-bit the numbers the service returns.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lossd.kernels.diagnostics import Diagnostic, Diagnostics
+from lossd.kernels.errors import FieldViolation, InvalidInput
+from lossd.kernels.params import resolve_params
+from lossd.kernels.plan import Batch
+from lossd.kernels.registry import FunctionDef, Result, get_function
+from lossd.kernels.state import State, canonical_params, merge_fields
+
+__all__ = [
+    "FunctionSpec",
+    "FunctionResult",
+    "Evaluation",
+    "Accumulator",
+    "evaluate",
+    "finalize_states",
+    "prepare",
+    "to_torch",
+    "DEFAULT_EXACT_STATE_LIMIT",
+]
+
+# Scores an exact (unbinned) AUROC/AP state may hold across a stream or run.
+DEFAULT_EXACT_STATE_LIMIT = 10_000_000
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """What to compute: a function name, its parameters, role -> tensor-name mapping and an alias."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    alias: str = ""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated spec: the function, its resolved parameters and its alias."""
+
+    index: int
+    fdef: FunctionDef
+    params: Mapping[str, Any]
+    inputs: Mapping[str, str]
+    alias: str
+
+    @property
+    def state_params(self) -> str:
+        return canonical_params(self.params)
+
+
+@dataclass
+class FunctionResult:
+    alias: str
+    function: str
+    values: dict[str, float]
+    tensors: dict[str, np.ndarray]
+    denominator: float | None
+    denominator_kind: str
+    state: State | None = None
+
+    @property
+    def value(self) -> float:
+        return self.values.get("value", math.nan)
+
+
+@dataclass
+class Evaluation:
+    results: dict[str, FunctionResult]
+    diagnostics: list[Diagnostic]
+    batches: int = 1
+
+    def __getitem__(self, alias: str) -> FunctionResult:
+        return self.results[alias]
+
+
+def as_spec(spec: FunctionSpec | str | Mapping[str, Any]) -> FunctionSpec:
+    if isinstance(spec, FunctionSpec):
+        return spec
+    if isinstance(spec, str):
+        return FunctionSpec(spec)
+    return FunctionSpec(spec["name"], dict(spec.get("params") or {}), dict(spec.get("inputs") or {}), spec.get("alias") or "")
+
+
+def prepare(specs: Sequence[FunctionSpec | str | Mapping[str, Any]]) -> list[Prepared]:
+    """Validate function specs: known names, known roles, valid parameters, unique aliases."""
+    if not specs:
+        raise InvalidInput.single("functions", "expected at least one function to evaluate, got none")
+    prepared: list[Prepared] = []
+    seen: dict[str, int] = {}
+    violations: list[FieldViolation] = []
+    for i, raw in enumerate(specs):
+        spec = as_spec(raw)
+        path = f"functions[{i}]"
+        try:
+            fdef = get_function(spec.name, path)
+            params = resolve_params(fdef.params, spec.params, f"{path}.params")
+        except InvalidInput as exc:
+            violations.extend(exc.violations)
+            continue
+        roles = {r.name for r in fdef.roles}
+        for role in spec.inputs:
+            if role not in roles:
+                violations.append(FieldViolation(f"{path}.inputs.{role}", f"{fdef.name} has no role {role!r}; expected one of: {', '.join(sorted(roles))}"))
+        alias = spec.alias or spec.name
+        if alias in seen:
+            violations.append(FieldViolation(f"{path}.alias", f"alias {alias!r} is already used by functions[{seen[alias]}]; give one of them another alias"))
+        seen[alias] = i
+        prepared.append(Prepared(i, fdef, params, dict(spec.inputs), alias))
+    if violations:
+        raise InvalidInput(violations)
+    return prepared
+
+
+def to_torch(value: Any, name: str = "tensor") -> torch.Tensor:
+    """A torch tensor from a torch tensor, a numpy array (ml_dtypes bfloat16 included) or nested lists."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.name == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(value).view(np.uint16).copy()).view(torch.bfloat16)
+        if value.dtype == np.bool_ or value.dtype.kind in "iuf":
+            with warnings.catch_warnings():
+                # Read-only buffers (zero-copy decode of request bytes) are never written to.
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                return torch.from_numpy(value)
+        raise InvalidInput.single(f"tensors.{name}", f"unsupported numpy dtype {value.dtype}")
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput.single(f"tensors.{name}", f"expected an array, got {type(value).__name__}: {exc}") from None
+
+
+def _to_device(tensors: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in tensors.items():
+        t = to_torch(value, name)
+        out[name] = t.to(device, non_blocking=True) if t.device != device else t
+    return out
+
+
+def _result_of(p: Prepared, fields: Mapping[str, torch.Tensor], diagnostics: Diagnostics) -> Result:
+    result = p.fdef.finalize(fields, p.params)
+    if p.fdef.finalize_diagnostics is not None:
+        for code, message in p.fdef.finalize_diagnostics(fields, p.params):
+            diagnostics.add(code, message, function=p.alias)
+    return result
+
+
+def _function_result(p: Prepared, result: Result, state: State | None) -> FunctionResult:
+    return FunctionResult(
+        p.alias,
+        p.fdef.name,
+        {k: float(v) for k, v in result.values.items()},
+        {k: np.asarray(v) for k, v in result.tensors.items()},
+        result.denominator,
+        result.denominator_kind,
+        state,
+    )
+
+
+def _update(p: Prepared, batch: Batch) -> State:
+    view = batch.view(p.fdef, p.index, p.alias, p.inputs)
+    fields = p.fdef.update(view, p.params)
+    missing = set(p.fdef.fields) - set(fields)
+    if missing:  # a programming error in a function, never the caller's
+        raise RuntimeError(f"{p.fdef.name}.update returned no field(s) {sorted(missing)}")
+    cpu = {k: v.detach().to("cpu") for k, v in fields.items()}
+    return State(p.fdef.name, p.fdef.state_version, p.state_params, cpu)
+
+
+def evaluate(
+    tensors: Mapping[str, Any],
+    functions: Sequence[FunctionSpec | str | Mapping[str, Any]],
+    *,
+    device: torch.device | str = "cpu",
+    return_state: bool = False,
+    prior_states: Mapping[str, State] | None = None,
+    exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT,
+) -> Evaluation:
+    """Evaluate ``functions`` on one batch of ``tensors``.
+
+    ``prior_states`` (alias -> State) are merged into this batch's states
+    before finalizing: that is how a client run accumulates exact totals with
+    one call per batch and no merge logic of its own."""
+    prepared = prepare(functions)
+    device = torch.device(device)
+    batch = Batch(_to_device(tensors, device), device)
+    results: dict[str, FunctionResult] = {}
+    batches = 1
+    for p in prepared:
+        if p.fdef.has_reduction and p.params["reduction"] == "none":
+            if prior_states and p.alias in prior_states:
+                raise _none_reduction_error(p, "merged with a prior state")
+            view = batch.view(p.fdef, p.index, p.alias, p.inputs)
+            values = p.fdef.per_element(view, p.params)  # type: ignore[misc]
+            results[p.alias] = FunctionResult(p.alias, p.fdef.name, {}, {"value": values.detach().to("cpu", torch.float64).numpy()}, None, "elements", None)
+            continue
+        state = _update(p, batch)
+        if prior_states and p.alias in prior_states:
+            state = merge_fields(prior_states[p.alias], state, p.fdef.fields, concat_limit=exact_state_limit, path=f"prior_states.{p.alias}")
+            batches = max(batches, state.batches)
+        result = _result_of(p, state.fields, batch.diagnostics)
+        results[p.alias] = _function_result(p, result, state if return_state else None)
+    if prior_states:
+        unknown = set(prior_states) - set(results)
+        if unknown:
+            raise InvalidInput.single("prior_states", f"states for aliases {sorted(unknown)} match no requested function")
+    return Evaluation(results, list(batch.diagnostics), batches)
+
+
+def _none_reduction_error(p: Prepared, what: str) -> InvalidInput:
+    return InvalidInput.single(
+        f"functions[{p.index}].params.reduction",
+        f"{p.alias}: reduction='none' returns per-element values, which cannot be {what}; use 'mean' or 'sum'",
+    )
+
+
+class Accumulator:
+    """Merges states over many batches (a stream, a run, a rank's shard) with bounded memory."""
+
+    def __init__(
+        self,
+        functions: Sequence[FunctionSpec | str | Mapping[str, Any]],
+        *,
+        device: torch.device | str = "cpu",
+        exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT,
+    ) -> None:
+        self.prepared = prepare(functions)
+        for p in self.prepared:
+            if p.fdef.has_reduction and p.params["reduction"] == "none":
+                raise _none_reduction_error(p, "accumulated over a stream")
+        self.device = torch.device(device)
+        self.exact_state_limit = exact_state_limit
+        self.states: dict[str, State] = {}
+        self.diagnostics = Diagnostics()
+        self.batches = 0
+        self._batch_ids: set[str] = set()
+
+    def add(self, tensors: Mapping[str, Any], batch_id: str = "") -> None:
+        """Update every function with one batch (or one part of a batch, when ``batch_id`` repeats)."""
+        if batch_id:
+            if batch_id in self._batch_ids:
+                refusing = [p for p in self.prepared if not p.fdef.splittable]
+                if refusing:
+                    p = refusing[0]
+                    raise InvalidInput.single(
+                        f"functions[{p.index}].name",
+                        f"{p.fdef.name} is not splittable (its value depends on the whole batch), but batch {batch_id!r} arrived in several parts; send it whole",
+                    )
+            self._batch_ids.add(batch_id)
+        batch = Batch(_to_device(tensors, self.device), self.device)
+        for p in self.prepared:
+            self._merge(p, _update(p, batch))
+        self.diagnostics.extend(batch.diagnostics)
+        self.batches += 1
+
+    def add_state(self, alias: str, state: State) -> None:
+        """Merge a state computed elsewhere (another rank, a file) under ``alias``."""
+        for p in self.prepared:
+            if p.alias == alias:
+                self._merge(p, state)
+                return
+        raise InvalidInput.single(f"states.{alias}", f"no requested function has alias {alias!r}")
+
+    def _merge(self, p: Prepared, state: State) -> None:
+        if state.function != p.fdef.name or state.params != p.state_params:
+            raise InvalidInput.single(
+                f"states.{p.alias}",
+                f"state of {state.function!r} with params {state.params} does not match {p.fdef.name!r} with params {p.state_params}",
+            )
+        prior = self.states.get(p.alias)
+        self.states[p.alias] = state if prior is None else merge_fields(prior, state, p.fdef.fields, concat_limit=self.exact_state_limit, path=f"states.{p.alias}")
+
+    def result(self, *, return_state: bool = False) -> Evaluation:
+        diagnostics = Diagnostics()
+        diagnostics.extend(self.diagnostics)
+        results = {}
+        for p in self.prepared:
+            state = self.states.get(p.alias)
+            if state is None:
+                raise InvalidInput.single("batches", "no batch was received; nothing to finalize")
+            result = _result_of(p, state.fields, diagnostics)
+            results[p.alias] = _function_result(p, result, state if return_state else None)
+        return Evaluation(results, list(diagnostics), self.batches)
+
+
+def finalize_states(states: Iterable[tuple[str, State]], *, exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT, return_state: bool = False) -> Evaluation:
+    """Merge states from many shards (alias, State) and finalize each alias.
+
+    Functions and parameters come from the states themselves, so a job that
+    wrote per-rank states to files needs nothing else to finalize them."""
+    groups: dict[str, list[State]] = {}
+    for alias, state in states:
+        groups.setdefault(alias, []).append(state)
+    if not groups:
+        raise InvalidInput.single("states", "expected at least one state to finalize, got none")
+    specs = []
+    for alias, group in groups.items():
+        first = group[0]
+        params = _params_of_state(first, alias)
+        specs.append(FunctionSpec(first.function, params, {}, alias))
+    acc = Accumulator(specs, exact_state_limit=exact_state_limit)
+    for alias, group in groups.items():
+        for state in group:
+            acc.add_state(alias, state)
+    acc.batches = sum(s.batches for s in next(iter(groups.values())))
+    return acc.result(return_state=return_state)
+
+
+def _params_of_state(state: State, alias: str) -> dict[str, Any]:
+    import json
+
+    try:
+        params = json.loads(state.params) if state.params else {}
+    except json.JSONDecodeError:
+        raise InvalidInput.single(f"states.{alias}.params", f"expected a JSON object, got {state.params!r}") from None
+    if not isinstance(params, dict):
+        raise InvalidInput.single(f"states.{alias}.params", f"expected a JSON object, got {state.params!r}")
+    fdef = get_function(state.function, f"states.{alias}")
+    if state.version != fdef.state_version:
+        raise InvalidInput.single(f"states.{alias}.version", f"this server reads version {fdef.state_version} states of {fdef.name}, got {state.version}")
+    return params

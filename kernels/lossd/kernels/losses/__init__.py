@@ -1,0 +1,1 @@
+"""Loss families; each module registers its functions on import."""

@@ -1,0 +1,1 @@
+"""(family module: functions register here)."""

@@ -1,0 +1,126 @@
+"""The shared shape of most losses: per-element terms reduced to a weighted mean.
+
+A loss written with :func:`mean_loss` only computes per-element values ℓ and
+their weights w (0 removes an element, e.g. ``ignore_index``).  This module
+does the rest the same way for every loss: the ``reduction`` parameter, the
+optional ``weights`` role, the mergeable state (Σ w·ℓ, Σ w, count in
+float64), ``reduction="none"`` and the ``all_ignored`` diagnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lossd.kernels.params import REDUCTION, Param
+from lossd.kernels.plan import View
+from lossd.kernels.registry import FunctionDef, Output, Result, Role
+from lossd.kernels.state import MergeOp
+
+__all__ = ["Terms", "mean_loss", "MEAN_FIELDS", "weighted_sums", "finalize_mean", "WEIGHTS_ROLE"]
+
+MEAN_FIELDS = {"total": MergeOp.SUM, "weight": MergeOp.SUM, "count": MergeOp.SUM}
+
+WEIGHTS_ROLE = Role("weights", "[N] or a prefix of the per-element shape", "float", "non-negative per-sample weights; mean = Σw·ℓ / Σw", optional=True)
+
+
+@dataclass
+class Terms:
+    """Per-element loss values and weights (same shape; ``weight=None`` means all ones)."""
+
+    loss: torch.Tensor
+    weight: torch.Tensor | None = None
+    # Σ-ready per-element w·ℓ when it is not simply weight × loss (torch's weighted
+    # label smoothing weighs each class term by its own class weight).
+    weighted: torch.Tensor | None = None
+
+    def contributions(self, weight: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
+        """Per-element w·ℓ, exactly 0 where the weight is 0 (even if ℓ is inf or NaN there)."""
+        if self.weighted is None:
+            c = weight * self.loss
+        else:
+            c = self.weighted if sample_weight is None else self.weighted * sample_weight
+        return torch.where(weight != 0, c, torch.zeros_like(c))
+
+
+def _weights(view: View, terms: Terms) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(effective weight, sample weight or None) for the terms' elements."""
+    sw = view.sample_weights(terms.loss.shape, terms.loss.dtype) if any(r.name == "weights" for r in view.fdef.roles) else None
+    w = torch.ones_like(terms.loss) if terms.weight is None else terms.weight.to(terms.loss.dtype)
+    if sw is not None:
+        w = w * sw
+    return w, sw
+
+
+def weighted_sums(contributions: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mean-loss state: Σ w·ℓ, Σ w and the count of elements of non-zero weight, in float64."""
+    return {
+        "total": contributions.to(torch.float64).sum().cpu(),
+        "weight": weight.to(torch.float64).sum().cpu(),
+        "count": (weight != 0).sum().to(torch.float64).cpu(),
+    }
+
+
+def finalize_mean(fields: Mapping[str, torch.Tensor], reduction: str, denominator_kind: str) -> Result:
+    total, weight = float(fields["total"]), float(fields["weight"])
+    if reduction == "sum":
+        return Result({"value": total}, denominator=weight, denominator_kind=denominator_kind)
+    value = total / weight if weight != 0 else float("nan")
+    return Result({"value": value}, denominator=weight, denominator_kind=denominator_kind)
+
+
+def all_ignored_check(fields: Mapping[str, Any], params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if float(fields["weight"]) == 0 and params.get("reduction", "mean") == "mean":
+        return [("all_ignored", "no element had non-zero weight (all ignored or zero-weighted); the mean is NaN with denominator 0")]
+    return []
+
+
+def mean_loss(
+    *,
+    name: str,
+    family: str,
+    summary: str,
+    roles: tuple[Role, ...],
+    params: tuple[Param, ...],
+    terms: Callable[[View, Mapping[str, Any]], Terms],
+    reference: str,
+    denominator_kind: str = "samples",
+    aliases: tuple[str, ...] = (),
+    sample_weights: bool = True,
+    splittable: bool = True,
+) -> FunctionDef:
+    """Declare a loss whose value is Σ w·ℓ / Σ w (or Σ w·ℓ, or per-element ℓ·w)."""
+
+    def update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        t = terms(view, p)
+        w, sw = _weights(view, t)
+        return weighted_sums(t.contributions(w, sw), w)
+
+    def finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Result:
+        kind = "weights" if denominator_kind == "samples" and float(fields["weight"]) != float(fields["count"]) else denominator_kind
+        return finalize_mean(fields, p["reduction"], kind)
+
+    def per_element(view: View, p: Mapping[str, Any]) -> torch.Tensor:
+        t = terms(view, p)
+        w, sw = _weights(view, t)
+        return t.contributions(w, sw)
+
+    return FunctionDef(
+        name=name,
+        family=family,
+        summary=summary,
+        roles=roles + ((WEIGHTS_ROLE,) if sample_weights else ()),
+        params=params + (REDUCTION,),
+        outputs=(Output("value", "the reduced loss"),),
+        fields=MEAN_FIELDS,
+        update=update,
+        finalize=finalize,
+        per_element=per_element,
+        reference=reference,
+        aliases=aliases,
+        splittable=splittable,
+        finalize_diagnostics=all_ignored_check,
+    )
