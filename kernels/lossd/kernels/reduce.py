@@ -20,7 +20,7 @@ from lossd.kernels.plan import View
 from lossd.kernels.registry import FunctionDef, Output, Result, Role
 from lossd.kernels.state import MergeOp
 
-__all__ = ["Terms", "mean_loss", "MEAN_FIELDS", "weighted_sums", "finalize_mean", "WEIGHTS_ROLE"]
+__all__ = ["Terms", "mean_loss", "batch_loss", "MEAN_FIELDS", "weighted_sums", "finalize_mean", "WEIGHTS_ROLE"]
 
 MEAN_FIELDS = {"total": MergeOp.SUM, "weight": MergeOp.SUM, "count": MergeOp.SUM}
 
@@ -123,4 +123,45 @@ def mean_loss(
         aliases=aliases,
         splittable=splittable,
         finalize_diagnostics=all_ignored_check,
+    )
+
+
+def batch_loss(
+    *,
+    name: str,
+    family: str,
+    summary: str,
+    roles: tuple[Role, ...],
+    params: tuple[Param, ...],
+    value: Callable[[View, Mapping[str, Any]], torch.Tensor],
+    reference: str,
+    aliases: tuple[str, ...] = (),
+) -> FunctionDef:
+    """Declare a non-splittable loss: its value depends on the whole batch (in-batch negatives).
+
+    ``value`` returns the batch's scalar loss.  The state is (Σ per-batch
+    values, batch count), so a stream or run reports the mean over batches
+    and says so (denominator kind ``batches``); a batch is never split."""
+
+    def update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        v = value(view, p).to(torch.float64).reshape(()).cpu()
+        one = torch.tensor(1.0, dtype=torch.float64)
+        return {"total": v, "weight": one, "count": one}
+
+    def finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Result:
+        return finalize_mean(fields, "mean", "batches")
+
+    return FunctionDef(
+        name=name,
+        family=family,
+        summary=summary,
+        roles=roles,
+        params=params,
+        outputs=(Output("value", "the batch loss; over several batches, the mean of per-batch values"),),
+        fields=MEAN_FIELDS,
+        update=update,
+        finalize=finalize,
+        reference=reference,
+        aliases=aliases,
+        splittable=False,
     )
