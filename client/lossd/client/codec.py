@@ -1,0 +1,124 @@
+"""Tensors on the wire: numpy / torch / nested lists <-> lossd.v1.Tensor.
+
+Bytes are row-major and little-endian. Decoding is zero-copy
+(``np.frombuffer`` over the message's bytes) and checks that the byte length
+matches dtype × shape before anything reads it.  torch is never imported
+here: torch tensors are recognized by duck typing and converted through
+numpy, bfloat16 through ``ml_dtypes``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from lossd.v1 import lossd_pb2 as pb
+
+__all__ = ["TensorError", "encode_tensor", "decode_tensor", "encode_tensors", "decode_tensors", "DTYPE_NAMES", "dtype_of"]
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+# wire dtype <-> numpy dtype (little-endian)
+_TO_NUMPY: dict[int, np.dtype] = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.BFLOAT16: _BF16,
+    pb.FLOAT64: np.dtype("<f8"),
+    pb.INT64: np.dtype("<i8"),
+    pb.INT32: np.dtype("<i4"),
+    pb.UINT8: np.dtype("u1"),
+    pb.BOOL: np.dtype("?"),
+}
+DTYPE_NAMES: dict[str, int] = {
+    "float32": pb.FLOAT32,
+    "float16": pb.FLOAT16,
+    "bfloat16": pb.BFLOAT16,
+    "float64": pb.FLOAT64,
+    "int64": pb.INT64,
+    "int32": pb.INT32,
+    "uint8": pb.UINT8,
+    "bool": pb.BOOL,
+}
+_NAME_OF = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class TensorError(ValueError):
+    """A tensor that cannot be encoded or decoded; ``field`` names it (``tensors.logits``)."""
+
+    def __init__(self, field: str, description: str) -> None:
+        self.field = field
+        self.description = description
+        super().__init__(f"{field}: {description}")
+
+
+def dtype_of(array: np.ndarray, field: str) -> int:
+    """The wire dtype of a numpy array; unsupported dtypes are refused, not converted."""
+    if array.dtype == _BF16:
+        return pb.BFLOAT16
+    name = array.dtype.name
+    if name not in DTYPE_NAMES:
+        raise TensorError(field, f"unsupported dtype {name}; expected one of {', '.join(DTYPE_NAMES)} (cast it first)")
+    return DTYPE_NAMES[name]
+
+
+def _as_numpy(value: Any, field: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if type(value).__module__.split(".")[0] == "torch":  # a torch.Tensor, without importing torch
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import torch
+
+            return t.contiguous().view(torch.int16).numpy().view(_BF16)
+        return t.numpy()
+    if isinstance(value, (list, tuple, int, float, bool)):
+        try:
+            return np.asarray(value)
+        except ValueError as exc:
+            raise TensorError(field, f"expected a rectangular nested list, got ragged data ({exc})") from None
+    raise TensorError(field, f"expected a numpy array, torch tensor or nested list, got {type(value).__name__}")
+
+
+def encode_tensor(value: Any, name: str = "tensor") -> pb.Tensor:
+    """Encode an array-like as a wire tensor (a copy into the message's bytes)."""
+    field = f"tensors.{name}"
+    array = _as_numpy(value, field)
+    dtype = dtype_of(array, field)
+    wire = _TO_NUMPY[dtype]
+    if array.dtype.byteorder == ">":
+        array = array.astype(wire)
+    return pb.Tensor(dtype=dtype, shape=list(array.shape), data=np.ascontiguousarray(array).tobytes())
+
+
+def decode_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
+    """A read-only numpy view of a wire tensor's bytes, after checking dtype, shape and length."""
+    field = f"tensors.{name}"
+    if tensor.dtype not in _TO_NUMPY:
+        raise TensorError(field, f"expected a dtype of {', '.join(DTYPE_NAMES)}, got {pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype}")
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise TensorError(field, f"expected non-negative dimensions, got shape {list(shape)}")
+    dtype = _TO_NUMPY[tensor.dtype]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise TensorError(
+            field,
+            f"byte length {len(tensor.data)} does not match dtype {_NAME_OF[tensor.dtype]} × shape {list(shape)} (expected {expected} bytes)",
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def encode_tensors(tensors: Mapping[str, Any]) -> dict[str, pb.Tensor]:
+    return {name: encode_tensor(value, name) for name, value in tensors.items()}
+
+
+def decode_tensors(tensors: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
+    return {name: decode_tensor(t, name) for name, t in tensors.items()}
+
+
+def dtype_name(dtype: int) -> str:
+    return _NAME_OF.get(dtype, str(dtype))

@@ -1,0 +1,114 @@
+"""Server factory and the one-process service of ``lossd serve``: gRPC, gateway, metrics.
+
+``create_server(settings)`` returns a started grpc.aio server with its bound
+port (tests pass port 0); ``serve(settings)`` adds the HTTP gateway on the
+same event loop and shuts both down gracefully on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lossd.kernels import select_device
+from lossd.server.service import EvaluationObserver, LossService
+from lossd.server.settings import GRPC_OPTIONS, Settings
+from lossd.v1 import lossd_pb2 as pb
+from lossd.v1 import lossd_pb2_grpc as pb_grpc
+
+__all__ = ["RunningServer", "create_server", "serve", "SERVICE_NAME"]
+
+log = logging.getLogger("lossd.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server: ``address`` is host:port as bound (port 0 resolved)."""
+
+    server: grpc.aio.Server
+    port: int
+    host: str
+    service: LossService
+    health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within ``grace``, then stop."""
+        await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        self.service.close()
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", SERVICE_NAME):  # "" is the whole server, as grpc health clients ask by default
+        await servicer.set(name, status)
+
+
+async def create_server(
+    settings: Settings,
+    *,
+    observers: Sequence[EvaluationObserver] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Build, bind and start the gRPC server described by ``settings``."""
+    device = select_device(settings.device)
+    server = grpc.aio.server(
+        interceptors=list(interceptors),
+        options=[
+            *GRPC_OPTIONS,
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    service = LossService(device, exact_state_limit=settings.exact_state_limit, compute_threads=settings.compute_threads, observers=list(observers))
+    pb_grpc.add_LossServiceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"could not bind gRPC to {settings.host}:{settings.grpc_port}")
+    await server.start()
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    log.info("lossd gRPC serving on %s:%d (device %s)", settings.host, port, device)
+    return RunningServer(server, port, settings.host, service, health_servicer)
+
+
+async def serve(settings: Settings) -> None:
+    """Run gRPC, the HTTP gateway (with /metrics and the dashboard) until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from lossd.server.gateway import create_app
+    from lossd.server.monitoring import Monitoring
+
+    monitoring = Monitoring(settings)
+    running = await create_server(settings, observers=[monitoring.observe], interceptors=[monitoring.interceptor()])
+    app = create_app(settings, backends=settings.backends or [running.address], monitoring=monitoring)
+    config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level, lifespan="on")
+    http = uvicorn.Server(config)
+    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we own the signals below
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    http_task = asyncio.create_task(http.serve())
+    print(f"lossd serving gRPC on {running.address}, HTTP on http://{settings.host}:{settings.http_port} (device {running.service.device})", flush=True)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", settings.grace_seconds)
+    http.should_exit = True
+    await running.stop(settings.grace_seconds)
+    await http_task

@@ -1,0 +1,132 @@
+"""The gRPC servicer: decode, call lossd.kernels, encode. Nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from lossd.kernels import Accumulator, Evaluation, all_functions, evaluate, finalize_states
+from lossd.kernels.errors import InvalidInput
+from lossd.server.convert import (
+    decode_request_tensors,
+    evaluation_to_proto,
+    list_functions_response,
+    specs_from_request,
+    state_from_proto,
+)
+from lossd.server.errors import rpc_errors
+from lossd.v1 import lossd_pb2 as pb
+from lossd.v1 import lossd_pb2_grpc as pb_grpc
+
+__all__ = ["LossService", "EvaluationObserver", "Observation"]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What monitoring sees of one finished evaluation."""
+
+    method: str  # Evaluate | EvaluateStream | Finalize
+    tags: pb.Tags
+    evaluation: Evaluation
+    tensors: dict[str, torch.Tensor] | None  # the last batch (None for Finalize); for row/token counts
+
+
+EvaluationObserver = Callable[[Observation], None]
+
+
+class LossService(pb_grpc.LossServiceServicer):
+    """Implements lossd.v1.LossService on top of :mod:`lossd.kernels`."""
+
+    def __init__(self, device: torch.device, *, exact_state_limit: int, compute_threads: int = 2, observers: list[EvaluationObserver] | None = None) -> None:
+        self.device = device
+        self.exact_state_limit = exact_state_limit
+        self.observers = list(observers or [])
+        self._pool = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="lossd-compute")
+
+    async def _compute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Evaluations are CPU/GPU bound and release the GIL: keep them off the event loop.
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def _observe(self, obs: Observation) -> None:
+        for observer in self.observers:
+            observer(obs)
+
+    @rpc_errors
+    async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        start = time.perf_counter()
+        specs = specs_from_request(list(request.functions))
+        tensors = decode_request_tensors(request.tensors, self.device)
+        prior = {alias: state_from_proto(s, f"prior_states.{alias}") for alias, s in request.prior_states.items()}
+        decoded = time.perf_counter()
+        evaluation = await self._compute(
+            evaluate, tensors, specs, device=self.device, return_state=request.return_state, prior_states=prior or None, exact_state_limit=self.exact_state_limit
+        )
+        response = evaluation_to_proto(evaluation, request.request_id)
+        self._observe(Observation("Evaluate", request.tags, evaluation, tensors))
+        end = time.perf_counter()
+        response.timing.CopyFrom(pb.Timing(decode_seconds=decoded - start, compute_seconds=end - decoded, total_seconds=end - start))
+        return response
+
+    @rpc_errors
+    async def EvaluateStream(self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        start = time.perf_counter()
+        acc: Accumulator | None = None
+        first: pb.EvaluateRequest | None = None
+        decode_seconds = 0.0
+        tensors: dict[str, torch.Tensor] = {}
+        index = 0
+        async for message in request_iterator:
+            t0 = time.perf_counter()
+            if first is None:
+                first = message
+                acc = Accumulator(specs_from_request(list(message.functions)), device=self.device, exact_state_limit=self.exact_state_limit)
+            elif message.functions and list(message.functions) != list(first.functions):
+                raise InvalidInput.single(f"messages[{index}].functions", "expected the functions of the first message (or none), got different ones")
+            if message.prior_states:
+                raise InvalidInput.single(f"messages[{index}].prior_states", "prior_states are not accepted in a stream; use Finalize to merge states")
+            tensors = decode_request_tensors(message.tensors, self.device)
+            decode_seconds += time.perf_counter() - t0
+            await self._compute(acc.add, tensors, message.batch_id)  # type: ignore[union-attr]
+            index += 1
+        if acc is None or first is None:
+            raise InvalidInput.single("messages", "expected at least one message in the stream, got none")
+        evaluation = acc.result(return_state=first.return_state)
+        response = evaluation_to_proto(evaluation, first.request_id)
+        self._observe(Observation("EvaluateStream", first.tags, evaluation, tensors))
+        end = time.perf_counter()
+        response.timing.CopyFrom(pb.Timing(decode_seconds=decode_seconds, compute_seconds=end - start - decode_seconds, total_seconds=end - start))
+        return response
+
+    @rpc_errors
+    async def Finalize(self, request: pb.FinalizeRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        start = time.perf_counter()
+        states = [(s.alias, state_from_proto(s.state, f"states[{i}].state")) for i, s in enumerate(request.states)]
+        for i, (alias, _) in enumerate(states):
+            if not alias:
+                raise InvalidInput.single(f"states[{i}].alias", "expected the alias the state was computed under, got an empty string")
+        evaluation = await self._compute(finalize_states, states, exact_state_limit=self.exact_state_limit, return_state=request.return_state)
+        response = evaluation_to_proto(evaluation, request.request_id)
+        self._observe(Observation("Finalize", request.tags, evaluation, None))
+        end = time.perf_counter()
+        response.timing.CopyFrom(pb.Timing(compute_seconds=end - start, total_seconds=end - start))
+        return response
+
+    @rpc_errors
+    async def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.aio.ServicerContext) -> pb.ListFunctionsResponse:
+        functions = all_functions()
+        if request.family:
+            families = sorted({f.family for f in functions})
+            if request.family not in families:
+                raise InvalidInput.single("family", f"expected one of {', '.join(families)}, got {request.family!r}")
+            functions = [f for f in functions if f.family == request.family]
+        return list_functions_response(functions)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

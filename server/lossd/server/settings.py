@@ -1,0 +1,49 @@
+"""The one settings object of the lossd service: defaults, ``LOSSD_*`` environment variables, flags.
+
+Settings are passed down explicitly; nothing deeper in the code reads the
+environment.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "GRPC_OPTIONS"]
+
+MiB = 1 << 20
+
+# HTTP/2 tuned for large tensors. Measured on loopback: default Python gRPC
+# moves 0.2–0.4 GB/s for a 16 MB message; larger frames and write buffers
+# about 0.9 GB/s (bench/bench_wire.py prints the figure on this machine).
+GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.http2.max_frame_size", 16 * MiB - 1),  # the HTTP/2 maximum, 2^24 − 1
+    ("grpc.http2.write_buffer_size", 64 * MiB),
+    ("grpc.http2.lookahead_bytes", 64 * MiB),
+    ("grpc.http2.bdp_probe", 1),
+]
+
+
+class Settings(BaseSettings):
+    """Every knob of ``lossd serve`` and the gateway. Environment: ``LOSSD_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LOSSD_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to bind gRPC and HTTP on")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    http_port: int = Field(8000, ge=0, le=65535, description="gateway, /metrics and dashboard port; 0 picks a free one")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    max_message_bytes: int = Field(512 * MiB, gt=0, description="largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED")
+    max_body_bytes: int = Field(64 * MiB, gt=0, description="largest gateway request body; larger ones get HTTP 413")
+    exact_state_limit: int = Field(10_000_000, gt=0, description="scores an exact AUROC/AP state may hold across a stream or run")
+    compute_threads: int = Field(2, ge=1, description="threads running evaluations (torch releases the GIL)")
+    grace_seconds: float = Field(5.0, ge=0, description="graceful-shutdown grace period")
+    backends: list[str] = Field(default_factory=list, description="gateway only: gRPC addresses to forward to (default: the in-process server)")
+    request_timeout_seconds: float = Field(60.0, gt=0, description="gateway deadline on backend calls")
+    label_max_values: int = Field(100, ge=1, description="distinct values per monitoring label before folding into __other__")
+    label_max_length: int = Field(64, ge=1, description="longest monitoring label value kept")
+    label_allowlist: list[str] = Field(default_factory=list, description="if set, only these label values are kept (others fold into __other__)")
+    calibration_bins: int = Field(15, ge=1, le=100, description="equal-width bins of the exported calibration counters")
+    history_seconds: int = Field(3600, gt=0, description="dashboard history kept in memory")
+    history_interval_seconds: float = Field(10.0, gt=0, description="dashboard history resolution")
+    log_level: str = Field("info", description="debug | info | warning | error")
