@@ -8,7 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN groupadd --system lossd && useradd --system --gid lossd --home-dir /app --shell /usr/sbin/nologin lossd
+RUN groupadd --system --gid 10001 lossd && useradd --system --uid 10001 --gid lossd --home-dir /app --shell /usr/sbin/nologin lossd
 WORKDIR /app
 
 # Dependencies first, so that code changes do not reinstall torch.
@@ -22,7 +22,7 @@ COPY client client
 COPY server server
 RUN pip install ./kernels ./client ./server
 
-USER lossd
+USER 10001:10001
 EXPOSE 50051 8000
 ENV LOSSD_HOST=0.0.0.0 \
     LOSSD_GRPC_PORT=50051 \
