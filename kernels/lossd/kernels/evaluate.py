@@ -255,7 +255,7 @@ class Accumulator:
         """Update every function with one batch (or one part of a batch, when ``batch_id`` repeats)."""
         if batch_id:
             if batch_id in self._batch_ids:
-                refusing = [p for p in self.prepared if not p.fdef.splittable]
+                refusing = [p for p in self.prepared if not p.fdef.is_splittable(p.params)]
                 if refusing:
                     p = refusing[0]
                     raise InvalidInput.single(

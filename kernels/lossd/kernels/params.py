@@ -73,6 +73,11 @@ class Param:
                 raise InvalidInput.single(path, f"expected a boolean, got {_describe(value)}")
             return value
         if self.kind == "str":
+            spelled = _number_choice(value, self.choices)
+            if spelled is not None:
+                return spelled
+            if _is_number(value) and self.choices and any(_is_number_text(c) for c in self.choices):
+                raise InvalidInput.single(path, f"expected {self.range_text()}, got {value!r}")
             if not isinstance(value, str):
                 raise InvalidInput.single(path, f"expected a string, got {_describe(value)}")
             if self.choices and value not in self.choices:
@@ -110,6 +115,30 @@ class Param:
         if too_low or too_high:
             raise InvalidInput.single(path, f"expected a value in {self.range_text()}, got {value!r}")
         return value
+
+
+def _number_choice(value: Any, choices: tuple[str, ...] | None) -> str | None:
+    """The choice a number spells, for str params whose choices are numbers ("0", "1", "nan").
+
+    sklearn-style options such as ``zero_division`` take 0, 1 or NaN; JSON and
+    the CLI deliver them as numbers, so 0, 1.0 and NaN resolve to "0", "1" and
+    "nan" (and states computed with either spelling merge)."""
+    if not choices or not _is_number(value):
+        return None
+    text = f"{value:g}"
+    return text if text in choices else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_number_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_sequence(value: Any) -> bool:

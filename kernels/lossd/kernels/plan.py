@@ -12,7 +12,7 @@ the right field names.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,60 @@ def iter_class_last_chunks(x: torch.Tensor, class_dim: int):  # type: ignore[no-
         yield start, min(n, start + step), part.reshape(-1, k)
 
 
+def iter_row_chunks(x: torch.Tensor, class_dim: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first_row, rows) with rows a [m, K] class-last block of at most about CHUNK_ELEMENTS elements.
+
+    Rows are numbered in the row-major order of ``x`` without its class
+    dimension.  Unlike :func:`iter_class_last_chunks`, a dim-0 slice larger
+    than a chunk is split further along the next dimensions, so that an LLM
+    batch [B, T, V] is processed a few hundred tokens at a time instead of a
+    whole sequence at a time.  Blocks of a class-last tensor are views; other
+    layouts copy one block at a time, never the whole tensor."""
+    k = x.shape[class_dim]
+    budget = max(1, CHUNK_ELEMENTS // max(1, k))  # rows per block
+    yield from _row_blocks(x.movedim(class_dim, -1), budget, 0)
+
+
+def _row_blocks(v: torch.Tensor, budget: int, first: int) -> Iterator[tuple[int, torch.Tensor]]:
+    # v is [a0, a1, ..., K]: split a0 into slices of whole items when an item fits the budget,
+    # otherwise recurse into each item.
+    k = v.shape[-1]
+    if v.ndim == 1:
+        yield first, v.reshape(1, k)
+        return
+    per_item = math.prod(v.shape[1:-1])
+    n = v.shape[0]
+    if per_item <= budget:
+        step = max(1, budget // max(1, per_item))
+        for start in range(0, n, step):
+            part = v[start : start + step]
+            yield first + start * per_item, part.reshape(part.shape[0] * per_item, k)
+        return
+    for i in range(n):
+        yield from _row_blocks(v[i], budget, first + i * per_item)
+
+
+def count_nonfinite(t: torch.Tensor) -> tuple[int, bool]:
+    """(number of NaN/inf values, whether a float16 tensor holds |value| >= 65504), block by block.
+
+    ``torch.isfinite`` builds |t| and two boolean tensors of the full size;
+    done in blocks, the check costs O(CHUNK_ELEMENTS) extra memory."""
+    half = t.dtype == torch.float16
+    # Fast path: a finite sum proves every element finite (NaN and inf propagate);
+    # a non-finite one (possibly mere overflow) falls through to the exact count.
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return 0, half and bool(t.abs().max() >= 65504)
+    if not t.is_contiguous():  # rare (a strided view): check it whole
+        return int((~torch.isfinite(t)).sum()), half and bool((t.abs() >= 65504).any())
+    flat = t.reshape(-1)
+    bad, at_limit = 0, False
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+        block = flat[start : start + CHUNK_ELEMENTS]
+        bad += int((~torch.isfinite(block)).sum())
+        at_limit = at_limit or (half and bool((block.abs() >= 65504).any()))
+    return bad, at_limit
+
+
 def row_statistics(x: torch.Tensor, class_dim: int, with_entropy: bool) -> RowStats:
     """One chunked pass over ``x`` computing :class:`RowStats`."""
     dtype = compute_dtype(x.dtype)
@@ -81,12 +135,14 @@ def row_statistics(x: torch.Tensor, class_dim: int, with_entropy: bool) -> RowSt
     am = torch.empty(rows, dtype=torch.int64, device=x.device)
     sm = torch.empty(rows, dtype=dtype, device=x.device)
     ent = torch.empty(rows, dtype=dtype, device=x.device) if with_entropy else None
-    row = 0
-    for _, _, z in iter_class_last_chunks(x, class_dim):
+    for row, z in iter_row_chunks(x, class_dim):
         z = z.to(dtype)
         m = z.shape[0]
         values, index = z.max(dim=1)
-        chunk_lse = torch.logsumexp(z, dim=1)
+        # logsumexp from the max already taken: about 3x faster than torch.logsumexp
+        # on CPU, same values. Rows of all −inf give lse = −inf, as logsumexp does.
+        safe = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
+        chunk_lse = (z - safe[:, None]).exp_().sum(dim=1).log_().add_(safe)
         lse[row : row + m] = chunk_lse
         mx[row : row + m] = values
         am[row : row + m] = index
@@ -96,7 +152,6 @@ def row_statistics(x: torch.Tensor, class_dim: int, with_entropy: bool) -> RowSt
             p = torch.exp(z - chunk_lse[:, None])
             pz = torch.where(p > 0, p * z, torch.zeros_like(p))
             ent[row : row + m] = chunk_lse - pz.sum(dim=1)
-        row += m
     return RowStats(
         lse.reshape(out_shape),
         mx.reshape(out_shape),
@@ -270,7 +325,24 @@ class View:
         stats = self.batch.row_stats(name, class_dim, with_entropy=with_entropy)
         if first and input_kind == "logits":
             self._diagnose_score_kind(role, stats)
+        if first and input_kind in ("probs", "log_probs"):
+            self._check_normalized(role, stats, input_kind)
         return stats
+
+    def _check_normalized(self, role: str, stats: RowStats, input_kind: str) -> None:
+        """Probabilities (or log-probabilities) must be distributions: rows summing to 1.
+
+        Refused rather than renormalized, so that a value is never computed from
+        something other than what the caller meant. lse = log Σ_k p_k here."""
+        off = (stats.lse.abs() > 1e-3) & torch.isfinite(stats.lse)
+        if bool(off.any()):
+            first = _flat_index(stats.lse, off)
+            total = float(torch.exp(stats.lse.reshape(-1)[first]))
+            raise self.error(
+                role,
+                f"input_kind={input_kind!r} expects rows that are distributions over classes (summing to 1 within 1e-3); "
+                f"row {first} sums to {total:.6g}",
+            )
 
     def _diagnose_score_kind(self, role: str, stats: RowStats) -> None:
         """Warn when "logits" look like probabilities or log-probabilities (never reinterpret them)."""
@@ -313,12 +385,12 @@ class View:
             return
         self.batch._checked_finite.add(name)
         if t.dtype in _FLOAT_DTYPES and t.numel():
-            bad = int((~torch.isfinite(t)).sum())
+            bad, at_limit = count_nonfinite(t)
             if bad:
                 self.batch.diagnostics.add("nan_or_inf", f"tensor {name!r} holds {bad} NaN or infinite values")
                 if t.dtype == torch.float16:
                     self.batch.diagnostics.add("precision_loss", f"float16 tensor {name!r} holds infinities, likely overflow beyond ±65504; send float32 or bfloat16")
-            elif t.dtype == torch.float16 and bool((t.abs() >= 65504).any()):
+            elif t.dtype == torch.float16 and at_limit:
                 self.batch.diagnostics.add("precision_loss", f"float16 tensor {name!r} holds values at the float16 limit ±65504; send float32 or bfloat16")
 
 

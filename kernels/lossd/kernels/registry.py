@@ -95,6 +95,10 @@ class FunctionDef:
     per_element: PerElementFn | None = None  # values for reduction="none"
     state_version: int = 1
     finalize_diagnostics: Callable[[Mapping[str, Any], Mapping[str, Any]], list[tuple[str, str]]] | None = None
+    # For a function splittable only with some parameters (ppo_clip normalizing
+    # advantages with batch statistics): False for the parameters that make a
+    # batch's value depend on the whole batch.  ``splittable`` stays the default.
+    splittable_if: Callable[[Mapping[str, Any]], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -108,6 +112,10 @@ class FunctionDef:
             if r.name == name:
                 return r
         raise KeyError(name)
+
+    def is_splittable(self, params: Mapping[str, Any]) -> bool:
+        """Whether a batch may be split into parts and merged, with these resolved parameters."""
+        return self.splittable and (self.splittable_if is None or self.splittable_if(params))
 
     @property
     def has_reduction(self) -> bool:
