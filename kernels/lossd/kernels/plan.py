@@ -318,6 +318,11 @@ class View:
             self.batch._checked_finite.add(derived)  # log(0) = -inf is a legitimate score
         return derived
 
+    def log_scores(self, role: str, input_kind: str) -> torch.Tensor:
+        """The role's scores in log space (see :meth:`log_space`), as a tensor."""
+        name = self.log_space(role, input_kind)  # may add the derived tensor: look it up afterwards
+        return self.batch.tensors[name]
+
     def row_stats(self, role: str, class_dim: int, *, input_kind: str = "logits", with_entropy: bool = False) -> RowStats:
         """Per-row logsumexp / max / argmax / sum of the role's log-space scores, shared by all functions."""
         name = self.log_space(role, input_kind)
