@@ -18,7 +18,7 @@ import numpy as np
 
 from lossd.v1 import lossd_pb2 as pb
 
-__all__ = ["TensorError", "encode_tensor", "decode_tensor", "encode_tensors", "decode_tensors", "DTYPE_NAMES", "dtype_of"]
+__all__ = ["TensorError", "to_numpy", "encode_tensor", "decode_tensor", "encode_tensors", "decode_tensors", "DTYPE_NAMES", "dtype_of"]
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -75,12 +75,19 @@ def _as_numpy(value: Any, field: str) -> np.ndarray:
 
             return t.contiguous().view(torch.int16).numpy().view(_BF16)
         return t.numpy()
+    if isinstance(value, np.generic):  # a numpy scalar: a 0-d array
+        return np.asarray(value)
     if isinstance(value, (list, tuple, int, float, bool)):
         try:
             return np.asarray(value)
         except ValueError as exc:
             raise TensorError(field, f"expected a rectangular nested list, got ragged data ({exc})") from None
     raise TensorError(field, f"expected a numpy array, torch tensor or nested list, got {type(value).__name__}")
+
+
+def to_numpy(value: Any, name: str = "tensor") -> np.ndarray:
+    """A numpy array of a numpy array, torch tensor (bfloat16 included) or nested list; no copy where possible."""
+    return _as_numpy(value, f"tensors.{name}")
 
 
 def encode_tensor(value: Any, name: str = "tensor") -> pb.Tensor:

@@ -10,6 +10,10 @@ callers get an ordinary ``ValueError`` subclass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lossd.kernels.diagnostics import Diagnostic
 
 __all__ = ["FieldViolation", "InvalidInput", "StateLimitExceeded"]
 
@@ -30,6 +34,9 @@ class InvalidInput(ValueError):
         if isinstance(violations, FieldViolation):
             violations = [violations]
         self.violations = list(violations)
+        # Findings made before the request failed, set by evaluate(): labels_out_of_range
+        # is both an error and a diagnostic, and a NaN found earlier still matters.
+        self.diagnostics: list[Diagnostic] = []
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
 
     @classmethod

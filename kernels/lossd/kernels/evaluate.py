@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,6 +174,20 @@ def _function_result(p: Prepared, result: Result, state: State | None) -> Functi
     )
 
 
+@contextmanager
+def _diagnostics_on_error(batch: Batch) -> Iterator[None]:
+    """Attach the batch's diagnostics so far to an InvalidInput leaving the block.
+
+    labels_out_of_range is both an error and a diagnostic, and a NaN seen
+    before the error still matters to the caller.
+    """
+    try:
+        yield
+    except InvalidInput as exc:
+        exc.diagnostics = list(batch.diagnostics)
+        raise
+
+
 def _update(p: Prepared, batch: Batch) -> State:
     view = batch.view(p.fdef, p.index, p.alias, p.inputs)
     fields = p.fdef.update(view, p.params)
@@ -202,20 +217,21 @@ def evaluate(
     batch = Batch(_to_device(tensors, device), device)
     results: dict[str, FunctionResult] = {}
     batches = 1
-    for p in prepared:
-        if p.fdef.has_reduction and p.params["reduction"] == "none":
+    with _diagnostics_on_error(batch):
+        for p in prepared:
+            if p.fdef.has_reduction and p.params["reduction"] == "none":
+                if prior_states and p.alias in prior_states:
+                    raise _none_reduction_error(p, "merged with a prior state")
+                view = batch.view(p.fdef, p.index, p.alias, p.inputs)
+                values = p.fdef.per_element(view, p.params)  # type: ignore[misc]
+                results[p.alias] = FunctionResult(p.alias, p.fdef.name, {}, {"value": values.detach().to("cpu", torch.float64).numpy()}, None, "elements", None)
+                continue
+            state = _update(p, batch)
             if prior_states and p.alias in prior_states:
-                raise _none_reduction_error(p, "merged with a prior state")
-            view = batch.view(p.fdef, p.index, p.alias, p.inputs)
-            values = p.fdef.per_element(view, p.params)  # type: ignore[misc]
-            results[p.alias] = FunctionResult(p.alias, p.fdef.name, {}, {"value": values.detach().to("cpu", torch.float64).numpy()}, None, "elements", None)
-            continue
-        state = _update(p, batch)
-        if prior_states and p.alias in prior_states:
-            state = merge_fields(prior_states[p.alias], state, p.fdef.fields, concat_limit=exact_state_limit, path=f"prior_states.{p.alias}")
-            batches = max(batches, state.batches)
-        result = _result_of(p, state.fields, batch.diagnostics)
-        results[p.alias] = _function_result(p, result, state if return_state else None)
+                state = merge_fields(prior_states[p.alias], state, p.fdef.fields, concat_limit=exact_state_limit, path=f"prior_states.{p.alias}")
+                batches = max(batches, state.batches)
+            result = _result_of(p, state.fields, batch.diagnostics)
+            results[p.alias] = _function_result(p, result, state if return_state else None)
     if prior_states:
         unknown = set(prior_states) - set(results)
         if unknown:
@@ -253,8 +269,9 @@ class Accumulator:
 
     def add(self, tensors: Mapping[str, Any], batch_id: str = "") -> None:
         """Update every function with one batch (or one part of a batch, when ``batch_id`` repeats)."""
+        continuing = bool(batch_id) and batch_id in self._batch_ids  # a further part of a batch already counted
         if batch_id:
-            if batch_id in self._batch_ids:
+            if continuing:
                 refusing = [p for p in self.prepared if not p.fdef.is_splittable(p.params)]
                 if refusing:
                     p = refusing[0]
@@ -264,10 +281,14 @@ class Accumulator:
                     )
             self._batch_ids.add(batch_id)
         batch = Batch(_to_device(tensors, self.device), self.device)
-        for p in self.prepared:
-            self._merge(p, _update(p, batch))
+        with _diagnostics_on_error(batch):
+            # Every update first, then every merge: a batch that fails for one
+            # function is merged into none (nothing counted for some functions only).
+            updates = [(p, _update(p, batch)) for p in self.prepared]
+        for p, state in updates:
+            self._merge(p, state)
         self.diagnostics.extend(batch.diagnostics)
-        self.batches += 1
+        self.batches += 0 if continuing else 1
 
     def add_state(self, alias: str, state: State) -> None:
         """Merge a state computed elsewhere (another rank, a file) under ``alias``."""

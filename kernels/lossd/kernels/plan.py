@@ -107,21 +107,23 @@ def _row_blocks(v: torch.Tensor, budget: int, first: int) -> Iterator[tuple[int,
 def count_nonfinite(t: torch.Tensor) -> tuple[int, bool]:
     """(number of NaN/inf values, whether a float16 tensor holds |value| >= 65504), block by block.
 
-    ``torch.isfinite`` builds |t| and two boolean tensors of the full size;
-    done in blocks, the check costs O(CHUNK_ELEMENTS) extra memory."""
+    ``torch.isfinite`` builds |t| and two boolean tensors of the full size, and
+    ``t.sum(dtype=float32)`` of a half tensor casts all of it first; done in
+    blocks, the check costs O(CHUNK_ELEMENTS) extra memory."""
     half = t.dtype == torch.float16
-    # Fast path: a finite sum proves every element finite (NaN and inf propagate);
-    # a non-finite one (possibly mere overflow) falls through to the exact count.
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
-        return 0, half and bool(t.abs().max() >= 65504)
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     if not t.is_contiguous():  # rare (a strided view): check it whole
         return int((~torch.isfinite(t)).sum()), half and bool((t.abs() >= 65504).any())
     flat = t.reshape(-1)
     bad, at_limit = 0, False
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
         block = flat[start : start + CHUNK_ELEMENTS]
-        bad += int((~torch.isfinite(block)).sum())
-        at_limit = at_limit or (half and bool((block.abs() >= 65504).any()))
+        # Fast path: a finite sum proves every element finite (NaN and inf propagate);
+        # a non-finite one (possibly mere overflow) falls through to the exact count.
+        if not bool(torch.isfinite(block.sum(dtype=acc))):
+            bad += int((~torch.isfinite(block)).sum())
+        if half and not at_limit:  # max and min, not |block|: no copy
+            at_limit = bool(block.max() >= 65504) or bool(block.min() <= -65504)
     return bad, at_limit
 
 
@@ -244,6 +246,17 @@ class View:
             raise self.error(role, f"expected a floating-point tensor, got {str(t.dtype).replace('torch.', '')}")
         return t.to(dtype or compute_dtype(t.dtype))
 
+    def numeric(self, role: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Like :meth:`float` (integers accepted), but a bool tensor is refused.
+
+        Regression targets or variances may be integer counts, but a bool
+        tensor there is almost always a mask sent by mistake; 0/1 values are
+        meant only if the caller says so by casting them."""
+        t = self.tensor(role)
+        if t.dtype == torch.bool:
+            raise self.error(role, "expected a floating-point (or integer) tensor, got bool; cast it to float if 0/1 values are meant")
+        return self.float(role, dtype=dtype)
+
     def scores(self, role: str) -> torch.Tensor:
         """A floating-point score tensor (logits, probabilities...) as sent; integer dtypes refused."""
         t = self.tensor(role)
@@ -273,7 +286,11 @@ class View:
         if bool(bad.any()):
             first = _flat_index(labels, bad)
             value = int(labels.reshape(-1)[first])
-            self.diag("labels_out_of_range", f"label {value} at flat index {first} is outside [0, {num_classes})")
+            self.diag(
+                "labels_out_of_range",
+                f"tensor {self.tensor_name(role)!r} holds label {value} at flat index {first}, outside [0, {num_classes}) and not "
+                f"ignore_index={ignore_index}; fix the labels, the number of classes or ignore_index",
+            )
             raise self.error(
                 role,
                 f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; got {value} at flat index {first} "

@@ -125,7 +125,9 @@ def function_info(f: FunctionDef) -> pb.FunctionInfo:
             for p in f.params
         ],
         outputs=[pb.OutputInfo(name=o.name, doc=o.doc, tensor=o.tensor) for o in f.outputs],
-        splittable=f.splittable,
+        # Conservative for functions splittable only with some parameters (ppo_clip with
+        # normalize_advantages): clients never split them; the server refuses only the bad case.
+        splittable=f.splittable and f.splittable_if is None,
         reference=f.reference,
         aliases=list(f.aliases),
     )

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from lossd.client.codec import TensorError
 from lossd.client.specs import SpecError
 from lossd.kernels.errors import InvalidInput, StateLimitExceeded
+from lossd.server.convert import diagnostic_to_proto
 
 __all__ = ["rpc_errors", "status_for"]
 
@@ -40,7 +41,10 @@ def status_for(exc: BaseException, request_id: str = "") -> status_pb2.Status:
     """The google.rpc.Status a failed request answers with."""
     if isinstance(exc, InvalidInput):
         violations = [error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in exc.violations]
-        return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=[_packed(error_details_pb2.BadRequest(field_violations=violations))])
+        details = [_packed(error_details_pb2.BadRequest(field_violations=violations))]
+        # Findings made before the failure (labels_out_of_range is both an error and a diagnostic).
+        details += [_packed(diagnostic_to_proto(d)) for d in exc.diagnostics]
+        return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=details)
     if isinstance(exc, (TensorError, SpecError)):
         field = getattr(exc, "field", "functions")
         description = getattr(exc, "description", str(exc))

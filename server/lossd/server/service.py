@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import torch
 
-from lossd.kernels import Accumulator, Evaluation, all_functions, evaluate, finalize_states
+from lossd.kernels import Accumulator, Evaluation, FunctionSpec, State, all_functions, evaluate, finalize_states
 from lossd.kernels.errors import InvalidInput
 from lossd.server.convert import (
     decode_request_tensors,
@@ -36,6 +36,11 @@ class Observation:
     tags: pb.Tags
     evaluation: Evaluation
     tensors: dict[str, torch.Tensor] | None  # the last batch (None for Finalize); for row/token counts
+    # The request's functions (empty for Finalize): monitoring reads params such as reduction="sum".
+    specs: tuple[FunctionSpec, ...] = ()
+    # Evaluate's prior_states (alias -> State): the evaluation includes them, so monitoring
+    # subtracts them to count this batch's contribution only.
+    prior_states: Mapping[str, State] = field(default_factory=dict)
 
 
 EvaluationObserver = Callable[[Observation], None]
@@ -69,7 +74,7 @@ class LossService(pb_grpc.LossServiceServicer):
             evaluate, tensors, specs, device=self.device, return_state=request.return_state, prior_states=prior or None, exact_state_limit=self.exact_state_limit
         )
         response = evaluation_to_proto(evaluation, request.request_id)
-        self._observe(Observation("Evaluate", request.tags, evaluation, tensors))
+        self._observe(Observation("Evaluate", request.tags, evaluation, tensors, tuple(specs), prior))
         end = time.perf_counter()
         response.timing.CopyFrom(pb.Timing(decode_seconds=decoded - start, compute_seconds=end - decoded, total_seconds=end - start))
         return response
@@ -79,6 +84,7 @@ class LossService(pb_grpc.LossServiceServicer):
         start = time.perf_counter()
         acc: Accumulator | None = None
         first: pb.EvaluateRequest | None = None
+        specs: list[FunctionSpec] = []
         decode_seconds = 0.0
         tensors: dict[str, torch.Tensor] = {}
         index = 0
@@ -86,7 +92,8 @@ class LossService(pb_grpc.LossServiceServicer):
             t0 = time.perf_counter()
             if first is None:
                 first = message
-                acc = Accumulator(specs_from_request(list(message.functions)), device=self.device, exact_state_limit=self.exact_state_limit)
+                specs = specs_from_request(list(message.functions))
+                acc = Accumulator(specs, device=self.device, exact_state_limit=self.exact_state_limit)
             elif message.functions and list(message.functions) != list(first.functions):
                 raise InvalidInput.single(f"messages[{index}].functions", "expected the functions of the first message (or none), got different ones")
             if message.prior_states:
@@ -99,7 +106,7 @@ class LossService(pb_grpc.LossServiceServicer):
             raise InvalidInput.single("messages", "expected at least one message in the stream, got none")
         evaluation = acc.result(return_state=first.return_state)
         response = evaluation_to_proto(evaluation, first.request_id)
-        self._observe(Observation("EvaluateStream", first.tags, evaluation, tensors))
+        self._observe(Observation("EvaluateStream", first.tags, evaluation, tensors, tuple(specs)))
         end = time.perf_counter()
         response.timing.CopyFrom(pb.Timing(decode_seconds=decode_seconds, compute_seconds=end - start - decode_seconds, total_seconds=end - start))
         return response

@@ -9,19 +9,9 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lossd.client.channel import GRPC_OPTIONS, MiB  # one definition of the HTTP/2 tuning, shared with the client
+
 __all__ = ["Settings", "GRPC_OPTIONS"]
-
-MiB = 1 << 20
-
-# HTTP/2 tuned for large tensors. Measured on loopback: default Python gRPC
-# moves 0.2–0.4 GB/s for a 16 MB message; larger frames and write buffers
-# about 0.9 GB/s (bench/bench_wire.py prints the figure on this machine).
-GRPC_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.http2.max_frame_size", 16 * MiB - 1),  # the HTTP/2 maximum, 2^24 − 1
-    ("grpc.http2.write_buffer_size", 64 * MiB),
-    ("grpc.http2.lookahead_bytes", 64 * MiB),
-    ("grpc.http2.bdp_probe", 1),
-]
 
 
 class Settings(BaseSettings):

@@ -46,7 +46,7 @@ def _common_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def _targets(view: View) -> torch.Tensor:
-    return view.float("targets")
+    return view.numeric("targets")
 
 
 def _flat_index(mask: torch.Tensor) -> int:
@@ -136,7 +136,7 @@ def _variance_like(view: View, var: torch.Tensor, shape: torch.Size) -> torch.Te
 
 def _gaussian_nll_terms(view: View, p: Mapping[str, Any]) -> Terms:
     pred, target = regression_pair(view)
-    var = view.float("variance")
+    var = view.numeric("variance")
     neg = var < 0
     if bool(neg.any()):
         i = _flat_index(neg)

@@ -1,0 +1,223 @@
+"""Our exception hierarchy: every failed call raises one of these, ``from`` the gRPC error.
+
+* LossdError                    a call failed; ``.code`` (grpc.StatusCode), ``.message``, ``.status``
+  + InvalidArgumentError        INVALID_ARGUMENT: the request is wrong; ``.violations`` [(field, description)]
+                                from google.rpc.BadRequest. Also a ``ValueError``.
+  + ResourceExhaustedError      RESOURCE_EXHAUSTED: message over the server's size limit, or a state
+                                over its bound (``.reason``, ``.setting``: the server setting to raise)
+  + DeadlineExceededError       DEADLINE_EXCEEDED: the call's timeout passed. Also a ``TimeoutError``.
+  + UnavailableError            UNAVAILABLE: no server reachable, or it is draining (retried first,
+                                per the channel's retry policy)
+  + CancelledError              CANCELLED
+  + UnknownError                UNKNOWN
+  + NotFoundError               NOT_FOUND
+  + AlreadyExistsError          ALREADY_EXISTS
+  + PermissionDeniedError       PERMISSION_DENIED
+  + UnauthenticatedError        UNAUTHENTICATED
+  + FailedPreconditionError     FAILED_PRECONDITION
+  + AbortedError                ABORTED
+  + OutOfRangeError             OUT_OF_RANGE
+  + UnimplementedError          UNIMPLEMENTED: e.g. a server of an older protocol version
+  + InternalError               INTERNAL: a server bug; the message carries the request id to find
+                                it in the server log (never a stack trace)
+  + DataLossError               DATA_LOSS
+
+Problems found before anything is sent are ordinary local errors and never
+reach the network: :class:`lossd.client.specs.SpecError` (a function spec
+that does not parse) and :class:`lossd.client.codec.TensorError` (a tensor
+that cannot be encoded), both ``ValueError`` subclasses; ``TypeError`` /
+``ValueError`` for other bad arguments.
+
+Map a ``grpc.RpcError`` with ``raise from_rpc_error(exc) from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+__all__ = [
+    "FieldViolation",
+    "LossdError",
+    "CancelledError",
+    "UnknownError",
+    "InvalidArgumentError",
+    "DeadlineExceededError",
+    "NotFoundError",
+    "AlreadyExistsError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "FailedPreconditionError",
+    "AbortedError",
+    "OutOfRangeError",
+    "UnimplementedError",
+    "InternalError",
+    "UnavailableError",
+    "DataLossError",
+    "UnauthenticatedError",
+    "STATUS_ERRORS",
+    "error_class",
+    "from_rpc_error",
+]
+
+
+class FieldViolation(NamedTuple):
+    """One bad field of a request: ``field`` is a path like ``tensors.logits`` or ``functions[0].params.n_bins``."""
+
+    field: str
+    description: str
+
+
+class LossdError(Exception):
+    """A lossd call failed with a non-OK gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, status: status_pb2.Status | None = None) -> None:
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.status = status  # google.rpc.Status with rich details, when the server sent one
+        super().__init__(f"{self.code.name}: {message}")
+
+    def details(self, message_type: type[Any]) -> list[Any]:
+        """Return the status details of one type (e.g. ``error_details_pb2.ErrorInfo``), unpacked."""
+        out = []
+        for detail in self.status.details if self.status is not None else ():
+            if detail.Is(message_type.DESCRIPTOR):
+                message = message_type()
+                detail.Unpack(message)
+                out.append(message)
+        return out
+
+
+class CancelledError(LossdError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class UnknownError(LossdError):
+    code = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgumentError(LossdError, ValueError):
+    """The request is wrong; ``violations`` name each bad field and say what was expected."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, status: status_pb2.Status | None = None) -> None:
+        super().__init__(message, code=code, status=status)
+        self.violations = [
+            FieldViolation(v.field, v.description) for bad in self.details(error_details_pb2.BadRequest) for v in bad.field_violations
+        ]
+
+
+class DeadlineExceededError(LossdError, TimeoutError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NotFoundError(LossdError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(LossdError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDeniedError(LossdError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhaustedError(LossdError):
+    """Over a limit; ``setting`` names the server setting that raises it, when the server said so."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, status: status_pb2.Status | None = None) -> None:
+        super().__init__(message, code=code, status=status)
+        infos = self.details(error_details_pb2.ErrorInfo)
+        self.reason: str | None = infos[0].reason if infos else None
+        self.setting: str | None = infos[0].metadata.get("setting") if infos else None
+
+
+class FailedPreconditionError(LossdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AbortedError(LossdError):
+    code = grpc.StatusCode.ABORTED
+
+
+class OutOfRangeError(LossdError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class UnimplementedError(LossdError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class InternalError(LossdError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class UnavailableError(LossdError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLossError(LossdError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class UnauthenticatedError(LossdError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+# Every non-OK status code -> its exception class (OK is not an error).
+STATUS_ERRORS: dict[grpc.StatusCode, type[LossdError]] = {
+    cls.code: cls
+    for cls in (
+        CancelledError,
+        UnknownError,
+        InvalidArgumentError,
+        DeadlineExceededError,
+        NotFoundError,
+        AlreadyExistsError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        FailedPreconditionError,
+        AbortedError,
+        OutOfRangeError,
+        UnimplementedError,
+        InternalError,
+        UnavailableError,
+        DataLossError,
+        UnauthenticatedError,
+    )
+}
+
+
+def error_class(code: grpc.StatusCode) -> type[LossdError]:
+    """Return the exception class of a non-OK status code."""
+    if code not in STATUS_ERRORS:
+        raise ValueError(f"expected a non-OK grpc.StatusCode, got {code!r}")
+    return STATUS_ERRORS[code]
+
+
+def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:
+    if not hasattr(exc, "trailing_metadata"):
+        return None
+    try:
+        return rpc_status.from_call(exc)
+    except ValueError:  # details inconsistent with the status: keep the plain status
+        return None
+
+
+def from_rpc_error(exc: grpc.RpcError) -> LossdError:
+    """Return the :class:`LossdError` for a failed call (sync or asyncio); raise it ``from exc``."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
+        code = grpc.StatusCode.UNKNOWN
+    message = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    return STATUS_ERRORS[code](message, code=code, status=_rich_status(exc))

@@ -1,0 +1,220 @@
+"""The `lossd` command as users run it: eval against the session server, functions, serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lossd.client import Client
+from lossd.server.cli import main
+
+LOSSD = [sys.executable, "-m", "lossd.server"]
+N, K = 48, 6
+
+
+def lossd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LOSSD, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {"logits": (rng.standard_normal((N, K)) * 2).astype(np.float32), "labels": rng.integers(0, K, N)}
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory: pytest.TempPathFactory, arrays: dict[str, np.ndarray]) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "batch.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_eval_json_matches_torch(address: str, npz: Path, arrays: dict) -> None:
+    result = lossd("eval", "--server", address, "--inputs", str(npz), "--fn", "cross_entropy", "--tag", "model=cli-test", "--json")
+    assert result.returncode == 0, result.stderr
+    obj = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+    assert set(obj) == {"results", "diagnostics"} and obj["diagnostics"] == []
+    expected = float(F.cross_entropy(torch.from_numpy(arrays["logits"]), torch.from_numpy(arrays["labels"])))
+    assert obj["results"]["cross_entropy"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_eval_json_equals_the_client_object(address: str, npz: Path, arrays: dict) -> None:
+    specs = [
+        "cross_entropy:label_smoothing=0.1",
+        "accuracy",
+        "ece:n_bins=5",
+        '{"name": "cross_entropy", "alias": "ce_sum", "params": {"reduction": "sum"}}',
+    ]
+    result = lossd("eval", "--server", address, "--inputs", str(npz), *(x for s in specs for x in ("--fn", s)), "--json")
+    assert result.returncode == 0, result.stderr
+    with Client(address) as client:
+        assert json.loads(result.stdout) == client.evaluate(arrays, specs).to_json()
+
+
+def test_eval_table(address: str, npz: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--server", address, "--inputs", str(npz), "--fn", "cross_entropy", "--fn", "accuracy"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["function", "value", "denominator"]
+    assert lines[1].startswith("cross_entropy") and f"{N} samples" in lines[1]
+    assert lines[2].startswith("accuracy")
+
+
+def test_eval_invalid_argument_exits_2_with_the_violations(address: str, npz: Path) -> None:
+    result = lossd("eval", "--server", address, "--inputs", str(npz), "--fn", "cross_entropy:label_smoothing=5")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "INVALID_ARGUMENT" in result.stderr and "functions[0].params.label_smoothing" in result.stderr and "[0, 1]" in result.stderr
+    assert_no_traceback(result)
+
+
+def test_eval_bad_labels(address: str, tmp_path: Path, arrays: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.npz"
+    labels = arrays["labels"].copy()
+    labels[5] = K + 1
+    np.savez(path, logits=arrays["logits"], labels=labels)
+    assert main(["eval", "--server", address, "--inputs", str(path), "--fn", "cross_entropy", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "tensors.labels" in err and "index 5" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--inputs", "/nonexistent/batch.npz", "--fn", "cross_entropy"], "No such file"),
+        (["--fn", "cross_entropy:label_smoothing"], "expected param=value"),
+    ],
+)
+def test_eval_local_errors_exit_2(address: str, npz: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--server", address, *(["--inputs", str(npz)] if "--inputs" not in args else []), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_refuses_a_single_array_file(address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "one.npy"
+    np.save(path, np.zeros(3))
+    assert main(["eval", "--server", address, "--inputs", str(path), "--fn", "mse"]) == 2
+    assert "expected an .npz archive" in capsys.readouterr().err
+
+
+def test_eval_unreachable_server_exits_1(npz: Path) -> None:
+    result = lossd("eval", "--server", f"127.0.0.1:{free_port()}", "--inputs", str(npz), "--fn", "cross_entropy", "--timeout", "1")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+    assert_no_traceback(result)
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["serve", "--device", "tpu"], ["eval", "--fn", "x"], ["eval", "--inputs", "a.npz", "--fn", "x", "--tag", "team=a"], []):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_serve_refuses_invalid_environment(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LOSSD_GRPC_PORT", "not-a-port")
+    assert main(["serve"]) == 2
+    assert "grpc_port" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_serve_refuses_a_missing_device(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--device", "cuda:0", "--grpc-port", "0", "--http-port", "0"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_functions_local_equals_server(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["functions", "--json"]) == 0
+    local = capsys.readouterr().out
+    assert main(["functions", "--json", "--server", address]) == 0
+    assert capsys.readouterr().out == local
+    catalogue = json.loads(local)
+    ce = next(f for f in catalogue["functions"] if f["name"] == "cross_entropy")
+    assert ce["splittable"] is True and ce["reference"]
+    smoothing = next(p for p in ce["params"] if p["name"] == "label_smoothing")
+    assert smoothing["default"] == 0.0 and smoothing["range"] == "[0, 1]" and smoothing["type"] == "float"
+    assert {r["name"] for r in ce["roles"]} >= {"logits", "labels"} and ce["outputs"][0]["name"] == "value"
+    assert catalogue["diagnostics"]
+
+
+def test_functions_table_and_family(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["functions", "--family", "classification"]) == 0
+    local = capsys.readouterr().out
+    assert "\ncross_entropy  (classification, splittable)" in "\n" + local
+    assert "param  label_smoothing: float = 0.0 in [0, 1]" in local and "ignore_index: int = -100:" in local
+    assert main(["functions", "--family", "classification", "--server", address]) == 0
+    assert capsys.readouterr().out == local
+    assert main(["functions", "--family", "astrology", "--server", address]) == 2
+    assert "family" in capsys.readouterr().err
+    assert main(["functions", "--family", "astrology"]) == 2
+    assert "expected one of" in capsys.readouterr().err
+
+
+def wait_serving(address: str, deadline: float) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"lossd serve did not report SERVING on {address}")
+            time.sleep(0.1)
+
+
+def test_serve_starts_answers_and_stops_on_sigterm(arrays: dict) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    env = {**os.environ, "LOSSD_HTTP_PORT": str(http_port), "LOSSD_GRPC_PORT": "1", "LOSSD_DEVICE": "cpu"}  # the flag beats the environment
+    process = subprocess.Popen(
+        [*LOSSD, "serve", "--grpc-port", str(grpc_port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_serving(f"127.0.0.1:{grpc_port}", time.monotonic() + 60)
+        with Client(f"127.0.0.1:{grpc_port}", timeout=30) as client:
+            out = client.evaluate(arrays, "cross_entropy")
+        assert out["cross_entropy"].value == pytest.approx(
+            float(F.cross_entropy(torch.from_numpy(arrays["logits"]), torch.from_numpy(arrays["labels"]))), rel=1e-6
+        )
+        deadline = time.monotonic() + 30
+        while True:  # the gateway comes up on the port from the environment
+            try:
+                assert httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=2).status_code == 200
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    assert f"127.0.0.1:{grpc_port}" in stdout
+    assert "Traceback" not in stderr, stderr
