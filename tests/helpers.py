@@ -74,3 +74,23 @@ def assert_merge_exact(tensors: Mapping[str, torch.Tensor], spec: Any, *, parts:
             assert_close(m.values[key], value, rtol=rtol, atol=1e-12, what=f"{alias}.{key} merged vs unsplit")
     for key, value in w.tensors.items():
         assert_close(m.tensors[key], value, rtol=rtol, atol=1e-12, what=f"{alias}.{key} merged vs unsplit")
+
+
+def require_binary(name: str) -> str:
+    """Return the path of an external program a test needs (prometheus, promtool, chromium...).
+
+    Missing on a developer's machine: the test is skipped, saying what to install.
+    Missing under CI (CI=true): the test fails, since CI installs it (scripts/install_e2e_deps.sh).
+    """
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed (run scripts/install_e2e_deps.sh)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{message}; CI=true, so this is a failure, not a skip")
+    pytest.skip(message)

@@ -346,7 +346,7 @@ class View:
         first = (name, class_dim) not in self.batch._row_stats
         stats = self.batch.row_stats(name, class_dim, with_entropy=with_entropy)
         if first and input_kind == "logits":
-            self._diagnose_score_kind(role, stats)
+            self._diagnose_score_kind(role, stats, class_dim)
         if first and input_kind in ("probs", "log_probs"):
             self._check_normalized(role, stats, input_kind)
         return stats
@@ -366,12 +366,12 @@ class View:
                 f"row {first} sums to {total:.6g}",
             )
 
-    def _diagnose_score_kind(self, role: str, stats: RowStats) -> None:
+    def _diagnose_score_kind(self, role: str, stats: RowStats, class_dim: int) -> None:
         """Warn when "logits" look like probabilities or log-probabilities (never reinterpret them)."""
         if stats.max.numel() == 0 or stats.lse.shape == torch.Size([]):
             return
         t = self.tensor(role)
-        if t.shape[1] < 2:
+        if t.shape[class_dim] < 2:
             return
         if bool((stats.max <= 1).all()) and bool(((stats.sum - 1).abs() < 1e-3).all()) and bool((t >= 0).all()):
             self.batch.diagnostics.add(

@@ -2,22 +2,26 @@
 
 Every softmax loss here reads the request's shared per-row statistics
 (logsumexp, max, Σz) from the evaluation plan, so several of them on the same
-logits cost one pass over the logits.
+logits cost one pass over the logits.  Losses that need more than those
+statistics (margins, the runner-up score, a tempered softmax) walk the scores
+block by block (:func:`per_row_blocks`), never building a second tensor of the
+size of the logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from lossd.kernels.params import IGNORE_INDEX, Param
-from lossd.kernels.plan import View, compute_dtype, iter_class_last_chunks
+from lossd.kernels.plan import View, compute_dtype, iter_class_last_chunks, iter_row_chunks
 from lossd.kernels.reduce import Terms, mean_loss
-from lossd.kernels.registry import Role, register
+from lossd.kernels.registry import FunctionDef, Output, Result, Role, register
+from lossd.kernels.state import MergeOp
 
-__all__ = ["LOGITS", "LABELS", "TARGET_PROBS", "INPUT_KIND", "class_labels", "class_weight_vector"]
+__all__ = ["LOGITS", "LABELS", "TARGET_PROBS", "INPUT_KIND", "class_labels", "class_weight_vector", "gather_class", "per_row_blocks"]
 
 LOGITS = Role("logits", "[N, K] or [N, K, d1, ...]", "float", "unnormalized scores (or log-probabilities / probabilities per input_kind)")
 LABELS = Role("labels", "[N] or [N, d1, ...]", "index", "class indices in [0, K) or ignore_index", optional=True)
@@ -113,7 +117,7 @@ def _cross_entropy_terms(view: View, p: Mapping[str, Any]) -> Terms:
     k = z.shape[1]
     y, valid = class_labels(view, z, p["ignore_index"])
     stats = view.row_stats("logits", 1, input_kind=p["input_kind"])
-    zs = view.batch.tensors[view.log_space("logits", p["input_kind"])]
+    zs = view.log_scores("logits", p["input_kind"])
     nll = stats.lse - gather_class(zs, y, dtype)
     w = class_weight_vector(view, p, k, dtype)
     wy = valid.to(dtype) if w is None else w[y] * valid
@@ -148,5 +152,334 @@ cross_entropy = register(
         ),
         terms=_cross_entropy_terms,
         reference="torch.nn.functional.cross_entropy; float64 formula for smoothing_mode='others'",
+    )
+)
+
+
+# -- the rest of the multiclass family -----------------------------------------
+
+SCORES = Role("logits", "[N, K] or [N, K, d1, ...]", "float", "unnormalized scores (logits), classes on dim 1")
+CLASS_LABELS = Role("labels", "[N] or [N, d1, ...]", "index", "class indices in [0, K) or ignore_index")
+
+
+def _element_shape(z: torch.Tensor) -> torch.Size:
+    return z.shape[:1] + z.shape[2:]
+
+
+def per_row_blocks(tensors: tuple[torch.Tensor, ...], aux: tuple[torch.Tensor, ...], dtype: torch.dtype, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """fn(blocks [m, K] of each tensor, aux values [m] of each row) -> [m], block by block.
+
+    ``tensors`` share one shape [N, K, d...] (classes on dim 1); ``aux`` are
+    per-element values [N, d...].  Only one block of each tensor is ever
+    copied or transformed at a time, so large K costs O(block) extra memory."""
+    shape = _element_shape(tensors[0])
+    out = torch.empty(shape.numel(), dtype=dtype, device=tensors[0].device)
+    flat_aux = [a.reshape(-1) for a in aux]
+    for parts in zip(*(iter_row_chunks(t, 1) for t in tensors), strict=True):
+        row = parts[0][0]
+        m = parts[0][1].shape[0]
+        blocks = [b.to(dtype) for _, b in parts]
+        out[row : row + m] = fn(*blocks, *(a[row : row + m] for a in flat_aux))
+    return out.reshape(shape)
+
+
+def _need_two_classes(view: View, z: torch.Tensor, why: str) -> None:
+    if z.shape[1] < 2:
+        raise view.error("logits", f"{why} needs at least 2 classes on dim 1, got K={z.shape[1]} (shape {list(z.shape)})")
+
+
+def _label_log_prob(view: View, z: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """log p_y = z_y − logsumexp(z), from the request's shared row statistics."""
+    return gather_class(z, y, dtype) - view.row_stats("logits", 1).lse
+
+
+def _nll_terms(view: View, p: Mapping[str, Any]) -> Terms:
+    lp = check_logits(view, "log_probs")
+    dtype = compute_dtype(lp.dtype)
+    y, valid = class_labels(view, lp, p["ignore_index"])
+    w = class_weight_vector(view, p, lp.shape[1], dtype)
+    wy = valid.to(dtype) if w is None else w[y] * valid
+    return Terms(-gather_class(lp, y, dtype), wy)
+
+
+nll = register(
+    mean_loss(
+        name="nll",
+        family="classification",
+        summary="negative log-likelihood of log-probabilities, with class weights and ignore_index",
+        roles=(Role("log_probs", "[N, K] or [N, K, d1, ...]", "float", "log-probabilities, classes on dim 1"), CLASS_LABELS),
+        params=(CLASS_WEIGHT, IGNORE_INDEX),
+        terms=_nll_terms,
+        reference="torch.nn.functional.nll_loss",
+    )
+)
+
+
+# kl_div keeps torch's four reductions, so it declares its state itself rather than through mean_loss.
+KL_REDUCTION = Param(
+    "reduction",
+    "str",
+    "batchmean",
+    "batchmean: Σ / N (the true KL per sample); sum; mean: Σ / number of elements (torch's 'mean'); none: pointwise values",
+    choices=("batchmean", "sum", "mean", "none"),
+)
+KL_FIELDS = {"total": MergeOp.SUM, "rows": MergeOp.SUM, "elements": MergeOp.SUM}
+
+
+def _kl_pointwise(view: View, p: Mapping[str, Any]) -> torch.Tensor:
+    """target · (log target − input) elementwise; a zero target contributes 0 even where input is −inf."""
+    x = view.scores("log_probs")
+    if x.ndim < 1:
+        raise view.error("log_probs", f"expected shape [N, ...], got a scalar {list(x.shape)}")
+    dtype = compute_dtype(x.dtype)
+    t = view.numeric("target", dtype=dtype)
+    view.expect_shape("target", t, x.shape, "the shape of log_probs")
+    x = x.to(dtype)
+    if p["log_target"]:
+        q = torch.exp(t)
+        return torch.where(q > 0, q * (t - x), torch.zeros((), dtype=dtype, device=x.device))
+    if bool((t < 0).any()):
+        raise view.error("target", "expected non-negative target probabilities (pass log_target=true for log-probabilities)")
+    return torch.where(t > 0, torch.xlogy(t, t) - t * x, torch.zeros((), dtype=dtype, device=x.device))
+
+
+def _kl_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    pointwise = _kl_pointwise(view, p)
+    return {
+        "total": pointwise.to(torch.float64).sum().cpu(),
+        "rows": torch.tensor(float(pointwise.shape[0]), dtype=torch.float64),
+        "elements": torch.tensor(float(pointwise.numel()), dtype=torch.float64),
+    }
+
+
+def _kl_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Result:
+    total = float(fields["total"])
+    if p["reduction"] == "sum":
+        return Result({"value": total}, denominator=float(fields["rows"]), denominator_kind="samples")
+    denominator, kind = (float(fields["elements"]), "elements") if p["reduction"] == "mean" else (float(fields["rows"]), "samples")
+    return Result({"value": total / denominator if denominator else float("nan")}, denominator=denominator, denominator_kind=kind)
+
+
+def _empty_check(fields: Mapping[str, Any], params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if float(fields["rows"]) == 0 and params.get("reduction", "batchmean") != "sum":
+        return [("all_ignored", "no rows were sent; the mean is NaN with denominator 0")]
+    return []
+
+
+kl_div = register(
+    FunctionDef(
+        name="kl_div",
+        family="classification",
+        summary="KL divergence Σ target·(log target − log_probs) with torch's reductions (batchmean is the true KL per sample)",
+        roles=(
+            Role("log_probs", "[N, ...]", "float", "log-probabilities of the approximating distribution"),
+            Role("target", "same shape as log_probs", "float", "target probabilities (or log-probabilities with log_target=true)"),
+        ),
+        params=(Param("log_target", "bool", False, "the target is given as log-probabilities"), KL_REDUCTION),
+        outputs=(Output("value", "the reduced divergence"),),
+        fields=KL_FIELDS,
+        update=_kl_update,
+        finalize=_kl_finalize,
+        per_element=_kl_pointwise,
+        reference="torch.nn.functional.kl_div (a zero target contributes 0 where torch gives 0·(−inf) = NaN)",
+        finalize_diagnostics=_empty_check,
+    )
+)
+
+
+def _distillation_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    s = check_logits(view, "logits")
+    t = view.scores("teacher_logits")
+    view.expect_shape("teacher_logits", t, s.shape, "the shape of logits")
+    dtype = compute_dtype(s.dtype if s.element_size() >= t.element_size() else t.dtype)
+    temp = p["temperature"]
+    if temp == 1.0:  # the plain logsumexp is the request's shared row statistic
+        aux: tuple[torch.Tensor, ...] = (view.row_stats("logits", 1).lse.to(dtype), view.row_stats("teacher_logits", 1).lse.to(dtype))
+    else:
+        aux = ()
+
+    def kl_rows(sb: torch.Tensor, tb: torch.Tensor, *lse: torch.Tensor) -> torch.Tensor:
+        sb, tb = sb / temp, tb / temp
+        lse_s, lse_t = lse if lse else (torch.logsumexp(sb, 1), torch.logsumexp(tb, 1))
+        log_pt = tb - lse_t[:, None]
+        pt = torch.exp(log_pt)
+        term = torch.where(pt > 0, pt * (log_pt - sb + lse_s[:, None]), torch.zeros((), dtype=dtype, device=sb.device))
+        return term.sum(1)
+
+    kl = per_row_blocks((s, t), aux, dtype, kl_rows)
+    return {
+        "total": (kl.to(torch.float64).sum() * temp * temp).cpu(),
+        "rows": torch.tensor(float(s.shape[0]), dtype=torch.float64),
+    }
+
+
+def _distillation_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Result:
+    rows = float(fields["rows"])
+    return Result({"value": float(fields["total"]) / rows if rows else float("nan")}, denominator=rows, denominator_kind="samples")
+
+
+distillation_kl = register(
+    FunctionDef(
+        name="distillation_kl",
+        family="classification",
+        summary="knowledge distillation: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), summed over classes (and d...) and divided by N",
+        roles=(
+            Role("logits", "[N, K] or [N, K, d1, ...]", "float", "student logits, classes on dim 1"),
+            Role("teacher_logits", "same shape as logits", "float", "teacher logits"),
+        ),
+        params=(Param("temperature", "float", 1.0, "T: both distributions are softened by T; the loss is scaled by T²", minimum=0.0, exclusive_minimum=True),),
+        outputs=(Output("value", "T² · KL per sample (batchmean)"),),
+        fields={"total": MergeOp.SUM, "rows": MergeOp.SUM},
+        update=_distillation_update,
+        finalize=_distillation_finalize,
+        reference="T² · torch.nn.functional.kl_div(log_softmax(s/T), softmax(t/T), reduction='batchmean')",
+        finalize_diagnostics=_empty_check,
+    )
+)
+
+
+def _multi_margin_terms(view: View, p: Mapping[str, Any]) -> Terms:
+    z = check_logits(view)
+    k, dtype = z.shape[1], compute_dtype(z.dtype)
+    y, valid = class_labels(view, z, p["ignore_index"])
+    margin, power = p["margin"], p["p"]
+    classes = torch.arange(k, device=z.device)
+
+    def hinge_rows(rows: torch.Tensor, zy: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        h = (margin - zy[:, None] + rows).clamp_min(0)
+        h = h * h if power == 2 else h
+        return h.masked_fill(classes == yb[:, None], 0).sum(1)
+
+    loss = per_row_blocks((z,), (gather_class(z, y, dtype), y), dtype, hinge_rows) / k
+    w = class_weight_vector(view, p, k, dtype)
+    # torch weighs each term by w_y but divides the mean by N, not by Σ w_y.
+    return Terms(loss if w is None else loss * w[y], valid.to(dtype))
+
+
+multi_margin = register(
+    mean_loss(
+        name="multi_margin",
+        family="classification",
+        summary="multiclass margin loss Σ_{j≠y} max(0, margin − z_y + z_j)^p / K (torch multi_margin_loss)",
+        roles=(SCORES, CLASS_LABELS),
+        params=(
+            Param("margin", "float", 1.0, "required gap between the label's score and every other score"),
+            Param("p", "int", 1, "exponent of the hinge: 1 or 2", minimum=1, maximum=2),
+            Param("weight", "float_list", None, "per-class weights [K] multiplying the terms of rows of that label (torch: the mean still divides by N)", nullable=True),
+            IGNORE_INDEX,
+        ),
+        terms=_multi_margin_terms,
+        reference="torch.nn.functional.multi_margin_loss",
+    )
+)
+
+
+def _crammer_singer_terms(view: View, p: Mapping[str, Any]) -> Terms:
+    z = check_logits(view)
+    _need_two_classes(view, z, "multiclass_hinge")
+    dtype = compute_dtype(z.dtype)
+    y, valid = class_labels(view, z, p["ignore_index"])
+
+    def best_other(rows: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        values, index = rows.topk(2, dim=1)
+        return torch.where(index[:, 0] == yb, values[:, 1], values[:, 0])
+
+    runner_up = per_row_blocks((z,), (y,), dtype, best_other)
+    return Terms((p["margin"] + runner_up - gather_class(z, y, dtype)).clamp_min(0), valid.to(dtype))
+
+
+multiclass_hinge = register(
+    mean_loss(
+        name="multiclass_hinge",
+        family="classification",
+        summary="Crammer–Singer multiclass hinge max(0, margin + max_{j≠y} z_j − z_y)",
+        roles=(SCORES, CLASS_LABELS),
+        params=(Param("margin", "float", 1.0, "required gap between the label's score and the best other score"), IGNORE_INDEX),
+        terms=_crammer_singer_terms,
+        reference="sklearn.metrics.hinge_loss (multiclass, margin 1); float64 formula otherwise",
+    )
+)
+
+
+def _focal_terms(view: View, p: Mapping[str, Any]) -> Terms:
+    z = check_logits(view)
+    k, dtype = z.shape[1], compute_dtype(z.dtype)
+    y, valid = class_labels(view, z, p["ignore_index"])
+    log_py = _label_log_prob(view, z, y, dtype)
+    # (1 − p_y)^γ as (−expm1(log p_y))^γ: exact for confident rows where 1 − p_y underflows in p_y's precision.
+    loss = -(-torch.expm1(log_py)).pow(p["gamma"]) * log_py
+    alpha = p["alpha"]
+    if isinstance(alpha, tuple):
+        if len(alpha) != k:
+            raise view.param_error("alpha", f"expected a scalar or {k} per-class values (one per class), got {len(alpha)}")
+        loss = torch.tensor(alpha, dtype=dtype, device=z.device)[y] * loss
+    elif alpha is not None:
+        loss = alpha * loss
+    # α is part of the loss, not a weight: the mean divides by the number of valid elements.
+    return Terms(loss, valid.to(dtype))
+
+
+focal = register(
+    mean_loss(
+        name="focal",
+        family="classification",
+        summary="softmax focal loss −α_y (1 − p_y)^γ log p_y (modulating term not detached)",
+        roles=(SCORES, CLASS_LABELS),
+        params=(
+            Param("gamma", "float", 2.0, "focusing exponent γ; 0 gives cross-entropy", minimum=0.0),
+            Param("alpha", "float_or_list", None, "α: a scalar or per-class values [K] scaling each element's loss (not a weight of the mean); null for none", minimum=0.0, nullable=True),
+            IGNORE_INDEX,
+        ),
+        terms=_focal_terms,
+        reference="float64 formula",
+    )
+)
+
+
+def _adaptive_smoothing_terms(view: View, p: Mapping[str, Any]) -> Terms:
+    z = check_logits(view)
+    _need_two_classes(view, z, "adaptive_label_smoothing (ε spread over the K−1 other classes)")
+    k, dtype = z.shape[1], compute_dtype(z.dtype)
+    y, valid = class_labels(view, z, p["ignore_index"])
+    stats = view.row_stats("logits", 1)
+    log_py = gather_class(z, y, dtype) - stats.lse
+    eps = (p["base_smoothing"] * (-torch.expm1(log_py))).clamp_min(p["min_smoothing"])
+    nll = -log_py
+    others = k * stats.lse - stats.sum - nll  # Σ_{j≠y} −log p_j
+    return Terms((1 - eps) * nll + eps / (k - 1) * others, valid.to(dtype))
+
+
+adaptive_label_smoothing = register(
+    mean_loss(
+        name="adaptive_label_smoothing",
+        family="classification",
+        summary="cross-entropy with per-row smoothing ε_i = max(min, base·(1 − p_y)) (p_y detached): q_y = 1 − ε_i, ε_i/(K−1) elsewhere",
+        roles=(SCORES, CLASS_LABELS),
+        params=(
+            Param("base_smoothing", "float", 0.1, "ε scale: ε_i = base·(1 − p_y) before the floor", minimum=0.0, maximum=1.0),
+            Param("min_smoothing", "float", 0.01, "floor of ε_i", minimum=0.0, maximum=1.0),
+            IGNORE_INDEX,
+        ),
+        terms=_adaptive_smoothing_terms,
+        reference="float64 formula (seed 001 AdaptiveLabelSmoothing)",
+    )
+)
+
+
+def _z_loss_terms(view: View, p: Mapping[str, Any]) -> Terms:
+    check_logits(view)
+    lse = view.row_stats("logits", 1).lse
+    return Terms(lse * lse)
+
+
+z_loss = register(
+    mean_loss(
+        name="z_loss",
+        family="classification",
+        summary="PaLM auxiliary z-loss: mean of logsumexp(z)² per element",
+        roles=(SCORES,),
+        params=(),
+        terms=_z_loss_terms,
+        reference="float64 formula",
     )
 )
