@@ -1,0 +1,195 @@
+"""The HTTP gateway: JSON in front of the lossd gRPC service, /metrics and the dashboard.
+
+``create_app(settings, backends=[...], monitoring=...)`` returns a FastAPI app.
+In ``lossd serve`` it shares the process (and the :class:`Monitoring`) with the
+gRPC server; alone, it forwards to one or more replicas with round-robin and
+failover (:mod:`lossd.server.gateway.backends`) and exports its own HTTP
+metrics. Routes:
+
+- ``POST /v1/evaluate``: tensors (nested lists or base64), function specs, tags
+  -> ``{"results", "diagnostics"}`` as ``lossd eval --json`` prints them;
+- ``GET /v1/functions``: the catalogue; ``GET /v1/history``: the dashboard's data;
+- ``GET /healthz`` (the process is up), ``GET /readyz`` (a backend answers its
+  health check), ``GET /metrics``, ``GET /dashboard``, ``GET /docs``.
+
+Errors are problem details (:mod:`lossd.server.gateway.problems`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Query
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from google.protobuf import json_format
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lossd.client.results import response_to_json
+from lossd.server.gateway.backends import BackendPool
+from lossd.server.gateway.dashboard import install_dashboard
+from lossd.server.gateway.models import EvaluateBody, request_to_proto
+from lossd.server.gateway.problems import PROBLEM_JSON, Problem, install_problem_handlers
+from lossd.server.monitoring import Monitoring
+from lossd.server.settings import Settings
+from lossd.v1 import lossd_pb2 as pb
+
+__all__ = ["create_app"]
+
+_PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {PROBLEM_JSON: {}}}
+    for code, text in {
+        400: "invalid tensors, functions or parameters; `errors` names each field",
+        413: "request body or message over its size limit",
+        422: "the JSON body does not match the schema; `errors` names each field",
+        503: "no backend answered",
+        504: "the backend missed the deadline",
+    }.items()
+}
+
+
+def create_app(settings: Settings, *, backends: Sequence[str], monitoring: Monitoring | None = None) -> FastAPI:
+    """Build the gateway app forwarding to the gRPC ``backends`` (host:port)."""
+    pool = BackendPool(backends, settings)
+    monitoring = monitoring if monitoring is not None else Monitoring(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await pool.close()
+
+    app = FastAPI(
+        title="lossd gateway",
+        version="1",
+        summary="Loss, metric and calibration evaluation over HTTP/JSON, in front of the lossd gRPC service.",
+        lifespan=lifespan,
+    )
+    app.state.pool = pool
+    app.state.monitoring = monitoring
+    install_problem_handlers(app)
+
+    @app.post("/v1/evaluate", responses=_PROBLEM_RESPONSES, tags=["evaluate"])
+    async def evaluate(body: EvaluateBody) -> JSONResponse:
+        """Evaluate functions on tensors; answers what `lossd eval --json` prints: {"results", "diagnostics"}."""
+        request = request_to_proto(body)
+        response: pb.EvaluateResponse = await pool.call(lambda stub, timeout: stub.Evaluate(request, timeout=timeout))
+        return JSONResponse(response_to_json(response))
+
+    @app.get("/v1/functions", responses=_PROBLEM_RESPONSES, tags=["evaluate"])
+    async def functions(family: str = Query("", description="only this family (regression, classification, calibration...)")) -> JSONResponse:
+        """List the catalogue: every function with its roles, parameters, outputs and reference."""
+        request = pb.ListFunctionsRequest(family=family)
+        response = await pool.call(lambda stub, timeout: stub.ListFunctions(request, timeout=timeout))
+        return JSONResponse(json_format.MessageToDict(response, preserving_proto_field_name=True))
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the gateway process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses=_PROBLEM_RESPONSES, tags=["operations"])
+    async def readyz() -> JSONResponse:
+        """Readiness: at least one gRPC backend answers its grpc.health.v1 check with SERVING."""
+        statuses = await pool.check()
+        if "SERVING" not in statuses.values():
+            raise Problem(503, "backend-unavailable", "Backend unavailable", "no gRPC backend is SERVING", extra={"backends": statuses})
+        return JSONResponse({"status": "ready", "backends": statuses})
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text exposition of this process's registry."""
+        return Response(generate_latest(monitoring.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/dashboard")
+
+    install_dashboard(app, monitoring)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HttpMetricsMiddleware, monitoring=monitoring)
+    return app
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``max_bytes``: by Content-Length up front, then by the bytes actually sent.
+
+    The body is buffered here (FastAPI would buffer it anyway to parse the
+    JSON), so an oversize body never reaches the route.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: str) -> Response:
+        return Problem(413, "content-too-large", "Content too large", f"request body of {size} exceeds the limit of {self.max_bytes} bytes (max_body_bytes)").response()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(f"{int(length)} bytes")(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(f"more than {self.max_bytes} bytes")(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class HttpMetricsMiddleware:
+    """Counts and times gateway requests by route template (never by raw path: bounded cardinality)."""
+
+    def __init__(self, app: ASGIApp, *, monitoring: Monitoring) -> None:
+        self.app = app
+        self.monitoring = monitoring
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            handler = getattr(scope.get("route"), "path", None) or "other"
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            m = self.monitoring
+            m.http_requests.labels(handler, method, str(status)).inc()
+            m.http_duration.labels(handler, method).observe(time.perf_counter() - start)

@@ -1,0 +1,37 @@
+"""The built-in dashboard: a static page that polls /v1/history and draws SVG charts.
+
+No build step and no network: the page, its script and its styles ship in
+``lossd/server/static``; the charts are drawn by that script as inline SVG.
+The data is the process's own :class:`~lossd.server.history.History`, so the
+dashboard works without Prometheus.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from lossd.server.monitoring import Monitoring
+
+__all__ = ["install_dashboard", "STATIC_DIR"]
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"  # lossd.server is a namespace package: no importlib.resources
+
+
+def install_dashboard(app: FastAPI, monitoring: Monitoring) -> None:
+    """Add GET /dashboard, GET /v1/history and the /static files to ``app``."""
+
+    @app.get("/dashboard", response_class=HTMLResponse, tags=["dashboard"])
+    async def dashboard() -> HTMLResponse:
+        """Loss and ECE over time and reliability diagrams per model/dataset/split, refreshed live."""
+        return HTMLResponse((STATIC_DIR / "dashboard.html").read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/history", tags=["dashboard"])
+    async def history() -> JSONResponse:
+        """Per-interval mean loss and ECE, and the reliability diagram over the window, per model/dataset/split."""
+        return JSONResponse(monitoring.history.snapshot(), headers={"Cache-Control": "no-store"})
+
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")

@@ -1,0 +1,155 @@
+"""The gateway's JSON request models and their translation to lossd.v1 messages.
+
+A tensor is ``{"dtype", "shape", "data": NESTED_LIST}`` or ``{"dtype",
+"shape", "b64": BASE64_OF_RAW_LITTLE_ENDIAN_BYTES}``. Nested lists are for
+small inputs and hand-written requests (``null`` and the strings "nan",
+"inf", "-inf" are accepted in float tensors, as the responses write them);
+base64 carries exactly the gRPC wire bytes and is the fast path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lossd.client.codec import DTYPE_NAMES, encode_tensor
+from lossd.client.specs import SpecError, spec_to_proto
+from lossd.server.gateway.problems import Problem
+from lossd.v1 import lossd_pb2 as pb
+
+__all__ = ["TensorBody", "FunctionSpecBody", "TagsBody", "EvaluateBody", "tensor_to_proto", "request_to_proto"]
+
+DType = Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool"]
+_FLOATS = {"float32", "float16", "bfloat16", "float64"}
+
+
+class TensorBody(BaseModel):
+    """One tensor: its dtype, shape and either nested-list ``data`` or base64 ``b64`` bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: DType = Field(description="element type of the tensor")
+    shape: list[int] = Field(description="dimensions, outermost first; [] is a scalar", examples=[[2, 3]])
+    data: Any = Field(None, description="nested lists of numbers in row-major order, matching shape")
+    b64: str | None = Field(None, description="base64 of the raw row-major little-endian bytes (itemsize × Π shape)")
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> TensorBody:
+        if (self.data is None) == (self.b64 is None):
+            raise ValueError("expected exactly one of 'data' (nested lists) or 'b64' (base64 bytes)")
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"expected non-negative dimensions, got shape {self.shape}")
+        return self
+
+
+class FunctionSpecBody(BaseModel):
+    """A function to compute, as `lossd eval --fn` takes it in JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="function name or alias from /v1/functions", examples=["cross_entropy"])
+    params: dict[str, Any] = Field(default_factory=dict, description="parameters; omitted ones take their defaults")
+    inputs: dict[str, str] = Field(default_factory=dict, description="role -> tensor name, for tensors not named after the role")
+    alias: str = Field("", description="key of the result; defaults to name")
+
+
+class TagsBody(BaseModel):
+    """Monitoring labels: Prometheus series and the dashboard group by these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = ""
+    dataset: str = ""
+    split: str = ""
+
+
+class EvaluateBody(BaseModel):
+    """POST /v1/evaluate: tensors, the functions to compute on them, monitoring tags."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "tensors": {
+                        "logits": {"dtype": "float32", "shape": [2, 3], "data": [[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]]},
+                        "labels": {"dtype": "int64", "shape": [2], "data": [0, 2]},
+                    },
+                    "functions": ["cross_entropy", {"name": "cross_entropy", "params": {"label_smoothing": 0.1}, "alias": "ce_ls"}],
+                    "tags": {"model": "resnet50", "dataset": "imagenet", "split": "val"},
+                }
+            ]
+        },
+    )
+
+    tensors: dict[str, TensorBody] = Field(description="tensors by name; functions read the tensors named after their roles")
+    functions: list[str | FunctionSpecBody] = Field(description='function specs: "name", "name:param=value,...", or an object')
+    tags: TagsBody = Field(default_factory=TagsBody)
+    request_id: str = Field("", description="echoed in the backend's logs")
+
+
+def _decode_b64(name: str, body: TensorBody) -> pb.Tensor:
+    try:
+        raw = base64.b64decode(body.b64 or "", validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise Problem.bad_field(f"tensors.{name}.b64", f"expected standard base64, got invalid data ({exc})") from None
+    return pb.Tensor(dtype=DTYPE_NAMES[body.dtype], shape=body.shape, data=raw)  # the backend checks len(data) against shape
+
+
+def _nested_array(name: str, body: TensorBody) -> np.ndarray:
+    field_ = f"tensors.{name}.data"
+    try:
+        if body.dtype in _FLOATS:
+            array = np.asarray(body.data, dtype=np.float64)  # null -> NaN, "inf"/"-inf"/"nan" parsed
+        else:
+            array = np.asarray(body.data)
+    except (ValueError, TypeError) as exc:
+        raise Problem.bad_field(field_, f"expected rectangular nested lists of numbers, got {exc}") from None
+    if list(array.shape) != body.shape:
+        raise Problem.bad_field(field_, f"nested lists have shape {list(array.shape)}, but shape says {body.shape}")
+    if body.dtype in _FLOATS:
+        return array
+    if array.size and array.dtype.kind not in "biuf":
+        raise Problem.bad_field(field_, f"expected numbers for dtype {body.dtype}, got elements of numpy dtype {array.dtype}")
+    if array.dtype.kind == "f":
+        whole = np.isfinite(array) & (array == np.round(array))
+        if not whole.all():
+            bad = array.reshape(-1)[int(np.argmin(whole.reshape(-1)))]
+            raise Problem.bad_field(field_, f"expected integers for dtype {body.dtype}, got {bad!r}")
+    if body.dtype == "bool" and array.size and not np.isin(array, (0, 1)).all():
+        raise Problem.bad_field(field_, "expected true/false or 0/1 for dtype bool")
+    info = None if body.dtype == "bool" else np.iinfo(np.dtype(body.dtype))
+    if info is not None and array.size and (array.min() < info.min or array.max() > info.max):
+        raise Problem.bad_field(field_, f"values outside the range of {body.dtype} [{info.min}, {info.max}]")
+    return array
+
+
+def tensor_to_proto(name: str, body: TensorBody) -> pb.Tensor:
+    """Convert a JSON tensor to the wire tensor the gRPC client would send."""
+    if body.b64 is not None:
+        return _decode_b64(name, body)
+    array = _nested_array(name, body)
+    if body.dtype == "bfloat16":
+        import ml_dtypes
+
+        typed = array.astype(np.float32).astype(ml_dtypes.bfloat16)
+    else:
+        typed = array.astype(np.dtype(body.dtype))
+    return encode_tensor(typed, name)
+
+
+def request_to_proto(body: EvaluateBody) -> pb.EvaluateRequest:
+    """Build the EvaluateRequest of a JSON body; malformed tensors and specs are 400s naming the field."""
+    functions = []
+    for i, spec in enumerate(body.functions):
+        try:
+            functions.append(spec_to_proto(spec if isinstance(spec, str) else spec.model_dump()))
+        except SpecError as exc:
+            raise Problem.bad_field(f"functions[{i}]", str(exc)) from None
+    tensors = {name: tensor_to_proto(name, t) for name, t in body.tensors.items()}
+    tags = pb.Tags(model=body.tags.model, dataset=body.tags.dataset, split=body.tags.split)
+    return pb.EvaluateRequest(tensors=tensors, functions=functions, tags=tags, request_id=body.request_id)

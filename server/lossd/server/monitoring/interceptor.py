@@ -1,0 +1,177 @@
+"""gRPC server metrics under go-grpc-prometheus names, from a grpc.aio server interceptor.
+
+``grpc_server_started_total``, ``grpc_server_handled_total`` (with
+``grpc_code``), ``grpc_server_handling_seconds``, ``grpc_server_msg_received_total``
+and ``grpc_server_msg_sent_total`` carry the labels ``grpc_type`` (unary,
+client_stream, server_stream, bidi_stream), ``grpc_service`` and
+``grpc_method``, as the Go middleware exports them, so existing gRPC
+dashboards and alerts apply unchanged. lossd adds payload sizes and in-flight
+requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["GrpcMetrics", "MetricsInterceptor"]
+
+# prometheus.DefBuckets of the Go client, extended to the gateway's 60 s deadline.
+HANDLING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+SIZE_BUCKETS = tuple(float(4**i) for i in range(4, 16))  # 256 B .. 1 GiB
+
+
+class GrpcMetrics:
+    """The gRPC metric families of one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        base = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter("grpc_server_started", "RPCs started on the server.", base, registry=registry)
+        self.handled = Counter("grpc_server_handled", "RPCs completed on the server, regardless of success or failure.", [*base, "grpc_code"], registry=registry)
+        self.handling = Histogram(
+            "grpc_server_handling_seconds", "Response latency of RPCs handled by the server, in seconds.", base, buckets=HANDLING_BUCKETS, registry=registry
+        )
+        self.received = Counter("grpc_server_msg_received", "Messages received by the server.", base, registry=registry)
+        self.sent = Counter("grpc_server_msg_sent", "Messages sent by the server.", base, registry=registry)
+        self.request_bytes = Histogram(
+            "lossd_grpc_request_size_bytes", "Serialized size of request messages, in bytes.", ["grpc_service", "grpc_method"], buckets=SIZE_BUCKETS, registry=registry
+        )
+        self.response_bytes = Histogram(
+            "lossd_grpc_response_size_bytes", "Serialized size of response messages, in bytes.", ["grpc_service", "grpc_method"], buckets=SIZE_BUCKETS, registry=registry
+        )
+        self.in_flight = Gauge("lossd_grpc_in_flight_requests", "RPCs being handled now.", ["grpc_service", "grpc_method"], registry=registry)
+
+
+_HANDLER_TYPES = (
+    ("unary_unary", "unary"),
+    ("stream_unary", "client_stream"),
+    ("unary_stream", "server_stream"),
+    ("stream_stream", "bidi_stream"),
+)
+
+
+def _split_method(full: str) -> tuple[str, str]:
+    """'/lossd.v1.LossService/Evaluate' -> ('lossd.v1.LossService', 'Evaluate')."""
+    service, _, method = full.lstrip("/").rpartition("/")
+    return service or "unknown", method or "unknown"
+
+
+def _size(message: Any) -> int:
+    byte_size = getattr(message, "ByteSize", None)
+    return int(byte_size()) if byte_size is not None else 0
+
+
+class _Call:
+    """Metrics of one RPC: started on creation, handled by :meth:`done`."""
+
+    def __init__(self, metrics: GrpcMetrics, grpc_type: str, service: str, method: str) -> None:
+        self.m = metrics
+        self.base = (grpc_type, service, method)
+        self.short = (service, method)
+        self.start = time.perf_counter()
+        metrics.started.labels(*self.base).inc()
+        metrics.in_flight.labels(*self.short).inc()
+
+    def requests(self, request: Any, streaming: bool) -> Any:
+        """Count the request now, or wrap the request iterator to count messages as they are read."""
+        if not streaming:
+            self.received(request)
+            return request
+
+        async def counted() -> AsyncIterator[Any]:
+            async for message in request:
+                self.received(message)
+                yield message
+
+        return counted()
+
+    def received(self, message: Any) -> None:
+        self.m.received.labels(*self.base).inc()
+        self.m.request_bytes.labels(*self.short).observe(_size(message))
+
+    def sent(self, message: Any) -> None:
+        self.m.sent.labels(*self.base).inc()
+        self.m.response_bytes.labels(*self.short).observe(_size(message))
+
+    def done(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        self.m.in_flight.labels(*self.short).dec()
+        self.m.handling.labels(*self.base).observe(time.perf_counter() - self.start)
+        self.m.handled.labels(*self.base, _code_name(context, error)).inc()
+
+
+def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):  # some grpc versions keep the raw integer
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    if error is None:
+        return "OK"
+    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler so that each RPC is counted, timed and sized."""
+
+    def __init__(self, metrics: GrpcMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
+            return handler
+        service, method = _split_method(handler_call_details.method)
+        for attr, grpc_type in _HANDLER_TYPES:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
+                wrapped = self._wrap(behavior, grpc_type, service, method, streaming_in=streaming_in, streaming_out=streaming_out)
+                return handler._replace(**{attr: wrapped})
+        return handler
+
+    def _wrap(self, behavior: Callable[..., Any], grpc_type: str, service: str, method: str, *, streaming_in: bool, streaming_out: bool) -> Callable[..., Any]:
+        if streaming_out and inspect.isasyncgenfunction(behavior):
+            return self._generated(behavior, grpc_type, service, method, streaming_in=streaming_in)
+        returns_message = not streaming_out  # a streaming handler may also be a coroutine writing with context.write
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(self.metrics, grpc_type, service, method)
+            request = call.requests(request, streaming_in)
+            error: BaseException | None = None
+            try:
+                response = await behavior(request, context)
+                if returns_message:
+                    call.sent(response)
+                return response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                call.done(context, error)
+
+        return wrapped
+
+    def _generated(self, behavior: Callable[..., Any], grpc_type: str, service: str, method: str, *, streaming_in: bool) -> Callable[..., Any]:
+        async def generated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(self.metrics, grpc_type, service, method)
+            request = call.requests(request, streaming_in)
+            error: BaseException | None = None
+            try:
+                async for response in behavior(request, context):
+                    call.sent(response)
+                    yield response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                call.done(context, error)
+
+        return generated

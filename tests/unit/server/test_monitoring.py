@@ -1,0 +1,240 @@
+"""Monitoring: the cardinality guard, the exported sufficient statistics, history and the observer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from helpers import assert_close
+from lossd.kernels import evaluate
+from lossd.kernels.evaluate import FunctionSpec
+from lossd.server.history import History, expected_calibration_error
+from lossd.server.monitoring import OTHER, LabelGuard, Monitoring, calibration_counts, loss_sums, row_counts
+from lossd.server.service import Observation
+from lossd.server.settings import Settings
+from lossd.v1 import lossd_pb2 as pb
+
+
+def _classification(n: int = 256, k: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=g)
+    logits = torch.randn(n, k, generator=g) * 2
+    logits[torch.arange(n), labels] += 1.5  # better than chance, imperfectly calibrated
+    return {"logits": logits, "labels": labels}
+
+
+def _observe(tensors: dict[str, torch.Tensor], functions: list, *, method: str = "Evaluate", tags: pb.Tags | None = None, prior=None) -> Observation:  # type: ignore[no-untyped-def]
+    specs = tuple(FunctionSpec(f) if isinstance(f, str) else f for f in functions)
+    evaluation = evaluate(tensors, list(specs), prior_states=prior)
+    return Observation(method, tags or pb.Tags(model="m", dataset="d", split="s"), evaluation, tensors, specs, prior or {})
+
+
+def _samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for family in registry.collect():
+        for s in family.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+# -- the cardinality guard ---------------------------------------------------------------------
+
+
+def test_guard_caps_10000_distinct_models_and_counts_the_overflow() -> None:
+    settings = Settings(label_max_values=50, device="cpu")
+    monitoring = Monitoring(settings)
+    tensors = {"predictions": torch.zeros(8), "targets": torch.ones(8)}  # no logits: no per-row work, a fast loop
+    evaluation = evaluate(tensors, ["mse"])
+    for i in range(10_000):
+        monitoring.observe(Observation("Evaluate", pb.Tags(model=f"model-{i}", dataset="d", split="s"), evaluation, tensors, (FunctionSpec("mse"),)))
+    models = {dict(k)["model"] for k in _samples(monitoring.registry, "lossd_loss_sum_total")}
+    assert len(models) == settings.label_max_values + 1 and OTHER in models
+    cal_series = _samples(monitoring.registry, "lossd_calibration_count_total")
+    assert len(cal_series) == (settings.label_max_values + 1) * settings.calibration_bins
+    total_series = sum(len(f.samples) for f in monitoring.registry.collect())
+    assert total_series < 5_000, f"{total_series} series for 10,000 model names"
+    overflow = _samples(monitoring.registry, "lossd_label_overflow_total")
+    assert overflow == {(("label", "model"), ("reason", "cap")): 10_000 - 50}
+    # Nothing is lost: the folded evaluations are counted under __other__.
+    counts = _samples(monitoring.registry, "lossd_loss_count_total")
+    assert sum(counts.values()) == 10_000 * 8
+    assert counts[(("dataset", "d"), ("function", "mse"), ("model", OTHER), ("split", "s"))] == (10_000 - 50) * 8
+
+
+def test_guard_length_allowlist_and_unset() -> None:
+    folds: list[tuple[str, str]] = []
+    guard = LabelGuard(max_values=2, max_length=8, allowlist=["resnet", "vit"], on_overflow=lambda label, reason: folds.append((label, reason)))
+    assert guard.admit("model", "resnet") == "resnet"
+    assert guard.admit("model", "llama") == OTHER
+    assert guard.admit("model", "a-very-long-name") == OTHER
+    assert guard.admit("model", "") == ""
+    assert guard.admit("model", OTHER) == OTHER
+    assert guard.admit("function", "cross_entropy_x") == OTHER  # too long; the allowlist is for tags only
+    assert guard.admit("function", "ce") == "ce"
+    assert folds == [("model", "not_allowlisted"), ("model", "too_long"), ("function", "too_long")]
+    assert guard.admitted("model") == {"resnet"}
+
+
+def test_guard_refuses_bad_settings() -> None:
+    with pytest.raises(ValueError, match="max_values: expected >= 1, got 0"):
+        LabelGuard(max_values=0, max_length=4)
+
+
+# -- sufficient statistics -----------------------------------------------------------------------
+
+
+def test_loss_sums_are_numerator_and_denominator_of_means_only() -> None:
+    tensors = _classification()
+    obs = _observe(tensors, ["cross_entropy", "ece", "accuracy", "f1", FunctionSpec("cross_entropy", {"reduction": "sum"}, alias="ce_sum")])
+    sums = loss_sums(obs)
+    ce = obs.evaluation.results["cross_entropy"]
+    assert sums.sums["cross_entropy"] == pytest.approx((ce.value * 256, 256.0), rel=1e-12)
+    assert sums.sums["ce_sum"] == pytest.approx((ce.value * 256, 256.0), rel=1e-9)  # value itself is the numerator
+    assert "accuracy" in sums.sums
+    assert "ece" not in sums.sums and "f1" not in sums.sums  # not additive means
+    assert sums.skipped == {}
+
+
+def test_loss_sums_subtract_prior_states() -> None:
+    """A client run (one batch per call, prior_states merged in) counts each batch once."""
+    tensors = _classification(n=300)
+    first = {k: v[:100] for k, v in tensors.items()}
+    second = {k: v[100:] for k, v in tensors.items()}
+    a = evaluate(first, ["cross_entropy"], return_state=True)
+    obs = _observe(second, ["cross_entropy"], prior={"cross_entropy": a.results["cross_entropy"].state})
+    num, den = loss_sums(obs).sums["cross_entropy"]
+    alone = evaluate(second, ["cross_entropy"]).results["cross_entropy"]
+    assert den == pytest.approx(200.0)
+    assert num == pytest.approx(alone.value * 200, rel=1e-9)
+
+
+def test_loss_sums_skip_what_a_counter_cannot_hold() -> None:
+    tensors = {"predictions": torch.tensor([0.0, 1.0]), "targets": torch.tensor([0.0, 1.0]), "variance": torch.tensor([1e-3, 1e-3])}
+    obs = _observe(tensors, ["gaussian_nll"])
+    assert obs.evaluation.results["gaussian_nll"].value < 0
+    assert loss_sums(obs).skipped == {"gaussian_nll": "negative"}
+
+
+def test_calibration_counts_are_the_ece_functions_bins() -> None:
+    tensors = _classification(n=1000)
+    tensors["labels"][:7] = -100  # ignore_index rows are left out by both
+    cal = calibration_counts(tensors, 15)
+    assert cal is not None and cal.total == 993
+    ece = evaluate(tensors, [{"name": "ece", "params": {"n_bins": 15}}, "reliability_diagram"])
+    assert_close(expected_calibration_error(cal.count, cal.confidence, cal.correct), ece.results["ece"].value, rtol=1e-12, atol=0, what="ECE from counters")
+    assert_close(cal.count, ece.results["reliability_diagram"].tensors["count"], rtol=0, atol=0, what="per-bin counts")
+
+
+def test_calibration_edges_follow_the_catalogue() -> None:
+    # Logits giving top-1 confidence exactly 1.0 (last bin) and exactly 0.5 with B=2 (bin 0: (0, 0.5]).
+    tensors = {"logits": torch.tensor([[0.0, 0.0], [200.0, 0.0]], dtype=torch.float64), "labels": torch.tensor([0, 0])}
+    cal = calibration_counts(tensors, 2)
+    assert cal is not None
+    assert cal.count.tolist() == [1.0, 1.0] and cal.confidence.tolist() == [0.5, 1.0] and cal.correct.tolist() == [1.0, 1.0]
+
+
+def test_calibration_needs_logits_and_labels() -> None:
+    assert calibration_counts(None, 15) is None
+    assert calibration_counts({"input": torch.zeros(3), "target": torch.zeros(3)}, 15) is None
+    assert calibration_counts({"logits": torch.zeros(2, 3, 4), "labels": torch.zeros(2, 4, dtype=torch.int64)}, 15) is None
+
+
+def test_row_counts() -> None:
+    assert row_counts({"logits": torch.zeros(4, 5, 7), "labels": torch.zeros(4, 5, dtype=torch.int64)}) == (4, 20)
+    assert row_counts({"input": torch.zeros(9)}) == (9, 9)
+    assert row_counts(None) == (0, 0)
+
+
+# -- the observer --------------------------------------------------------------------------------
+
+
+def test_observe_exports_exact_sums_and_initialises_every_bin() -> None:
+    monitoring = Monitoring(Settings(device="cpu", calibration_bins=10))
+    tensors = _classification(n=500)
+    for half in (slice(0, 200), slice(200, 500)):
+        monitoring.observe(_observe({k: v[half] for k, v in tensors.items()}, ["cross_entropy", {"name": "ece", "params": {"n_bins": 10}}]))
+    whole = evaluate(tensors, ["cross_entropy", {"name": "ece", "params": {"n_bins": 10}}])
+    r = monitoring.registry
+    loss = _samples(r, "lossd_loss_sum_total")
+    count = _samples(r, "lossd_loss_count_total")
+    key = (("dataset", "d"), ("function", "cross_entropy"), ("model", "m"), ("split", "s"))
+    assert_close(loss[key] / count[key], whole.results["cross_entropy"].value, rtol=1e-12, what="mean loss from counters")
+    bins = {
+        name: np.array([_samples(r, name)[(("bin", str(b)), ("dataset", "d"), ("model", "m"), ("split", "s"))] for b in range(10)])
+        for name in ("lossd_calibration_count_total", "lossd_calibration_confidence_sum_total", "lossd_calibration_correct_sum_total")
+    }
+    ece = expected_calibration_error(*bins.values())
+    assert_close(ece, whole.results["ece"].value, rtol=1e-12, what="ECE from counters")
+    assert len(bins["lossd_calibration_count_total"]) == 10
+    assert _samples(r, "lossd_evaluated_rows_total") == {(("dataset", "d"), ("model", "m"), ("split", "s")): 500.0}
+    snapshot = monitoring.history.snapshot()
+    (series,) = snapshot["series"]
+    assert_close(series["summary"]["ece"], whole.results["ece"].value, rtol=1e-12, what="history ECE")
+    assert_close(series["summary"]["loss"]["cross_entropy"], whole.results["cross_entropy"].value, rtol=1e-12, what="history loss")
+
+
+def test_observe_skips_finalize_and_stream_rows() -> None:
+    monitoring = Monitoring(Settings(device="cpu"))
+    tensors = _classification(n=10)
+    evaluation = evaluate(tensors, ["cross_entropy"])
+    monitoring.observe(Observation("Finalize", pb.Tags(model="m"), evaluation, None))
+    assert _samples(monitoring.registry, "lossd_loss_count_total") == {}
+    assert _samples(monitoring.registry, "lossd_evaluations_total")[(("dataset", ""), ("method", "Finalize"), ("model", "m"), ("split", ""))] == 1
+    evaluation.batches = 3  # a stream's last batch is not the stream's rows
+    monitoring.observe(Observation("EvaluateStream", pb.Tags(model="m"), evaluation, tensors, (FunctionSpec("cross_entropy"),)))
+    assert sum(_samples(monitoring.registry, "lossd_calibration_count_total").values()) == 0
+    assert _samples(monitoring.registry, "lossd_monitoring_skipped_total") == {(("reason", "stream_rows"),): 1}
+    assert sum(_samples(monitoring.registry, "lossd_loss_count_total").values()) == 10  # the stream's totals are exact
+
+
+def test_observe_never_raises() -> None:
+    monitoring = Monitoring(Settings(device="cpu"))
+    monitoring.observe(Observation("Evaluate", pb.Tags(), None, None))  # type: ignore[arg-type]
+    assert _samples(monitoring.registry, "lossd_monitoring_errors_total") == {(): 1.0}
+
+
+def test_registries_are_independent() -> None:
+    a, b = Monitoring(Settings(device="cpu")), Monitoring(Settings(device="cpu"))
+    a.observe(_observe(_classification(n=4), ["cross_entropy"]))
+    assert sum(_samples(a.registry, "lossd_loss_count_total").values()) == 4
+    assert _samples(b.registry, "lossd_loss_count_total") == {}
+
+
+# -- history ---------------------------------------------------------------------------------------
+
+
+def test_history_buckets_window_and_bounds() -> None:
+    clock = [1000.0]
+    history = History(seconds=30, interval=10, bins=2, max_series=2, clock=lambda: clock[0])
+    ones = (np.array([1.0, 1.0]), np.array([0.2, 0.9]), np.array([0.0, 1.0]))
+    history.record(("a", "d", "s"), losses={"ce": (2.0, 1.0)}, calibration=ones, rows=2)
+    clock[0] = 1005.0
+    history.record(("a", "d", "s"), losses={"ce": (4.0, 1.0)}, rows=1)
+    clock[0] = 1012.0
+    history.record(("a", "d", "s"), losses={"ce": (1.0, 1.0)}, calibration=ones, rows=2)
+    (series,) = history.snapshot()["series"]
+    assert [p["t"] for p in series["points"]] == [1000.0, 1010.0]
+    assert [p["loss"]["ce"] for p in series["points"]] == [3.0, 1.0]
+    assert series["summary"]["loss"]["ce"] == pytest.approx(7 / 3)
+    assert series["summary"]["ece"] == pytest.approx((0.2 + 0.1) / 2)
+    assert series["reliability"]["count"] == [2.0, 2.0]
+    assert series["summary"]["last_seen"] == 1012.0
+    # Intervals older than the window drop out; the least recently updated label set goes first.
+    clock[0] = 1045.0
+    assert [p["t"] for p in history.snapshot()["series"][0]["points"]] == [1010.0]
+    history.record(("b", "d", "s"), losses={}, rows=0)
+    history.record(("c", "d", "s"), losses={}, rows=0)
+    assert [s["model"] for s in history.snapshot()["series"]] == ["b", "c"]
+
+
+def test_history_json_has_no_nan() -> None:
+    history = History(seconds=60, interval=10, bins=3, clock=lambda: 0.0)
+    history.record(("m", "", ""), losses={"ce": (math.nan, 0.0)}, calibration=(np.zeros(3), np.zeros(3), np.zeros(3)))
+    (series,) = history.snapshot()["series"]
+    assert series["points"][0]["loss"] == {"ce": None} and series["points"][0]["ece"] is None
+    assert series["reliability"]["accuracy"] == [None, None, None]
