@@ -73,6 +73,8 @@ class FunctionResult:
     denominator: float | None
     denominator_kind: str
     state: State | None = None
+    # See :class:`lossd.kernels.registry.Result`: set only when ``value`` is an additive mean.
+    numerator: float | None = None
 
     @property
     def value(self) -> float:
@@ -171,6 +173,7 @@ def _function_result(p: Prepared, result: Result, state: State | None) -> Functi
         result.denominator,
         result.denominator_kind,
         state,
+        None if result.numerator is None else float(result.numerator),
     )
 
 

@@ -65,11 +65,12 @@ def weighted_sums(contributions: torch.Tensor, weight: torch.Tensor) -> dict[str
 
 
 def finalize_mean(fields: Mapping[str, torch.Tensor], reduction: str, denominator_kind: str) -> Result:
+    """Σ w·ℓ / Σ w (or Σ w·ℓ for reduction="sum"), declaring Σ w·ℓ as the additive numerator."""
     total, weight = float(fields["total"]), float(fields["weight"])
     if reduction == "sum":
-        return Result({"value": total}, denominator=weight, denominator_kind=denominator_kind)
+        return Result({"value": total}, denominator=weight, denominator_kind=denominator_kind, numerator=total)
     value = total / weight if weight != 0 else float("nan")
-    return Result({"value": value}, denominator=weight, denominator_kind=denominator_kind)
+    return Result({"value": value}, denominator=weight, denominator_kind=denominator_kind, numerator=total)
 
 
 def all_ignored_check(fields: Mapping[str, Any], params: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -69,6 +69,12 @@ class Result:
     tensors: dict[str, Any] = field(default_factory=dict)  # name -> numpy array
     denominator: float | None = None  # the denominator of a mean, as used
     denominator_kind: str = ""  # samples | elements | valid_tokens | sequences | weights | batches | pairs
+    # Set when the primary value is an additive mean: value = numerator / denominator
+    # (or value = numerator under reduction="sum"), where numerator and denominator
+    # are sums that merge by addition over batches, shards and replicas.  Monitoring
+    # exports them as counters; None for values that are not such a mean (ECE,
+    # AUROC, F1, perplexity = exp of a mean, RMSE, R², a fitted temperature).
+    numerator: float | None = None
 
 
 UpdateFn = Callable[["View", Mapping[str, Any]], "dict[str, torch.Tensor]"]

@@ -36,7 +36,7 @@ class Observation:
     tags: pb.Tags
     evaluation: Evaluation
     tensors: dict[str, torch.Tensor] | None  # the last batch (None for Finalize); for row/token counts
-    # The request's functions (empty for Finalize): monitoring reads params such as reduction="sum".
+    # The request's functions (empty for Finalize), for observers that need their parameters.
     specs: tuple[FunctionSpec, ...] = ()
     # Evaluate's prior_states (alias -> State): the evaluation includes them, so monitoring
     # subtracts them to count this batch's contribution only.

@@ -255,9 +255,9 @@ def _kl_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def _kl_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Result:
     total = float(fields["total"])
     if p["reduction"] == "sum":
-        return Result({"value": total}, denominator=float(fields["rows"]), denominator_kind="samples")
+        return Result({"value": total}, denominator=float(fields["rows"]), denominator_kind="samples", numerator=total)
     denominator, kind = (float(fields["elements"]), "elements") if p["reduction"] == "mean" else (float(fields["rows"]), "samples")
-    return Result({"value": total / denominator if denominator else float("nan")}, denominator=denominator, denominator_kind=kind)
+    return Result({"value": total / denominator if denominator else float("nan")}, denominator=denominator, denominator_kind=kind, numerator=total)
 
 
 def _empty_check(fields: Mapping[str, Any], params: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -314,8 +314,8 @@ def _distillation_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Te
 
 
 def _distillation_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Result:
-    rows = float(fields["rows"])
-    return Result({"value": float(fields["total"]) / rows if rows else float("nan")}, denominator=rows, denominator_kind="samples")
+    rows, total = float(fields["rows"]), float(fields["total"])
+    return Result({"value": total / rows if rows else float("nan")}, denominator=rows, denominator_kind="samples", numerator=total)
 
 
 distillation_kl = register(

@@ -98,8 +98,11 @@ def _lm_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Re
     perplexity = float(torch.exp(torch.tensor(_ratio(fields["nll"], fields["tokens"]), dtype=torch.float64)))
     values = {"perplexity": perplexity, "tokens": tokens, "sequences": sequences}
     if p["normalization"] == "token":
-        return Result({"value": _ratio(fields["total"], fields["tokens"]), **values}, denominator=tokens, denominator_kind="valid_tokens")
-    return Result({"value": _ratio(fields["sequence_total"], fields["sequences"]), **values}, denominator=sequences, denominator_kind="sequences")
+        total = float(fields["total"])
+        return Result({"value": _ratio(fields["total"], fields["tokens"]), **values}, denominator=tokens, denominator_kind="valid_tokens", numerator=total)
+    # Sequence normalization: the mean over sequences of per-sequence means, additive in (Σ means, #sequences).
+    sequence_total = float(fields["sequence_total"])
+    return Result({"value": _ratio(fields["sequence_total"], fields["sequences"]), **values}, denominator=sequences, denominator_kind="sequences", numerator=sequence_total)
 
 
 def _lm_diagnostics(fields: Mapping[str, Any], p: Mapping[str, Any]) -> list[tuple[str, str]]:

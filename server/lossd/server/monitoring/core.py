@@ -15,7 +15,7 @@ lossd_build_info                          version, python, torch, grpcio
 lossd_evaluations_total                   model, dataset, split, method
 lossd_evaluated_rows_total                model, dataset, split (rows = dim 0 of labels/logits)
 lossd_evaluated_tokens_total              model, dataset, split (label positions)
-lossd_loss_sum_total                      model, dataset, split, function: Σ value × denominator
+lossd_loss_sum_total                      model, dataset, split, function: Σ numerator of the mean
 lossd_loss_count_total                    model, dataset, split, function: Σ denominator
 lossd_calibration_count_total             model, dataset, split, bin: rows in the bin
 lossd_calibration_confidence_sum_total    model, dataset, split, bin: Σ top-1 confidence
@@ -93,7 +93,7 @@ class Monitoring:
         self.evaluations = Counter("lossd_evaluations", "Evaluations observed, by RPC method.", [*TAGS, "method"], registry=r)
         self.rows = Counter("lossd_evaluated_rows", "Rows (dim 0 of labels, else logits) evaluated.", tags, registry=r)
         self.tokens = Counter("lossd_evaluated_tokens", "Label positions evaluated (B·T for [B, T] labels).", tags, registry=r)
-        self.loss_sum = Counter("lossd_loss_sum", "Numerator of each function's mean: Σ value × denominator.", per_fn, registry=r)
+        self.loss_sum = Counter("lossd_loss_sum", "Numerator of each function's mean (value × denominator; the value itself under reduction=\"sum\").", per_fn, registry=r)
         self.loss_count = Counter("lossd_loss_count", "Denominator of each function's mean (samples, tokens, weights...).", per_fn, registry=r)
         self.cal_count = Counter("lossd_calibration_count", "Rows whose top-1 confidence falls in the bin.", per_bin, registry=r)
         self.cal_confidence = Counter("lossd_calibration_confidence_sum", "Σ top-1 confidence of the rows in the bin.", per_bin, registry=r)

@@ -4,9 +4,9 @@ Everything exported is a sum, so that Prometheus (over replicas and time
 windows) and the in-process history merge them exactly:
 
 - per function alias whose value is an additive mean (a loss, accuracy, the
-  LM loss; not ECE, AUROC or perplexity), the numerator and denominator
-  (``value × denominator`` and ``denominator``; ``value`` itself is the
-  numerator for ``reduction="sum"``);
+  LM loss; not ECE, AUROC or perplexity), the numerator and denominator the
+  function itself declares (:attr:`lossd.kernels.FunctionResult.numerator`,
+  set only for such means; under ``reduction="sum"`` the value is the numerator);
 - per equal-width calibration bin, the count, the sum of top-1 confidences and
   the number of correct top-1 predictions, from the request's ``logits`` [N, K]
   and ``labels`` [N] (the catalogue's rule: bin b covers (b/B, (b+1)/B], 0
@@ -18,14 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from lossd.kernels import Evaluation, FunctionDef, finalize_states
+from lossd.kernels import Evaluation, finalize_states
 from lossd.kernels.calibration import bin_sums
-from lossd.kernels.evaluate import prepare
 from lossd.kernels.plan import row_statistics
 from lossd.server.service import Observation
 
@@ -55,56 +53,13 @@ class Calibration:
         return float(self.count.sum())
 
 
-def _probe_mean(fdef: FunctionDef, params: Mapping[str, Any], state_params: str) -> bool:
-    """Whether ``value × denominator`` of this function is one of its state's sums (a true mean).
-
-    Means of per-element or per-row values (losses, accuracy, log-loss, the LM
-    loss under either normalization) merge by adding numerator and
-    denominator; ECE, AUROC, F1, perplexity (exp of a mean) do not, and
-    exporting them as sums would make Prometheus' ratios wrong. The function
-    says which by its own ``finalize`` on distinct probe sums.
-    """
-    key = (fdef.name, state_params)
-    known = _MEAN_CACHE.get(key)
-    if known is not None:
-        return known
-    fields = {name: torch.tensor(2.0 + 1.37 * i, dtype=torch.float64) for i, name in enumerate(fdef.fields)}
-    try:
-        result = fdef.finalize(fields, params)
-    except Exception:  # a state that is not scalar sums (bins, matrices, score lists)
-        result = None
-    mean = False
-    if result is not None and result.denominator is not None and "value" in result.values:
-        den, value = float(result.denominator), float(result.values["value"])
-        sums = [float(v) for v in fields.values()]
-        numerator = value if params.get("reduction") == "sum" else value * den
-        mean = any(math.isclose(den, v, rel_tol=1e-12) for v in sums) and any(math.isclose(numerator, v, rel_tol=1e-9) for v in sums)
-    _MEAN_CACHE[key] = mean
-    return mean
-
-
-_MEAN_CACHE: dict[tuple[str, str], bool] = {}
-
-
-def _means(obs: Observation) -> dict[str, bool]:
-    """Alias -> whether ``value`` is the sum itself (reduction="sum"), for the results that are means."""
-    out = {}
-    for p in prepare(obs.specs) if obs.specs else ():
-        if p.fdef.has_reduction and p.params["reduction"] == "none":
-            continue
-        if _probe_mean(p.fdef, p.params, p.state_params):
-            out[p.alias] = p.params.get("reduction") == "sum"
-    return out
-
-
-def _numerators(evaluation: Evaluation, means: Mapping[str, bool]) -> dict[str, tuple[float, float]]:
-    out = {}
-    for alias, r in evaluation.results.items():
-        if alias not in means or r.denominator is None or "value" not in r.values:
-            continue
-        numerator = r.value if means[alias] else r.value * r.denominator
-        out[alias] = (numerator, float(r.denominator))
-    return out
+def _numerators(evaluation: Evaluation) -> dict[str, tuple[float, float]]:
+    """Alias -> (numerator, denominator) of every result that declares itself an additive mean."""
+    return {
+        alias: (r.numerator, float(r.denominator))
+        for alias, r in evaluation.results.items()
+        if r.numerator is not None and r.denominator is not None
+    }
 
 
 def loss_sums(obs: Observation) -> LossSums:
@@ -114,11 +69,10 @@ def loss_sums(obs: Observation) -> LossSums:
     finalized (cheap: these are small sums) and subtracted, so a client run
     sending one batch per call is counted once per batch, not once per call.
     """
-    means = _means(obs)
-    current = _numerators(obs.evaluation, means)
+    current = _numerators(obs.evaluation)
     for alias, state in obs.prior_states.items():
         if alias in current:
-            prior = _numerators(finalize_states([(alias, state)]), means).get(alias, (0.0, 0.0))
+            prior = _numerators(finalize_states([(alias, state)])).get(alias, (0.0, 0.0))
             num, den = current[alias]
             current[alias] = (num - prior[0], den - prior[1])
     sums: dict[str, tuple[float, float]] = {}
