@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lossd.client import Client
+from lossd.client.distributed import save_states
 from lossd.server.cli import main
 
 LOSSD = [sys.executable, "-m", "lossd.server"]
@@ -218,3 +220,29 @@ def test_serve_starts_answers_and_stops_on_sigterm(arrays: dict) -> None:
     assert process.returncode == 0, stderr
     assert f"127.0.0.1:{grpc_port}" in stdout
     assert "Traceback" not in stderr, stderr
+
+
+def test_finalize_merges_state_files_of_ranks(address: str, arrays: dict, tmp_path: Path) -> None:
+    functions = ["cross_entropy", "accuracy"]
+    with Client(address) as client:
+        paths = []
+        for rank, rows in enumerate((slice(0, 20), slice(20, 20), slice(20, N))):  # rank 1 saw no batch
+            run = client.run(functions, tags={"model": "cli-test"})
+            if rows.stop > rows.start:
+                run.update({k: v[rows] for k, v in arrays.items()})
+            paths.append(str(save_states(tmp_path / f"rank{rank}.lossd", run)))
+        whole = client.evaluate(arrays, functions).to_json()["results"]
+    result = lossd("finalize", "--server", address, *paths, "--json")
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)["results"]  # exactly one JSON object
+    assert got.keys() == whole.keys()
+    assert all(math.isclose(got[k], whole[k], rel_tol=1e-9) for k in whole), (got, whole)
+    table = lossd("finalize", "--server", address, *paths)
+    assert table.returncode == 0 and table.stdout.startswith("function") and "cross_entropy" in table.stdout
+
+
+def test_finalize_bad_files_exit_2_without_traceback(address: str, npz: Path, tmp_path: Path) -> None:
+    for path, message in ((npz, "expected a lossd state file"), (tmp_path / "absent.lossd", "No such file")):
+        result = lossd("finalize", "--server", address, str(path))
+        assert result.returncode == 2 and result.stderr.startswith("lossd finalize: ") and message in result.stderr, result.stderr
+        assert_no_traceback(result)

@@ -36,13 +36,14 @@ torch is imported only by the functions that use ``torch.distributed``.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from google.protobuf.message import DecodeError
+
 from lossd.client.client import Client
 from lossd.client.evaluation import Diagnostic, EvaluationResult, merge_diagnostics
 from lossd.client.messages import TagsLike, tags_proto
@@ -71,7 +72,7 @@ STATE_FILE_MAGIC = b"LOSSD-STATES"
 STATE_FILE_VERSION = 1
 
 # What holds states: a run, {alias: State}, or NamedStates / (alias, State) pairs.
-StatesSource = Run | AsyncRun | Mapping[str, pb.State] | Iterable[pb.NamedState | tuple[str, pb.State]]
+StatesSource: TypeAlias = Run | AsyncRun | Mapping[str, pb.State] | Iterable[pb.NamedState | tuple[str, pb.State]]
 
 # A diagnostic as plain values, for the object collectives: (code, severity, message, function, count).
 _DiagnosticTuple = tuple[str, str, str, str, int]
@@ -320,14 +321,14 @@ def save_states(path: str | os.PathLike[str], states: StatesSource, *, tags: Tag
     tags_msg = tags_proto(tags) if tags is not None else (states.tags if isinstance(states, (Run, AsyncRun)) else None)
     if tags_msg is not None:
         request.tags.CopyFrom(tags_msg)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # beside it: the rename stays on one filesystem
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(_header(STATE_FILE_VERSION))
             f.write(request.SerializeToString())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

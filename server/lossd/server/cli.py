@@ -1,7 +1,8 @@
-"""The ``lossd`` command: ``serve``, ``eval`` and ``functions``.
+"""The ``lossd`` command: ``serve``, ``eval``, ``finalize`` and ``functions``.
 
     lossd serve [--host H] [--grpc-port P] [--http-port P] [--device auto|cpu|cuda[:N]]
     lossd eval --server HOST:PORT --inputs batch.npz --fn cross_entropy --fn "ece:n_bins=15" [--json]
+    lossd finalize --server HOST:PORT STATE_FILE... [--tag KEY=VALUE] [--json]
     lossd functions [--server HOST:PORT] [--family F] [--json]
 
 ``serve`` reads its settings from ``LOSSD_*`` environment variables, then
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["main", "build_parser", "serve_command", "eval_command", "functions_command"]
+__all__ = ["main", "build_parser", "serve_command", "eval_command", "finalize_command", "functions_command"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_INVALID = 0, 1, 2
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", dest="as_json", action="store_true", help='print one JSON object {"results": ..., "diagnostics": [...]}')
     ev.add_argument("--timeout", type=_positive, default=60.0, help="deadline in seconds (default 60)")
 
+    fz = commands.add_parser("finalize", help="merge state files written by ranks or shards (save_states) and print the values")
+    fz.add_argument("files", nargs="+", type=Path, metavar="STATE_FILE", help="files written by lossd.client.distributed.save_states")
+    fz.add_argument("--server", default=DEFAULT_SERVER, help=f"gRPC address HOST:PORT (default {DEFAULT_SERVER})")
+    fz.add_argument("--tag", dest="tags", type=_tag, action="append", default=[], metavar="KEY=VALUE", help="monitoring label (default: the files' tags)")
+    fz.add_argument("--json", dest="as_json", action="store_true", help='print one JSON object {"results": ..., "diagnostics": [...]}')
+    fz.add_argument("--timeout", type=_positive, default=60.0, help="deadline in seconds (default 60)")
+
     fn = commands.add_parser("functions", help="list the functions: roles, parameters, outputs, splittability")
     fn.add_argument("--server", default=None, help="ask this server (HOST:PORT) instead of reading the local registry")
     fn.add_argument("--family", default="", help="only this family (regression, binary, classification, ...)")
@@ -112,6 +120,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return serve_command(overrides)
     if args.command == "eval":
         return eval_command(args.server, args.inputs, args.specs, dict(args.tags), as_json=args.as_json, timeout=args.timeout)
+    if args.command == "finalize":
+        return finalize_command(args.server, args.files, dict(args.tags), as_json=args.as_json, timeout=args.timeout)
     return functions_command(args.server, args.family, as_json=args.as_json, timeout=args.timeout)
 
 
@@ -226,6 +236,38 @@ def _print_table(result: Any, out: TextIO) -> None:
             where = f" [{d.function}]" if d.function else ""
             count = f" (x{d.count})" if d.count > 1 else ""
             print(f"  {d.severity}: {d.code}{where}{count}: {d.message}", file=out)
+
+
+# -- finalize ----------------------------------------------------------------------------------
+
+
+def finalize_command(
+    server: str,
+    files: Sequence[Path],
+    tags: dict[str, str],
+    *,
+    as_json: bool = False,
+    timeout: float = 60.0,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Merge the states of ``files`` (one per rank or shard) with one Finalize call and print the values."""
+    from lossd.client import InvalidArgumentError, LossdError
+    from lossd.client.distributed import finalize_files
+
+    try:
+        result = finalize_files(server, files, tags=tags or None, timeout=timeout)
+    except LossdError as exc:
+        violations = getattr(exc, "violations", [])
+        lines = [str(exc), *(f"  {v.field}: {v.description}" for v in violations)]
+        return _fail("finalize", "\n".join(lines), EXIT_INVALID if isinstance(exc, InvalidArgumentError) else EXIT_FAILURE, err)
+    except (OSError, ValueError) as exc:  # no such file, not a state file, files of different functions or tags, no states
+        return _fail("finalize", str(exc), EXIT_INVALID, err)
+    if as_json:
+        print(json.dumps(result.to_json(), allow_nan=False), file=out)
+    else:
+        _print_table(result, out)
+    return EXIT_OK
 
 
 # -- functions ---------------------------------------------------------------------------------
