@@ -23,11 +23,11 @@ run: $(STAMP)
 e2e-deps:
 	@bash scripts/install_e2e_deps.sh
 
-test: $(STAMP) e2e-deps
+test: $(STAMP) e2e-deps check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
-	$(PY) -m ruff check kernels client server tests bench scripts
+	$(PY) -m ruff check kernels client server tests bench scripts examples
 	$(PY) -m mypy kernels/lossd client/lossd/client server/lossd
 
 proto: $(STAMP)

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from replica import Replica
 
 from helpers import require_binary
-from replica import Replica
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy/prometheus/rules"

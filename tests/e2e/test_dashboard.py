@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from conftest import ARTIFACTS
-from helpers import require_binary
 from replica import Replica
+
+from helpers import require_binary
 
 pytestmark = pytest.mark.e2e
 

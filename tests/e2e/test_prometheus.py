@@ -16,14 +16,14 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-
 from conftest import Prometheus, wait_for
+from replica import Replica
+
 from lossd.client.codec import encode_tensor
 from lossd.client.results import response_to_json
 from lossd.client.specs import spec_to_proto
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
-from replica import Replica
 
 pytestmark = pytest.mark.e2e
 

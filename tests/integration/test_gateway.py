@@ -11,6 +11,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from replica import Replica
 
 from lossd.client.codec import encode_tensor
 from lossd.client.results import response_to_json
@@ -18,7 +19,6 @@ from lossd.client.specs import spec_to_proto
 from lossd.server.gateway.problems import _GRPC_TO_HTTP, problem_from_rpc_error
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
-from replica import Replica
 
 FUNCTIONS: list[Any] = [
     "cross_entropy",

@@ -8,8 +8,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-
 from integration.conftest import start_server
+
 from lossd.client import Client, InvalidArgumentError, LossdError, ResourceExhaustedError, TensorError
 from lossd.client.codec import encode_tensor
 from lossd.client.errors import from_rpc_error

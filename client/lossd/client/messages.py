@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -39,10 +39,10 @@ __all__ = [
 # parts of about this size, when every function is splittable.
 DEFAULT_CHUNK_BYTES = 64 << 20
 
-Spec = str | Mapping[str, Any] | pb.FunctionSpec
-Functions = Spec | Sequence[Spec]
-TagsLike = Mapping[str, str] | pb.Tags | None
-StatesLike = Mapping[str, pb.State] | Iterable[tuple[str, pb.State] | pb.NamedState | Mapping[str, pb.State]]
+Spec: TypeAlias = str | Mapping[str, Any] | pb.FunctionSpec
+Functions: TypeAlias = Spec | Sequence[Spec]
+TagsLike: TypeAlias = Mapping[str, str] | pb.Tags | None
+StatesLike: TypeAlias = Mapping[str, pb.State] | Iterable[tuple[str, pb.State] | pb.NamedState | Mapping[str, pb.State]]
 
 _TAG_KEYS = ("model", "dataset", "split")
 

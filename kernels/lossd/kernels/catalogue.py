@@ -10,4 +10,4 @@ from lossd.kernels.losses import (  # noqa: F401
     sequence,
 )
 from lossd.kernels.metrics import classification as classification_metrics  # noqa: F401
-from lossd.kernels.metrics import ranking, regression as regression_metrics  # noqa: F401
+from lossd.kernels.metrics import ranking  # noqa: F401

@@ -20,8 +20,10 @@ __all__ = ["FieldViolation", "InvalidInput", "StateLimitExceeded"]
 
 @dataclass(frozen=True)
 class FieldViolation:
-    """One bad field: ``field`` is a path such as ``tensors.logits`` or
-    ``functions[0].params.n_bins``; ``description`` says expected vs. received."""
+    """One bad field of a request.
+
+    ``field`` is a path such as ``tensors.logits`` or ``functions[0].params.n_bins``;
+    ``description`` says what was expected and what was received."""
 
     field: str
     description: str

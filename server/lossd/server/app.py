@@ -99,16 +99,20 @@ async def serve(settings: Settings) -> None:
     app = create_app(settings, backends=settings.backends or [running.address], monitoring=monitoring)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level, lifespan="on")
     http = uvicorn.Server(config)
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we own the signals below
 
+    # uvicorn captures SIGINT/SIGTERM itself while it serves (and re-raises them
+    # after); whichever notices first, uvicorn finishing or our own handler, starts
+    # the shutdown: in-flight gRPC calls get `grace_seconds` to finish.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     http_task = asyncio.create_task(http.serve())
+    stop_task = asyncio.create_task(stop.wait())
     print(f"lossd serving gRPC on {running.address}, HTTP on http://{settings.host}:{settings.http_port} (device {running.service.device})", flush=True)
-    await stop.wait()
+    await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down (grace %.1fs)", settings.grace_seconds)
     http.should_exit = True
     await running.stop(settings.grace_seconds)
     await http_task
+    stop_task.cancel()

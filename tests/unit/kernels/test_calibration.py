@@ -19,8 +19,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.calibration import calibration_curve
 
 from helpers import DTYPES, assert_close, assert_merge_exact, random_splits, split_tensors, tol
-from lossd.kernels import Accumulator, InvalidInput, evaluate
-from lossd.kernels import calibration
+from lossd.kernels import Accumulator, InvalidInput, calibration, evaluate
 from lossd.kernels.calibration import ADAPTIVE_HISTOGRAM_BINS, bin_edges, bin_index, bin_sums
 
 BINNED = ("ece", "mce", "debiased_ece", "adaptive_ece", "reliability_diagram")
