@@ -98,3 +98,20 @@ def test_chunked_stream_equals_unsplit(address: str, batch: dict, whole: Evaluat
     with Client(address, timeout=30, chunk_bytes=1024) as chunky:
         merged = chunky.evaluate_stream(iter(parts_of(batch, 6, parts=2)), FUNCTIONS)
     assert_same(merged, whole)
+
+
+def test_large_unary_evaluate_goes_in_parts_with_the_same_values(address: str) -> None:
+    """A batch over chunk_bytes is sent through EvaluateStream in parts; the values equal the in-process ones."""
+    from lossd.kernels import evaluate as evaluate_in_process
+
+    rng = np.random.default_rng(7)
+    tensors = {"logits": rng.standard_normal((300, 7), dtype=np.float32), "labels": rng.integers(0, 7, 300)}
+    functions = ["cross_entropy", "accuracy", "ece"]
+    with Client(address, chunk_bytes=1024) as client:
+        chunked = client.evaluate(tensors, functions)
+        per_element = client.evaluate(tensors, ["cross_entropy:reduction=\"none\""])  # never split
+    assert chunked.batches == 1  # parts of one batch count once
+    whole = evaluate_in_process(tensors, functions)
+    for alias in functions:
+        assert chunked[alias].value == pytest.approx(whole[alias].value, rel=1e-9)
+    assert per_element["cross_entropy"].tensors["value"].shape == (300,)

@@ -24,11 +24,13 @@ from lossd.client.messages import (
     StatesLike,
     TagsLike,
     arrays_of,
+    batch_bytes,
     evaluate_request,
     finalize_request,
     function_specs,
     new_request_id,
     tags_proto,
+    wants_per_element,
 )
 from lossd.client.run import AsyncRun
 from lossd.v1 import lossd_pb2 as pb
@@ -109,10 +111,13 @@ class AsyncClient:
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> EvaluationResult:
-        """Evaluate ``functions`` on one batch; see :meth:`lossd.client.Client.evaluate`."""
+        """Evaluate ``functions`` on one batch; see :meth:`lossd.client.Client.evaluate` (large batches go in parts)."""
+        arrays, specs = arrays_of(tensors), function_specs(functions)
+        if self.chunk_bytes and batch_bytes(arrays) > self.chunk_bytes and not wants_per_element(specs):
+            return await self.evaluate_stream([arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
         request = evaluate_request(
-            arrays_of(tensors),
-            function_specs(functions),
+            arrays,
+            specs,
             tags=tags_proto(tags),
             return_state=return_state,
             request_id=request_id or new_request_id(),

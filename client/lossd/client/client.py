@@ -38,6 +38,7 @@ from lossd.client.messages import (
     split_rows,
     splittable_names,
     tags_proto,
+    wants_per_element,
 )
 from lossd.client.run import Run
 from lossd.v1 import lossd_pb2 as pb
@@ -145,10 +146,18 @@ class Client:
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> EvaluationResult:
-        """Evaluate ``functions`` (specs: ``"cross_entropy"``, ``"ece:n_bins=15"``, mappings) on one batch."""
+        """Evaluate ``functions`` (specs: ``"cross_entropy"``, ``"ece:n_bins=15"``, mappings) on one batch.
+
+        A batch over ``chunk_bytes`` whose functions are all splittable goes
+        through EvaluateStream in parts (same values, exact merge), so that no
+        single message has to fit the server's message-size limit.
+        """
+        arrays, specs = arrays_of(tensors), function_specs(functions)
+        if self._should_chunk(specs, arrays):
+            return self.evaluate_stream([arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
         request = evaluate_request(
-            arrays_of(tensors),
-            function_specs(functions),
+            arrays,
+            specs,
             tags=tags_proto(tags),
             return_state=return_state,
             request_id=request_id or new_request_id(),
@@ -217,6 +226,10 @@ class Client:
                 raise guard.error from None
             raise from_rpc_error(exc) from exc
         return EvaluationResult(response)
+
+    def _should_chunk(self, specs: Sequence[pb.FunctionSpec], arrays: Mapping[str, Any]) -> bool:
+        """A unary evaluation that should go in parts: over chunk_bytes, splittable, no per-element output."""
+        return bool(self.chunk_bytes) and not wants_per_element(specs) and self._may_split(specs, arrays)
 
     def _may_split(self, specs: Sequence[pb.FunctionSpec], arrays: Mapping[str, Any]) -> bool:
         """Whether a batch over the chunk size may go in parts: only when every function is splittable."""

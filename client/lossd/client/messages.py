@@ -198,3 +198,8 @@ def splittable_names(catalogue: pb.ListFunctionsResponse) -> dict[str, bool]:
         for name in (f.name, *f.aliases):
             out[name] = f.splittable
     return out
+
+
+def wants_per_element(specs: Sequence[pb.FunctionSpec]) -> bool:
+    """Whether any function asks for reduction="none" (per-element values cannot be streamed)."""
+    return any(s.params.fields["reduction"].string_value == "none" for s in specs if "reduction" in s.params.fields)

@@ -11,3 +11,4 @@ from lossd.kernels.losses import (  # noqa: F401
 )
 from lossd.kernels.metrics import classification as classification_metrics  # noqa: F401
 from lossd.kernels.metrics import ranking  # noqa: F401
+from lossd.kernels.metrics import regression as regression_metrics  # noqa: F401
