@@ -27,7 +27,8 @@ def assert_close(actual: Any, expected: Any, *, rtol: float = 1e-6, atol: float 
     assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
     both_nan = np.isnan(a) & np.isnan(e)
     same_inf = np.isinf(a) & np.isinf(e) & (np.sign(a) == np.sign(e))
-    diff = np.abs(a - e)
+    with np.errstate(invalid="ignore"):  # inf − inf where both are the same infinity: handled by same_inf
+        diff = np.abs(a - e)
     bad = ~(both_nan | same_inf | (diff <= atol + rtol * np.abs(e)))
     if bad.any():
         idx = np.argwhere(bad)[0] if a.ndim else ()
