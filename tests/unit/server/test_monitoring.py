@@ -238,3 +238,11 @@ def test_history_json_has_no_nan() -> None:
     (series,) = history.snapshot()["series"]
     assert series["points"][0]["loss"] == {"ce": None} and series["points"][0]["ece"] is None
     assert series["reliability"]["accuracy"] == [None, None, None]
+
+
+def test_function_label_names_the_catalogue_function() -> None:
+    from lossd.server.monitoring.core import function_label
+
+    assert function_label("cross_entropy", "cross_entropy") == "cross_entropy"
+    assert function_label("cross_entropy", "accuracy") == "accuracy[cross_entropy]"
+    assert function_label("ce_smoothed", "cross_entropy") == "cross_entropy[ce_smoothed]"

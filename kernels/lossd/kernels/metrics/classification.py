@@ -236,7 +236,14 @@ def _mean_metric(name: str, summary: str, roles: tuple[Role, ...], params: tuple
 def _accuracy_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     y, pred, valid, k = _truth_and_predictions(view, p)
     _diagnose_imbalance(view, y, valid, k)
-    return _mean_state(view, pred == y, valid)
+    correct = (pred == y).to(torch.float64)
+    # A row with NaN or inf scores has no meaningful prediction: it makes the value NaN
+    # (as it does for the losses) instead of being scored by where argmax lands.
+    if _is_binary(view):
+        finite = torch.isfinite(view.scores("logits"))
+    else:
+        finite = torch.isfinite(view.row_stats("logits", 1, input_kind=p["input_kind"]).lse)
+    return _mean_state(view, torch.where(finite, correct, torch.full_like(correct, math.nan)), valid)
 
 
 def _top_k_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:

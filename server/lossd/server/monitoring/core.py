@@ -137,7 +137,7 @@ class Monitoring:
             self.skipped.labels(reason).inc()
         guarded: dict[str, tuple[float, float]] = {}
         for alias, (num, den) in sums.sums.items():
-            function = self.guard.admit("function", alias)
+            function = self.guard.admit("function", function_label(alias, obs.evaluation.results[alias].function))
             self.loss_sum.labels(*key, function).inc(num)
             self.loss_count.labels(*key, function).inc(den)
             prior = guarded.get(function, (0.0, 0.0))
@@ -172,3 +172,11 @@ class Monitoring:
         for b in range(self.bins):
             for family in (self.cal_count, self.cal_confidence, self.cal_correct):
                 family.labels(*key, str(b))
+
+
+def function_label(alias: str, function: str) -> str:
+    """The ``function`` label of a result: its catalogue name, plus the alias when they differ.
+
+    ``cross_entropy[ce_smoothed]``: no alias can pass one function's numbers off
+    as another's, and differently parameterized results stay apart."""
+    return function if alias == function else f"{function}[{alias}]"
