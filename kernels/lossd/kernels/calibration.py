@@ -613,7 +613,7 @@ temperature = register(
         + COMMON,
         outputs=(
             Output("value", "the temperature: the grid minimum of the mean NLL, refined by a parabola in log T through its neighbours"),
-            Output("nll", "mean NLL at that temperature (the parabola's minimum)"),
+            Output("nll", "mean NLL at that temperature, interpolated by the parabola through the grid minimum and its neighbours (an estimate; nll_curve holds the exact grid values)"),
             Output("nll_at_1", "mean NLL at T = 1 (the uncalibrated scores)"),
             Output("at_grid_edge", "1.0 when the minimum lies at t_min or t_max: widen the grid"),
             Output("temperatures", "[G] the grid", tensor=True),
