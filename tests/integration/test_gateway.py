@@ -200,13 +200,33 @@ def test_invalid_argument_is_400_naming_the_field(http: httpx.Client, batch: dic
     ],
     ids=["dtype", "missing-functions", "data-and-b64", "negative-shape", "unknown-spec-key", "tag-type"],
 )
-def test_schema_errors_are_422_naming_the_field(http: httpx.Client, body: dict[str, Any], field: str) -> None:
-    problem = _problem(http.post("/v1/evaluate", json=body), 422)
+def test_schema_errors_are_400_naming_the_field(http: httpx.Client, body: dict[str, Any], field: str) -> None:
+    problem = _problem(http.post("/v1/evaluate", json=body), 400)
     assert field in _fields(problem), problem
 
 
-def test_malformed_json_is_422(http: httpx.Client) -> None:
-    _problem(http.post("/v1/evaluate", content=b"{not json", headers={"content-type": "application/json"}), 422)
+def test_malformed_json_is_400_naming_the_body(http: httpx.Client) -> None:
+    problem = _problem(http.post("/v1/evaluate", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert problem["errors"][0]["field"] == "body"
+
+
+def test_float_data_beyond_the_dtype_range_is_refused(http: httpx.Client) -> None:
+    body = {
+        "tensors": {"logits": {"dtype": "float32", "shape": [1, 2], "data": [[1e39, 0.0]]}, "labels": {"dtype": "int64", "shape": [1], "data": [0]}},
+        "functions": ["cross_entropy"],
+    }
+    problem = _problem(http.post("/v1/evaluate", json=body), 400)
+    assert problem["errors"][0]["field"] == "tensors.logits.data" and "outside the range of float32" in problem["errors"][0]["description"]
+
+
+def test_empty_nested_list_takes_any_empty_shape(http: httpx.Client) -> None:
+    body = {
+        "tensors": {"logits": {"dtype": "float32", "shape": [0, 4], "data": []}, "labels": {"dtype": "int64", "shape": [0], "data": []}},
+        "functions": ["cross_entropy"],
+    }
+    response = http.post("/v1/evaluate", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["results"]["cross_entropy"] is None  # NaN: nothing evaluated
 
 
 def test_unknown_route_is_a_problem(http: httpx.Client) -> None:

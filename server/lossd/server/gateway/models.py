@@ -109,9 +109,16 @@ def _nested_array(name: str, body: TensorBody) -> np.ndarray:
             array = np.asarray(body.data)
     except (ValueError, TypeError) as exc:
         raise Problem.bad_field(field_, f"expected rectangular nested lists of numbers, got {exc}") from None
+    if array.size == 0 and 0 in body.shape:
+        array = array.reshape(body.shape)  # [] is every empty shape: [0], [0, 4], ...
     if list(array.shape) != body.shape:
         raise Problem.bad_field(field_, f"nested lists have shape {list(array.shape)}, but shape says {body.shape}")
     if body.dtype in _FLOATS:
+        limit = float(np.finfo(np.float32 if body.dtype == "bfloat16" else np.dtype(body.dtype)).max)
+        too_large = np.isfinite(array) & (np.abs(array) > limit)
+        if too_large.any():
+            bad = array.reshape(-1)[int(np.argmax(too_large.reshape(-1)))]
+            raise Problem.bad_field(field_, f"value {bad!r} is outside the range of {body.dtype} (±{limit:.4g}); it would become inf")
         return array
     if array.size and array.dtype.kind not in "biuf":
         raise Problem.bad_field(field_, f"expected numbers for dtype {body.dtype}, got elements of numpy dtype {array.dtype}")

@@ -157,13 +157,16 @@ def problem_from_validation(exc: RequestValidationError) -> Problem:
     found: dict[tuple[str, str], FieldError] = {}
     for e in exc.errors():
         path, description = field_path(e.get("loc", ())), str(e.get("msg", "invalid value"))
+        if e.get("type") == "json_invalid":  # its location is a character offset, not a field
+            path, description = "body", f"expected a JSON object: {e.get('ctx', {}).get('error', description)}"
         found.setdefault((path, description), FieldError(path, description))
     # A union ("name" or {spec}) reports every member it tried: when a deeper field of the same
     # value failed, the shallower "should be a valid string" says nothing more.
     paths = {f.field for f in found.values()}
     errors = [f for f in found.values() if not any(p.startswith((f.field + ".", f.field + "[")) for p in paths)]
     detail = "; ".join(f"{e.field}: {e.description}" for e in errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
-    return Problem(422, "validation-error", "Request body failed validation", detail, tuple(errors))
+    # A body that does not match the schema is a bad request like any other: 400 with the fields.
+    return Problem(400, "validation-error", "Request body failed validation", detail, tuple(errors))
 
 
 def install_problem_handlers(app: FastAPI) -> None:
