@@ -42,9 +42,8 @@ __all__ = ["create_app"]
 _PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {PROBLEM_JSON: {}}}
     for code, text in {
-        400: "invalid tensors, functions or parameters; `errors` names each field",
+        400: "invalid JSON body, tensors, functions or parameters; `errors` names each field",
         413: "request body or message over its size limit",
-        400: "the JSON body does not match the schema, or the backend refused an argument; `errors` names each field",
         503: "no backend answered",
         504: "the backend missed the deadline",
     }.items()
