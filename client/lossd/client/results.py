@@ -13,7 +13,7 @@ from typing import Any
 from lossd.client.codec import decode_tensor
 from lossd.v1 import lossd_pb2 as pb
 
-__all__ = ["response_to_json", "result_to_json", "diagnostic_to_json", "json_number"]
+__all__ = ["response_to_json", "result_to_json", "diagnostic_to_json", "json_number", "catalogue_to_json"]
 
 
 def json_number(x: float) -> float | str | None:
@@ -62,3 +62,19 @@ def response_to_json(response: pb.EvaluateResponse) -> dict[str, Any]:
         "results": {r.alias: result_to_json(r) for r in response.results},
         "diagnostics": [diagnostic_to_json(d) for d in response.diagnostics],
     }
+
+
+def catalogue_to_json(response: pb.ListFunctionsResponse) -> dict[str, Any]:
+    """The ListFunctions catalogue as JSON (``lossd functions --json`` and ``GET /v1/functions``).
+
+    Protobuf ``Value`` numbers are doubles; defaults of integer parameters
+    print as integers (``"n_bins": 15``, not ``15.0``)."""
+    from google.protobuf import json_format
+
+    obj = json_format.MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for function in obj.get("functions", []):
+        for param in function.get("params", []):
+            default = param.get("default")
+            if param.get("type") == "int" and isinstance(default, float) and default.is_integer():
+                param["default"] = int(default)
+    return obj

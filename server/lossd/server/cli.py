@@ -297,9 +297,8 @@ def functions_command(
     err: TextIO | None = None,
 ) -> int:
     """Print the catalogue of ``server``, or of the local registry when ``server`` is None."""
-    from google.protobuf import json_format
-
     from lossd.client import Client, InvalidArgumentError, LossdError
+    from lossd.client.results import catalogue_to_json
 
     try:
         if server is None:
@@ -312,8 +311,7 @@ def functions_command(
     except LossdError as exc:
         return _fail("functions", str(exc), EXIT_INVALID if isinstance(exc, InvalidArgumentError) else EXIT_FAILURE, err)
     if as_json:
-        obj = json_format.MessageToDict(catalogue, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        print(json.dumps(obj, indent=2), file=out or sys.stdout)
+        print(json.dumps(catalogue_to_json(catalogue), indent=2), file=out or sys.stdout)
     else:
         _print_catalogue(catalogue, out or sys.stdout)
     return EXIT_OK

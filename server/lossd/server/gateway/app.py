@@ -24,11 +24,10 @@ from typing import Any
 
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lossd.client.results import response_to_json
+from lossd.client.results import catalogue_to_json, response_to_json
 from lossd.server.gateway.backends import BackendPool
 from lossd.server.gateway.dashboard import install_dashboard
 from lossd.server.gateway.models import EvaluateBody, request_to_proto
@@ -82,7 +81,7 @@ def create_app(settings: Settings, *, backends: Sequence[str], monitoring: Monit
         """List the catalogue: every function with its roles, parameters, outputs and reference."""
         request = pb.ListFunctionsRequest(family=family)
         response = await pool.call(lambda stub, timeout: stub.ListFunctions(request, timeout=timeout))
-        return JSONResponse(json_format.MessageToDict(response, preserving_proto_field_name=True))
+        return JSONResponse(catalogue_to_json(response))
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
