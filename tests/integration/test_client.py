@@ -123,10 +123,9 @@ def test_run_keeps_states_on_failure(client: Client, batch: dict) -> None:
 
 
 def test_run_refuses_reduction_none(client: Client, batch: dict) -> None:
-    run = client.run("cross_entropy:reduction=none")
+    # Refused before anything is sent: no batch is evaluated (or monitored) for nothing.
     with pytest.raises(ValueError, match="reduction='none'"):
-        run.update(batch)
-    assert run.states() == {} and run.batches == 0
+        client.run("cross_entropy:reduction=none")
 
 
 def test_run_accumulates_diagnostics(client: Client, batch: dict) -> None:
@@ -166,9 +165,15 @@ def test_stream_splits_only_splittable_functions(address: str, batch: dict, monk
         assert listed == [1]  # the catalogue is fetched once and cached
 
 
+def _slow_batch() -> dict:
+    """A batch that takes well over a millisecond to send and evaluate (a tiny one may beat any deadline)."""
+    rng = np.random.default_rng(0)
+    return {"logits": rng.standard_normal((4000, 1000), dtype=np.float32), "labels": rng.integers(0, 1000, 4000)}
+
+
 def test_deadline_exceeded(client: Client, batch: dict) -> None:
     with pytest.raises(DeadlineExceededError) as info:
-        client.evaluate(batch, "cross_entropy", timeout=1e-6)
+        client.evaluate(_slow_batch(), "cross_entropy", timeout=1e-3)
     assert isinstance(info.value, TimeoutError) and isinstance(info.value.__cause__, grpc.RpcError)
 
 
@@ -261,7 +266,7 @@ def test_async_client(address: str, batch: dict) -> None:
             with pytest.raises(InvalidArgumentError, match="reduction"):
                 await c.evaluate_stream(parts, "cross_entropy:reduction=none")
             with pytest.raises(DeadlineExceededError):
-                await c.evaluate(batch, "cross_entropy", timeout=1e-6)
+                await c.evaluate(_slow_batch(), "cross_entropy", timeout=1e-3)
 
             async def broken() -> AsyncIterator[dict]:
                 yield parts[0]

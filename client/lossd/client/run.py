@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lossd.client.evaluation import Diagnostic, EvaluationResult, merge_diagnostics
-from lossd.client.messages import arrays_of, evaluate_request, new_request_id
+from lossd.client.messages import arrays_of, evaluate_request, new_request_id, wants_per_element
 from lossd.v1 import lossd_pb2 as pb
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ class _RunState:
 
     def __init__(self, functions: Sequence[pb.FunctionSpec], tags: pb.Tags | None, timeout: float | None) -> None:
         self.functions = list(functions)
+        if wants_per_element(self.functions):
+            raise ValueError("reduction='none' returns per-element values, which a run cannot accumulate; use 'mean' or 'sum'")
         self.tags = tags
         self.timeout = timeout
         self._states: dict[str, pb.State] = {}

@@ -63,6 +63,12 @@ class LossService(pb_grpc.LossServiceServicer):
         for observer in self.observers:
             observer(obs)
 
+    async def _notify(self, obs: Observation) -> None:
+        # Observers (monitoring's calibration pass over the logits) run on the compute
+        # threads too: a 16 MB batch costs them ~16 ms that must not stall the event loop.
+        if self.observers:
+            await self._compute(self._observe, obs)
+
     @rpc_errors
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         start = time.perf_counter()
@@ -74,7 +80,7 @@ class LossService(pb_grpc.LossServiceServicer):
             evaluate, tensors, specs, device=self.device, return_state=request.return_state, prior_states=prior or None, exact_state_limit=self.exact_state_limit
         )
         response = evaluation_to_proto(evaluation, request.request_id)
-        self._observe(Observation("Evaluate", request.tags, evaluation, tensors, tuple(specs), prior))
+        await self._notify(Observation("Evaluate", request.tags, evaluation, tensors, tuple(specs), prior))
         end = time.perf_counter()
         response.timing.CopyFrom(pb.Timing(decode_seconds=decoded - start, compute_seconds=end - decoded, total_seconds=end - start))
         return response
@@ -106,7 +112,7 @@ class LossService(pb_grpc.LossServiceServicer):
             raise InvalidInput.single("messages", "expected at least one message in the stream, got none")
         evaluation = acc.result(return_state=first.return_state)
         response = evaluation_to_proto(evaluation, first.request_id)
-        self._observe(Observation("EvaluateStream", first.tags, evaluation, tensors, tuple(specs)))
+        await self._notify(Observation("EvaluateStream", first.tags, evaluation, tensors, tuple(specs)))
         end = time.perf_counter()
         response.timing.CopyFrom(pb.Timing(decode_seconds=decode_seconds, compute_seconds=end - start - decode_seconds, total_seconds=end - start))
         return response
@@ -120,7 +126,7 @@ class LossService(pb_grpc.LossServiceServicer):
                 raise InvalidInput.single(f"states[{i}].alias", "expected the alias the state was computed under, got an empty string")
         evaluation = await self._compute(finalize_states, states, exact_state_limit=self.exact_state_limit, return_state=request.return_state)
         response = evaluation_to_proto(evaluation, request.request_id)
-        self._observe(Observation("Finalize", request.tags, evaluation, None))
+        await self._notify(Observation("Finalize", request.tags, evaluation, None))
         end = time.perf_counter()
         response.timing.CopyFrom(pb.Timing(compute_seconds=end - start, total_seconds=end - start))
         return response

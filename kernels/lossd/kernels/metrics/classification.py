@@ -479,11 +479,15 @@ def _probabilities(scores: torch.Tensor, kind: str, *, binary: bool) -> torch.Te
 
 
 def _validate_kind(view: View, kind: str, binary: bool) -> None:
-    """Refuse scores that are not what input_kind says, as every other function of the request does."""
+    """Refuse scores that are not what input_kind says, as every other function of the request does.
+
+    For multiclass logits the shared row statistics also raise probabilities_as_logits
+    (one-vs-rest AUROC changes when probabilities are softmaxed again)."""
+    if not binary:
+        view.row_stats("logits", 1, input_kind=kind)  # probs: [0, 1], rows summing to 1 (shared, memoized)
+        return
     if kind == "logits":
         return
-    if not binary:
-        view.row_stats("logits", 1, input_kind=kind)  # [0, 1] and rows summing to 1 (shared, memoized)
     elif kind == "probs":
         view.log_space("logits", kind)  # refuses values outside [0, 1]
     else:
