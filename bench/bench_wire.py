@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import median_seconds, report  # noqa: E402
 
+from lossd.client import Client  # noqa: E402
 from lossd.client.codec import encode_tensors  # noqa: E402
 from lossd.client.specs import specs_to_proto  # noqa: E402
 from lossd.kernels import evaluate  # noqa: E402
@@ -80,6 +81,8 @@ def main() -> None:
             rows.append((f"gRPC Evaluate, {wire_name} on the wire, {label}", seconds, size))
             channel.close()
         rows.append((f"  encode only ({wire_name})", median_seconds(lambda: encode_tensors(tensors), repeats=args.repeats), size))
+        with Client(address) as client:  # requests serialized straight from the arrays (lossd.client.wire)
+            rows.append((f"lossd Client.evaluate, {wire_name} on the wire", median_seconds(lambda: client.evaluate(tensors, ["cross_entropy"]), repeats=args.repeats), size))
 
     report(f"cross-entropy of [{args.rows}, {args.classes}] logits ({nbytes / 1e6:.1f} MB float32); ratios against torch in process", rows, baseline)
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from lossd.client.channel import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, channel_options
+from lossd.client.channel import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, EVALUATE_METHOD, channel_options
 from lossd.client.client import Client, check_chunk_bytes, check_timeout
 from lossd.client.errors import from_rpc_error
 from lossd.client.evaluation import EvaluationResult
@@ -25,10 +25,10 @@ from lossd.client.messages import (
     TagsLike,
     arrays_of,
     batch_bytes,
-    evaluate_request,
     finalize_request,
     function_specs,
     new_request_id,
+    serialized_evaluate,
     tags_proto,
     wants_per_element,
 )
@@ -79,6 +79,7 @@ class AsyncClient:
             grpc.aio.secure_channel(address, credentials, opts) if credentials is not None else grpc.aio.insecure_channel(address, opts)
         )
         self._stub = pb_grpc.LossServiceStub(self._channel)
+        self._evaluate_bytes = self._channel.unary_unary(EVALUATE_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString)
         self._config: dict[str, Any] = dict(
             timeout=timeout, attempts=attempts, chunk_bytes=chunk_bytes, options=options, credentials=credentials
         )
@@ -115,18 +116,13 @@ class AsyncClient:
         arrays, specs = arrays_of(tensors), function_specs(functions)
         if self.chunk_bytes and batch_bytes(arrays) > self.chunk_bytes and not wants_per_element(specs):
             return await self.evaluate_stream([arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
-        request = evaluate_request(
-            arrays,
-            specs,
-            tags=tags_proto(tags),
-            return_state=return_state,
-            request_id=request_id or new_request_id(),
-        )
-        return EvaluationResult(await self._call(self._stub.Evaluate, request, timeout))
+        request = serialized_evaluate(arrays, specs, tags=tags_proto(tags), return_state=return_state, request_id=request_id or new_request_id())
+        return await self.evaluate_request(request, timeout=timeout)
 
-    async def evaluate_request(self, request: pb.EvaluateRequest, *, timeout: float | None = None) -> EvaluationResult:
-        """Send a request built by hand (e.g. with ``prior_states``)."""
-        return EvaluationResult(await self._call(self._stub.Evaluate, request, timeout))
+    async def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult:
+        """Send a request built by hand (e.g. with ``prior_states``), as a message or already serialized."""
+        payload = request if isinstance(request, bytes) else request.SerializeToString()
+        return EvaluationResult(await self._call(self._evaluate_bytes, payload, timeout))
 
     async def evaluate_stream(
         self,

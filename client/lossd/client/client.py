@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from lossd.client.channel import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, channel_options
+from lossd.client.channel import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT, EVALUATE_METHOD, channel_options
 from lossd.client.errors import from_rpc_error
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.messages import (
@@ -31,10 +31,10 @@ from lossd.client.messages import (
     arrays_of,
     batch_bytes,
     batch_requests,
-    evaluate_request,
     finalize_request,
     function_specs,
     new_request_id,
+    serialized_evaluate,
     split_rows,
     splittable_names,
     tags_proto,
@@ -119,6 +119,8 @@ class Client:
         opts = channel_options(attempts=attempts, extra=options)
         self._channel = grpc.secure_channel(address, credentials, opts) if credentials is not None else grpc.insecure_channel(address, opts)
         self._stub = pb_grpc.LossServiceStub(self._channel)
+        # Evaluate with requests already serialized (lossd.client.wire: no protobuf copies of tensors).
+        self._evaluate_bytes = self._channel.unary_unary(EVALUATE_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString)
         self._splittable: dict[str, bool] | None = None
 
     def __enter__(self) -> Client:
@@ -155,18 +157,13 @@ class Client:
         arrays, specs = arrays_of(tensors), function_specs(functions)
         if self._should_chunk(specs, arrays):
             return self.evaluate_stream([arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
-        request = evaluate_request(
-            arrays,
-            specs,
-            tags=tags_proto(tags),
-            return_state=return_state,
-            request_id=request_id or new_request_id(),
-        )
-        return EvaluationResult(self._call(self._stub.Evaluate, request, timeout))
+        request = serialized_evaluate(arrays, specs, tags=tags_proto(tags), return_state=return_state, request_id=request_id or new_request_id())
+        return self.evaluate_request(request, timeout=timeout)
 
-    def evaluate_request(self, request: pb.EvaluateRequest, *, timeout: float | None = None) -> EvaluationResult:
-        """Send a request built by hand (e.g. with ``prior_states``)."""
-        return EvaluationResult(self._call(self._stub.Evaluate, request, timeout))
+    def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult:
+        """Send a request built by hand (e.g. with ``prior_states``), as a message or already serialized."""
+        payload = request if isinstance(request, bytes) else request.SerializeToString()
+        return EvaluationResult(self._call(self._evaluate_bytes, payload, timeout))
 
     def evaluate_stream(
         self,

@@ -14,6 +14,7 @@ import numpy as np
 
 from lossd.client.codec import encode_tensor, to_numpy
 from lossd.client.specs import spec_to_proto
+from lossd.client.wire import serialize_evaluate_request
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "batch_bytes",
     "split_rows",
     "evaluate_request",
+    "serialized_evaluate",
     "batch_requests",
     "named_states",
     "finalize_request",
@@ -130,6 +132,20 @@ def evaluate_request(
     if tags is not None:
         request.tags.CopyFrom(tags)
     return request
+
+
+def serialized_evaluate(
+    arrays: Mapping[str, Any],
+    functions: Sequence[pb.FunctionSpec],
+    *,
+    tags: pb.Tags | None = None,
+    return_state: bool = False,
+    request_id: str = "",
+    prior_states: Mapping[str, pb.State] | None = None,
+) -> bytes:
+    """The bytes of :func:`evaluate_request`, with the tensors written straight from the arrays' memory."""
+    rest = evaluate_request({}, functions, tags=tags, return_state=return_state, request_id=request_id, prior_states=prior_states)
+    return serialize_evaluate_request(arrays, rest)
 
 
 def batch_requests(

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lossd.client.evaluation import Diagnostic, EvaluationResult, merge_diagnostics
-from lossd.client.messages import arrays_of, evaluate_request, new_request_id, wants_per_element
+from lossd.client.messages import arrays_of, new_request_id, serialized_evaluate, wants_per_element
 from lossd.v1 import lossd_pb2 as pb
 
 if TYPE_CHECKING:
@@ -36,8 +36,8 @@ class _RunState:
         self._last: pb.EvaluateResponse | None = None
         self._diagnostics: list[Diagnostic] = []
 
-    def _request(self, tensors: Mapping[str, Any]) -> pb.EvaluateRequest:
-        return evaluate_request(
+    def _request(self, tensors: Mapping[str, Any]) -> bytes:
+        return serialized_evaluate(
             arrays_of(tensors), self.functions, tags=self.tags, return_state=True, request_id=new_request_id(), prior_states=self._states
         )
 
