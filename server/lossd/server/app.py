@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lossd.kernels import select_device
+from lossd.server.allocator import reuse_large_buffers
 from lossd.server.service import EvaluationObserver, LossService
 from lossd.server.settings import GRPC_OPTIONS, Settings
 from lossd.v1 import lossd_pb2 as pb
@@ -64,6 +65,8 @@ async def create_server(
 ) -> RunningServer:
     """Build, bind and start the gRPC server described by ``settings``."""
     device = select_device(settings.device)
+    if settings.reuse_large_buffers:
+        reuse_large_buffers(settings.max_message_bytes)
     server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[

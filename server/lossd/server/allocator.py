@@ -1,0 +1,42 @@
+"""Keep large freed buffers in the process instead of returning them to the OS (glibc only).
+
+Every request's tensors arrive as fresh Python ``bytes`` objects of the
+message's size. glibc serves allocations above 128 KiB with a new ``mmap``
+and unmaps them on free, so each 16 MB message paid ~4,000 page faults
+(measured here: parsing plus decoding a 16 MB request took 29 ms, 8 ms with
+reuse). Raising the mmap and trim thresholds makes those buffers come from
+the heap and stay there for the next request. The cost is that resident
+memory stays at its high-water mark, bounded by the largest messages
+accepted; ``LOSSD_REUSE_LARGE_BUFFERS=false`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+__all__ = ["reuse_large_buffers"]
+
+log = logging.getLogger("lossd.server")
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MAX_THRESHOLD = 1 << 30
+
+
+def reuse_large_buffers(max_message_bytes: int) -> bool:
+    """Tune glibc malloc for messages up to ``max_message_bytes``; False where that is not possible."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        log.info("not a glibc process: large buffers are returned to the OS after each request")
+        return False
+    threshold = min(max(max_message_bytes, 1 << 20), _MAX_THRESHOLD)
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold)) and bool(mallopt(_M_TOP_PAD, 64 << 20))
+    if not ok:
+        log.warning("mallopt refused the buffer-reuse thresholds; large buffers are returned to the OS after each request")
+    return ok
