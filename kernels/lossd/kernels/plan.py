@@ -44,6 +44,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)
 
 
+# class_imbalance: the rarest class present holds less than this share of the labels.
+IMBALANCE_SHARE = 0.01
+# Below this many labels a 1% share is less than one label; above this many
+# classes a small share is what a uniform distribution gives.
+IMBALANCE_MIN_LABELS = 100
+IMBALANCE_MAX_CLASSES = 100
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16/bf16/fp32 inputs are computed in fp32; float64 stays float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -325,6 +333,7 @@ class Batch:
     settings: Mapping[str, Any] = field(default_factory=dict)
     _row_stats: dict[tuple[str, int], RowStats] = field(default_factory=dict)
     _checked_finite: set[str] = field(default_factory=set)
+    _judged_balance: set[str] = field(default_factory=set)  # label tensors already judged for class_imbalance
 
     def row_stats(self, tensor_name: str, class_dim: int, *, with_entropy: bool = False) -> RowStats:
         key = (tensor_name, class_dim)
@@ -460,7 +469,36 @@ class View:
         if bool(bad.any()):
             first = _flat_index(t, bad)
             raise self.error(role, f"expected targets in [0, 1], got {float(t.reshape(-1)[first])!r} at flat index {first}")
+        if bool(((t == 0) | (t == 1)).all()):  # hard targets: judge the class balance (soft ones have none)
+            self.diagnose_class_imbalance(role, t.to(torch.int64), torch.ones_like(t, dtype=torch.bool), 2)
         return t
+
+    def diagnose_class_imbalance(self, role: str, labels: torch.Tensor, valid: torch.Tensor, k: int) -> None:
+        """class_imbalance, once per request and tensor: the rarest class present holds < 1% of the labels.
+
+        Judged only with at least 100 labels, two classes present and at most 100
+        classes, where a 1% share says something about the data. Request-level:
+        every function reading these labels would say the same."""
+        name = self.tensor_name(role)
+        if k > IMBALANCE_MAX_CLASSES or name in self.batch._judged_balance:
+            return
+        self.batch._judged_balance.add(name)
+        labels = labels[valid]
+        n = labels.numel()
+        if n < IMBALANCE_MIN_LABELS:
+            return
+        counts = torch.bincount(labels.reshape(-1), minlength=k)
+        present = counts > 0
+        if int(present.sum()) < 2:
+            return
+        rarest = int(torch.where(present, counts, torch.full_like(counts, n + 1)).argmin())
+        share = int(counts[rarest]) / n
+        if share < IMBALANCE_SHARE:
+            self.batch.diagnostics.add(
+                "class_imbalance",
+                f"in tensor {self.tensor_name(role)!r}, class {rarest} holds {int(counts[rarest])} of {n} labels ({share:.2%}); "
+                "means and accuracy are dominated by the majority class, read per-class recall or macro F1 as well",
+            )
 
     def expect_ndim(self, role: str, t: torch.Tensor, allowed: tuple[int, ...] | range, shape_text: str) -> None:
         if t.ndim not in allowed:

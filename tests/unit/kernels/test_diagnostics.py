@@ -180,7 +180,7 @@ TRIGGERS: dict[str, Trigger] = {
 }
 
 # Request-level findings (about a tensor, whichever function reads it) carry no function alias.
-REQUEST_LEVEL = {"nan_or_inf", "precision_loss"}
+REQUEST_LEVEL = {"nan_or_inf", "precision_loss", "class_imbalance"}
 
 
 def test_every_code_has_a_trigger_and_a_pinned_severity():
@@ -283,3 +283,13 @@ def test_request_level_diagnostics_are_counted_in_run_totals():
     out = acc.result()
     assert [(d.code, d.count) for d in out.diagnostics] == [("nan_or_inf", 3)]
     assert out.batches == 4
+
+
+def test_class_imbalance_once_per_request_from_losses_and_metrics():
+    y = torch.zeros(1000, dtype=torch.long)
+    y[:3] = 1
+    out = evaluate({"logits": torch.randn(1000, 2), "labels": y}, ["cross_entropy", "accuracy", "focal"])
+    found = [d for d in out.diagnostics if d.code == "class_imbalance"]
+    assert len(found) == 1 and found[0].count == 1 and "'labels'" in found[0].message
+    binary = evaluate({"logits": torch.randn(1000), "targets": y.float()}, ["bce_with_logits", "auroc"])
+    assert [d.code for d in binary.diagnostics].count("class_imbalance") == 1

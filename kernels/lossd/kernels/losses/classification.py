@@ -43,6 +43,7 @@ def class_labels(view: View, z: torch.Tensor, ignore_index: int | None, role: st
     if tuple(y.shape) != tuple(expected):
         raise view.error(role, f"expected shape {list(expected)} (logits {list(z.shape)} without the class dim 1), got {list(y.shape)}")
     valid = view.check_labels(role, y, z.shape[1], ignore_index)
+    view.diagnose_class_imbalance(role, y, valid, z.shape[1])
     ignored = int((~valid).sum())
     if ignored and valid.numel() and ignored / valid.numel() > 0.5 and ignored < valid.numel():
         view.diag("ignored_fraction", f"{ignored} of {valid.numel()} labels ({ignored / valid.numel():.0%}) equal ignore_index={ignore_index}")

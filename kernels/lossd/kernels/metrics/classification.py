@@ -79,12 +79,6 @@ MAX_CONFUSION_CLASSES = 4096
 
 CONFUSION_FIELDS = {"matrix": MergeOp.SUM, "count": MergeOp.SUM}  # K×K Σ weights; elements of non-zero weight
 
-# class_imbalance: the rarest class present holds less than this share of the labels.
-_IMBALANCE_SHARE = 0.01
-# Below this many labels a 1% share is less than one label; above this many
-# classes a small share is what a uniform distribution gives.
-_IMBALANCE_MIN_LABELS = 100
-_IMBALANCE_MAX_CLASSES = 100
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -174,28 +168,8 @@ def _truth_and_predictions(view: View, p: Mapping[str, Any]) -> tuple[torch.Tens
 
 
 def _diagnose_imbalance(view: View, y: torch.Tensor, valid: torch.Tensor, k: int) -> None:
-    """class_imbalance: the rarest class present holds < 1% of this batch's labels.
-
-    Judged only with at least 100 labels, two classes present and at most 100
-    classes, where a 1% share says something about the data."""
-    if k > _IMBALANCE_MAX_CLASSES:
-        return
-    labels = y[valid]
-    n = labels.numel()
-    if n < _IMBALANCE_MIN_LABELS:
-        return
-    counts = torch.bincount(labels.reshape(-1), minlength=k)
-    present = counts > 0
-    if int(present.sum()) < 2:
-        return
-    rarest = int(torch.where(present, counts, torch.full_like(counts, n + 1)).argmin())
-    share = int(counts[rarest]) / n
-    if share < _IMBALANCE_SHARE:
-        view.diag(
-            "class_imbalance",
-            f"class {rarest} holds {int(counts[rarest])} of {n} labels ({share:.2%}); accuracy is dominated by the majority "
-            "class, read per-class recall or macro F1 as well",
-        )
+    """class_imbalance of the labels (multiclass) or targets (binary) these metrics read."""
+    view.diagnose_class_imbalance("targets" if _is_binary(view) else "labels", y, valid, k)
 
 
 def _mean_state(view: View, values: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
