@@ -3,7 +3,7 @@
 In-process use gives bit-for-bit the numbers the lossd service returns::
 
     from lossd.kernels import evaluate
-    out = evaluate({"logits": logits, "labels": labels}, ["cross_entropy", "ece:n_bins=15"])
+    out = evaluate({"logits": logits, "labels": labels}, ["cross_entropy", {"name": "ece", "params": {"n_bins": 15}}])
     out["cross_entropy"].value
 """
 
