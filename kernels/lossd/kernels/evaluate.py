@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -59,8 +60,9 @@ class Prepared:
     inputs: Mapping[str, str]
     alias: str
 
-    @property
+    @cached_property
     def state_params(self) -> str:
+        # Computed once: every update and merge of a stream compares it.
         return canonical_params(self.params)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -74,7 +74,6 @@ class State:
     params: str  # canonical_params(...) of the resolved parameters
     fields: dict[str, torch.Tensor]
     batches: int = 1
-    meta: dict[str, str] = field(default_factory=dict)  # e.g. {"batch_ids": "..."} for split detection
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Fields as numpy arrays, for serialization."""
@@ -129,7 +128,4 @@ def merge_fields(
             merged[name] = torch.minimum(x, y)
         else:
             merged[name] = chan_merge(x, y)
-    meta = dict(a.meta)
-    for k, v in b.meta.items():
-        meta[k] = f"{meta[k]},{v}" if k in meta and meta[k] else v
-    return State(a.function, a.version, a.params, merged, a.batches + b.batches, meta)
+    return State(a.function, a.version, a.params, merged, a.batches + b.batches)
