@@ -270,21 +270,22 @@ class Accumulator:
         self.states: dict[str, State] = {}
         self.diagnostics = Diagnostics()
         self.batches = 0
-        self._batch_ids: set[str] = set()
+        # Parts of one batch arrive one after another: the last id is all there is to remember
+        # (a set of every id would grow with the stream).
+        self._last_batch_id = ""
 
     def add(self, tensors: Mapping[str, Any], batch_id: str = "") -> None:
-        """Update every function with one batch (or one part of a batch, when ``batch_id`` repeats)."""
-        continuing = bool(batch_id) and batch_id in self._batch_ids  # a further part of a batch already counted
-        if batch_id:
-            if continuing:
-                refusing = [p for p in self.prepared if not p.fdef.is_splittable(p.params)]
-                if refusing:
-                    p = refusing[0]
-                    raise InvalidInput.single(
-                        f"functions[{p.index}].name",
-                        f"{p.fdef.name} is not splittable (its value depends on the whole batch), but batch {batch_id!r} arrived in several parts; send it whole",
-                    )
-            self._batch_ids.add(batch_id)
+        """Update every function with one batch (or the next part of a batch, when ``batch_id`` repeats)."""
+        continuing = bool(batch_id) and batch_id == self._last_batch_id  # a further part of a batch already counted
+        if continuing:
+            refusing = [p for p in self.prepared if not p.fdef.is_splittable(p.params)]
+            if refusing:
+                p = refusing[0]
+                raise InvalidInput.single(
+                    f"functions[{p.index}].name",
+                    f"{p.fdef.name} is not splittable (its value depends on the whole batch), but batch {batch_id!r} arrived in several parts; send it whole",
+                )
+        self._last_batch_id = batch_id
         batch = Batch(_to_device(tensors, self.device), self.device)
         with _diagnostics_on_error(batch):
             # Every update first, then every merge: a batch that fails for one
