@@ -52,7 +52,7 @@ class Replica:
         monitoring = None
         if not self.backends:
             monitoring = self.monitoring = Monitoring(self.settings)
-            self.running = await create_server(self.settings, observers=[monitoring.observe], interceptors=[monitoring.interceptor()])
+            self.running = await create_server(self.settings, **monitoring.server_hooks())
         app = self.app = create_app(self.settings, backends=self.backends or [self.running.address], monitoring=monitoring)  # type: ignore[union-attr]
         if monitoring is None:
             self.monitoring = app.state.monitoring

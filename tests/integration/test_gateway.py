@@ -336,3 +336,20 @@ def test_round_robin_and_failover(replica: Replica, batch: dict[str, np.ndarray]
 def _evaluations(r: Replica) -> float:
     assert r.monitoring is not None
     return sum(s.value for f in r.monitoring.registry.collect() for s in f.samples if s.name == "lossd_evaluations_total")
+
+
+def test_a_stream_is_monitored_batch_by_batch() -> None:
+    """Calibration counters of a multi-batch stream cover every batch, not just the last one."""
+    from lossd.client import Client
+
+    rng = np.random.default_rng(5)
+    batches = [{"logits": rng.standard_normal((n, 4), dtype=np.float32), "labels": rng.integers(0, 4, n)} for n in (7, 13, 1)]
+    replica = Replica().start()
+    try:
+        with Client(replica.grpc_address) as client:
+            client.evaluate_stream(batches, ["cross_entropy"], tags={"model": "streamed"})
+        text = httpx.get(f"{replica.url}/metrics").text
+    finally:
+        replica.stop()
+    counts = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("lossd_calibration_count_total") and 'model="streamed"' in line]
+    assert sum(counts) == 21

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lossd.kernels import select_device
 from lossd.server.allocator import reuse_large_buffers
-from lossd.server.service import EvaluationObserver, LossService
+from lossd.server.service import BatchSummarizer, EvaluationObserver, LossService
 from lossd.server.settings import GRPC_OPTIONS, Settings
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
@@ -62,6 +62,7 @@ async def create_server(
     *,
     observers: Sequence[EvaluationObserver] = (),
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    batch_summarizer: BatchSummarizer | None = None,
 ) -> RunningServer:
     """Build, bind and start the gRPC server described by ``settings``."""
     device = select_device(settings.device)
@@ -76,7 +77,7 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    service = LossService(device, exact_state_limit=settings.exact_state_limit, compute_threads=settings.compute_threads, observers=list(observers))
+    service = LossService(device, exact_state_limit=settings.exact_state_limit, compute_threads=settings.compute_threads, observers=list(observers), batch_summarizer=batch_summarizer)
     pb_grpc.add_LossServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -98,7 +99,7 @@ async def serve(settings: Settings) -> None:
     from lossd.server.monitoring import Monitoring
 
     monitoring = Monitoring(settings)
-    running = await create_server(settings, observers=[monitoring.observe], interceptors=[monitoring.interceptor()])
+    running = await create_server(settings, **monitoring.server_hooks())
     app = create_app(settings, backends=settings.backends or [running.address], monitoring=monitoring)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level, lifespan="on")
     http = uvicorn.Server(config)

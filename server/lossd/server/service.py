@@ -35,24 +35,37 @@ class Observation:
     method: str  # Evaluate | EvaluateStream | Finalize
     tags: pb.Tags
     evaluation: Evaluation
-    tensors: dict[str, torch.Tensor] | None  # the last batch (None for Finalize); for row/token counts
+    tensors: dict[str, torch.Tensor] | None  # Evaluate's batch, for per-row counts (None for streams and Finalize)
     # The request's functions (empty for Finalize), for observers that need their parameters.
     specs: tuple[FunctionSpec, ...] = ()
     # Evaluate's prior_states (alias -> State): the evaluation includes them, so monitoring
     # subtracts them to count this batch's contribution only.
     prior_states: Mapping[str, State] = field(default_factory=dict)
+    # A stream's per-row sums over all its batches (what the batch summarizer returned, added up).
+    row_summary: Any = None
 
 
 EvaluationObserver = Callable[[Observation], None]
+# Per-row sums of one stream batch; results must support ``+`` (they are added up over the stream).
+BatchSummarizer = Callable[[Mapping[str, torch.Tensor]], Any]
 
 
 class LossService(pb_grpc.LossServiceServicer):
     """Implements lossd.v1.LossService on top of :mod:`lossd.kernels`."""
 
-    def __init__(self, device: torch.device, *, exact_state_limit: int, compute_threads: int = 2, observers: list[EvaluationObserver] | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        exact_state_limit: int,
+        compute_threads: int = 2,
+        observers: list[EvaluationObserver] | None = None,
+        batch_summarizer: BatchSummarizer | None = None,
+    ) -> None:
         self.device = device
         self.exact_state_limit = exact_state_limit
         self.observers = list(observers or [])
+        self.batch_summarizer = batch_summarizer
         self._pool = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="lossd-compute")
 
     async def _compute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -93,6 +106,7 @@ class LossService(pb_grpc.LossServiceServicer):
         specs: list[FunctionSpec] = []
         decode_seconds = 0.0
         tensors: dict[str, torch.Tensor] = {}
+        summary: Any = None
         index = 0
         async for message in request_iterator:
             t0 = time.perf_counter()
@@ -107,12 +121,15 @@ class LossService(pb_grpc.LossServiceServicer):
             tensors = decode_request_tensors(message.tensors, self.device)
             decode_seconds += time.perf_counter() - t0
             await self._compute(acc.add, tensors, message.batch_id)  # type: ignore[union-attr]
+            if self.batch_summarizer is not None:  # monitoring's per-row sums, batch by batch (memory stays flat)
+                part = await self._compute(self.batch_summarizer, tensors)
+                summary = part if summary is None else summary + part
             index += 1
         if acc is None or first is None:
             raise InvalidInput.single("messages", "expected at least one message in the stream, got none")
         evaluation = acc.result(return_state=first.return_state)
         response = evaluation_to_proto(evaluation, first.request_id)
-        await self._notify(Observation("EvaluateStream", first.tags, evaluation, tensors, tuple(specs)))
+        await self._notify(Observation("EvaluateStream", first.tags, evaluation, None, tuple(specs), row_summary=summary))
         end = time.perf_counter()
         response.timing.CopyFrom(pb.Timing(decode_seconds=decode_seconds, compute_seconds=end - start - decode_seconds, total_seconds=end - start))
         return response

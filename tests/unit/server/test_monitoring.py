@@ -178,18 +178,19 @@ def test_observe_exports_exact_sums_and_initialises_every_bin() -> None:
     assert_close(series["summary"]["loss"]["cross_entropy"], whole.results["cross_entropy"].value, rtol=1e-12, what="history loss")
 
 
-def test_observe_skips_finalize_and_stream_rows() -> None:
+def test_observe_skips_finalize_and_counts_stream_rows_from_summaries() -> None:
     monitoring = Monitoring(Settings(device="cpu"))
     tensors = _classification(n=10)
     evaluation = evaluate(tensors, ["cross_entropy"])
     monitoring.observe(Observation("Finalize", pb.Tags(model="m"), evaluation, None))
     assert _samples(monitoring.registry, "lossd_loss_count_total") == {}
     assert _samples(monitoring.registry, "lossd_evaluations_total")[(("dataset", ""), ("method", "Finalize"), ("model", "m"), ("split", ""))] == 1
-    evaluation.batches = 3  # a stream's last batch is not the stream's rows
-    monitoring.observe(Observation("EvaluateStream", pb.Tags(model="m"), evaluation, tensors, (FunctionSpec("cross_entropy"),)))
-    assert sum(_samples(monitoring.registry, "lossd_calibration_count_total").values()) == 0
-    assert _samples(monitoring.registry, "lossd_monitoring_skipped_total") == {(("reason", "stream_rows"),): 1}
-    assert sum(_samples(monitoring.registry, "lossd_loss_count_total").values()) == 10  # the stream's totals are exact
+    evaluation.batches = 3  # a stream: its rows come from the batch summaries the service added up
+    summary = monitoring.summarize_rows(tensors) + monitoring.summarize_rows(tensors) + monitoring.summarize_rows(tensors)
+    monitoring.observe(Observation("EvaluateStream", pb.Tags(model="m"), evaluation, None, (FunctionSpec("cross_entropy"),), row_summary=summary))
+    assert sum(_samples(monitoring.registry, "lossd_calibration_count_total").values()) == 30
+    assert sum(_samples(monitoring.registry, "lossd_evaluated_rows_total").values()) == 30
+    assert sum(_samples(monitoring.registry, "lossd_loss_count_total").values()) == 10  # the stream's loss totals (its evaluation's)
 
 
 def test_observe_never_raises() -> None:

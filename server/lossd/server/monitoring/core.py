@@ -34,15 +34,18 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Mapping
 from importlib import metadata
+from typing import Any
 
 import prometheus_client
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from lossd.server.history import History, SeriesKey
 from lossd.server.monitoring.interceptor import GrpcMetrics, MetricsInterceptor
 from lossd.server.monitoring.labels import LabelGuard
-from lossd.server.monitoring.statistics import calibration_counts, loss_sums, row_counts
+from lossd.server.monitoring.statistics import RowSummary, loss_sums, summarize_rows
 from lossd.server.service import Observation
 from lossd.server.settings import Settings
 
@@ -110,6 +113,14 @@ class Monitoring:
         """Return the grpc.aio server interceptor exporting the ``grpc_server_*`` families."""
         return MetricsInterceptor(self.grpc)
 
+    def summarize_rows(self, tensors: Mapping[str, torch.Tensor]) -> RowSummary:
+        """One stream batch's per-row sums; the service adds them up and hands the total to :meth:`observe`."""
+        return summarize_rows(tensors, self.bins)
+
+    def server_hooks(self) -> dict[str, Any]:
+        """The keyword arguments that attach this monitoring to ``create_server``."""
+        return {"observers": [self.observe], "interceptors": [self.interceptor()], "batch_summarizer": self.summarize_rows}
+
     def _overflowed(self, label: str, reason: str) -> None:
         self.overflow.labels(label, reason).inc()
 
@@ -142,17 +153,16 @@ class Monitoring:
             self.loss_count.labels(*key, function).inc(den)
             prior = guarded.get(function, (0.0, 0.0))
             guarded[function] = (prior[0] + num, prior[1] + den)
-        # A stream's observation carries its last batch only: per-row statistics need every batch.
-        tensors = obs.tensors if obs.evaluation.batches <= 1 or obs.method == "Evaluate" else None
-        if tensors is None and obs.tensors:
-            self.skipped.labels("stream_rows").inc()
-        calibration = calibration_counts(tensors, self.bins)
+        # Per-row sums: from the request's tensors, or for a stream from every batch's summary
+        # (its observation carries no tensors); nothing is counted for a failed stream.
+        summary = obs.row_summary if obs.row_summary is not None else summarize_rows(obs.tensors if obs.method == "Evaluate" else None, self.bins)
+        calibration = summary.calibration
         if calibration is not None:
             for b in range(self.bins):
                 self.cal_count.labels(*key, str(b)).inc(float(calibration.count[b]))
                 self.cal_confidence.labels(*key, str(b)).inc(float(calibration.confidence[b]))
                 self.cal_correct.labels(*key, str(b)).inc(float(calibration.correct[b]))
-        rows, tokens = row_counts(tensors)
+        rows, tokens = summary.rows, summary.tokens
         self.rows.labels(*key).inc(rows)
         self.tokens.labels(*key).inc(tokens)
         self.history.record(

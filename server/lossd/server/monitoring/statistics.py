@@ -27,7 +27,7 @@ from lossd.kernels.calibration import bin_sums
 from lossd.kernels.plan import row_statistics
 from lossd.server.service import Observation
 
-__all__ = ["Calibration", "LossSums", "calibration_counts", "loss_sums", "row_counts"]
+__all__ = ["Calibration", "LossSums", "RowSummary", "calibration_counts", "loss_sums", "row_counts", "summarize_rows"]
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -130,3 +130,23 @@ def row_counts(tensors: Mapping[str, torch.Tensor] | None) -> tuple[int, int]:
     rows = int(anchor.shape[0]) if anchor.ndim else 1
     tokens = int(labels.numel()) if labels is not None else rows
     return rows, tokens
+
+
+@dataclass(frozen=True)
+class RowSummary:
+    """Per-row statistics of one or more batches: calibration sums, rows and tokens; ``+`` merges two."""
+
+    calibration: Calibration | None
+    rows: int
+    tokens: int
+
+    def __add__(self, other: RowSummary) -> RowSummary:
+        a, b = self.calibration, other.calibration
+        merged = a if b is None else b if a is None else Calibration(a.count + b.count, a.confidence + b.confidence, a.correct + b.correct)
+        return RowSummary(merged, self.rows + other.rows, self.tokens + other.tokens)
+
+
+def summarize_rows(tensors: Mapping[str, torch.Tensor] | None, bins: int) -> RowSummary:
+    """The :class:`RowSummary` of one batch."""
+    rows, tokens = row_counts(tensors)
+    return RowSummary(calibration_counts(tensors, bins), rows, tokens)
