@@ -23,7 +23,7 @@ from lossd.kernels.diagnostics import Diagnostics
 from lossd.kernels.errors import InvalidInput
 from lossd.kernels.registry import FunctionDef
 
-__all__ = ["Batch", "View", "RowStats", "compute_dtype", "CHUNK_ELEMENTS"]
+__all__ = ["Batch", "View", "RowStats", "compute_dtype", "first_index", "CHUNK_ELEMENTS"]
 
 # Rows are processed in chunks of about this many elements (64 MiB of float32)
 # so that no intermediate of the size of the whole logits tensor is ever made.
@@ -437,7 +437,7 @@ class View:
         if t.dtype in _FLOAT_DTYPES:
             ok = torch.isfinite(t) & (t == torch.round(t))
             if not bool(ok.all()):
-                first = _flat_index(t, ~ok)
+                first = first_index(~ok)
                 raise self.error(role, f"expected integer class indices, got non-integer value {float(t.reshape(-1)[first])!r} at flat index {first}")
             return t.to(torch.int64)
         raise self.error(role, f"expected integer class indices, got {t.dtype}")
@@ -447,7 +447,7 @@ class View:
         valid = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
         bad = valid & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
-            first = _flat_index(labels, bad)
+            first = first_index(bad)
             value = int(labels.reshape(-1)[first])
             self.diag(
                 "labels_out_of_range",
@@ -467,7 +467,7 @@ class View:
         t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
         bad = ~((t >= 0) & (t <= 1))
         if bool(bad.any()):
-            first = _flat_index(t, bad)
+            first = first_index(bad)
             raise self.error(role, f"expected targets in [0, 1], got {float(t.reshape(-1)[first])!r} at flat index {first}")
         if bool(((t == 0) | (t == 1)).all()):  # hard targets: judge the class balance (soft ones have none)
             self.diagnose_class_imbalance(role, t.to(torch.int64), torch.ones_like(t, dtype=torch.bool), 2)
@@ -521,7 +521,7 @@ class View:
         if derived not in self.batch.tensors:
             bad = ~((t >= 0) & (t <= 1))
             if bool(bad.any()):
-                first = _flat_index(t, bad)
+                first = first_index(bad)
                 raise self.error(role, f"input_kind='probs' expects probabilities in [0, 1], got {float(t.reshape(-1)[first])!r} at flat index {first}")
             self.batch.tensors = {**self.batch.tensors, derived: torch.log(t.to(compute_dtype(t.dtype)))}  # type: ignore[misc]
             self.batch._checked_finite.add(derived)  # log(0) = -inf is a legitimate score
@@ -550,7 +550,7 @@ class View:
         something other than what the caller meant. lse = log Σ_k p_k here."""
         off = (stats.lse.abs() > 1e-3) & torch.isfinite(stats.lse)
         if bool(off.any()):
-            first = _flat_index(stats.lse, off)
+            first = first_index(off)
             total = float(torch.exp(stats.lse.reshape(-1)[first]))
             raise self.error(
                 role,
@@ -625,5 +625,6 @@ def _lse_allows_probabilities(lse: torch.Tensor, k: int) -> bool:
     return bool(((lse >= low) & (lse <= high)).all())
 
 
-def _flat_index(t: torch.Tensor, mask: torch.Tensor) -> int:
+def first_index(mask: torch.Tensor) -> int:
+    """The flat (row-major) index of the first True element of ``mask``: where an error points."""
     return int(torch.nonzero(mask.reshape(-1))[0][0])

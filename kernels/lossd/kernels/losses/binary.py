@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lossd.kernels.params import Param
-from lossd.kernels.plan import View
+from lossd.kernels.plan import View, first_index
 from lossd.kernels.reduce import Terms, mean_loss
 from lossd.kernels.registry import Role, register
 
@@ -34,16 +34,12 @@ SMOOTH = Param("smooth", "float", 1e-5, "s, added to numerator and denominator (
 MARGIN = Param("margin", "float", 1.0, "the margin m in max(0, m − t·z)")
 
 
-def _flat_index(mask: torch.Tensor) -> int:
-    return int(torch.nonzero(mask.reshape(-1))[0][0])
-
-
 def _hard_targets(view: View) -> None:
     """Refuse anything but 0/1 targets, with a hint for ±1 labels."""
     t = view.tensor("targets")
     bad = ~((t == 0) | (t == 1))
     if bool(bad.any()):
-        i = _flat_index(bad)
+        i = first_index(bad)
         value = float(t.reshape(-1)[i])
         hint = "; for labels in {-1, 1} send (label + 1) / 2" if value == -1 else ""
         raise view.error("targets", f"expected hard targets in {{0, 1}} (t = 2y − 1), got {value!r} at flat index {i}{hint}")
@@ -138,7 +134,7 @@ def _segmentation(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, torch
     if p["input_kind"] == "probs":
         bad = ~((z >= 0) & (z <= 1))
         if bool(bad.any()):
-            i = _flat_index(bad)
+            i = first_index(bad)
             raise view.error("logits", f"input_kind='probs' expects probabilities in [0, 1], got {float(z.reshape(-1)[i])!r} at flat index {i}")
         prob = z
     else:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lossd.kernels.params import Param
-from lossd.kernels.plan import View
+from lossd.kernels.plan import View, first_index
 from lossd.kernels.reduce import Terms, mean_loss
 from lossd.kernels.registry import Role, register
 
@@ -47,10 +47,6 @@ def _common_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def _targets(view: View) -> torch.Tensor:
     return view.numeric("targets")
-
-
-def _flat_index(mask: torch.Tensor) -> int:
-    return int(torch.nonzero(mask.reshape(-1))[0][0])
 
 
 def regression_pair(view: View) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +135,7 @@ def _gaussian_nll_terms(view: View, p: Mapping[str, Any]) -> Terms:
     var = view.numeric("variance")
     neg = var < 0
     if bool(neg.any()):
-        i = _flat_index(neg)
+        i = first_index(neg)
         raise view.error("variance", f"expected non-negative variances, got {float(var.reshape(-1)[i])!r} at flat index {i}")
     dtype = _common_dtype(pred, var)
     var = _variance_like(view, var, pred.shape).to(dtype)
@@ -156,7 +152,7 @@ def _poisson_nll_terms(view: View, p: Mapping[str, Any]) -> Terms:
     pred, target = regression_pair(view)
     neg = target < 0
     if bool(neg.any()):
-        i = _flat_index(neg)
+        i = first_index(neg)
         raise view.error("targets", f"expected non-negative counts, got {float(target.reshape(-1)[i])!r} at flat index {i}")
     # float64 throughout: exp(prediction) must only overflow where float64 does.
     z, y = pred.to(torch.float64), target.to(torch.float64)
@@ -169,7 +165,7 @@ def _poisson_nll_terms(view: View, p: Mapping[str, Any]) -> Terms:
     else:
         bad = z < 0
         if bool(bad.any()):
-            i = _flat_index(bad)
+            i = first_index(bad)
             raise view.error("predictions", f"log_input=false expects non-negative rates, got {float(z.reshape(-1)[i])!r} at flat index {i}")
         loss = z - y * torch.log(z + POISSON_EPS)
     if p["full"]:

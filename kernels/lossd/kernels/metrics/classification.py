@@ -107,12 +107,6 @@ def _binary_inputs(view: View, *, hard: bool = True) -> tuple[torch.Tensor, torc
     return z, y
 
 
-def _log_space(view: View, kind: str) -> torch.Tensor:
-    """The logits role's scores in log space (memoized per request for probs)."""
-    name = view.log_space("logits", kind)  # may add the derived tensor to the batch: look it up after
-    return view.batch.tensors[name]
-
-
 def _binary_log_probs(view: View, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p, log(1 − p)) of binary scores [N] in float64, without cancellation.
 
@@ -617,7 +611,7 @@ def _log_loss_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor
         return _mean_state(view, loss, torch.ones_like(y, dtype=torch.bool))
     z, y, valid = _multiclass(view, p)
     stats = view.row_stats("logits", 1, input_kind=p["input_kind"])
-    scores = _log_space(view, p["input_kind"])
+    scores = view.log_scores("logits", p["input_kind"])
     nll = stats.lse - scores.gather(1, y.unsqueeze(1)).squeeze(1).to(stats.lse.dtype)
     return _mean_state(view, nll, valid)
 
@@ -629,7 +623,7 @@ def _brier_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return _mean_state(view, (torch.exp(log_p) - y.to(log_p.dtype)) ** 2, torch.ones_like(y, dtype=torch.bool))
     z, y, valid = _multiclass(view, p)
     stats = view.row_stats("logits", 1, input_kind=p["input_kind"])
-    scores = _log_space(view, p["input_kind"])
+    scores = view.log_scores("logits", p["input_kind"])
     return _mean_state(view, _multiclass_brier(scores, y, stats.lse), valid)
 
 
