@@ -26,8 +26,11 @@ e2e-deps:
 test: $(STAMP) e2e-deps check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+LINTED := kernels client server tests bench scripts examples
+
 check: $(STAMP)
-	$(PY) -m ruff check kernels client server tests bench scripts examples
+	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m ruff check $(LINTED)
 	$(PY) -m mypy kernels/lossd client/lossd/client server/lossd
 
 proto: $(STAMP)

@@ -80,9 +80,19 @@ def cross_entropy_alone(sizes: tuple[tuple[int, int], ...], repeats: int) -> Non
             base = median_seconds(lambda z=z, y=y: F.cross_entropy(z, y), repeats=repeats)
             rows: list[tuple[str, float, float | None]] = [("torch F.cross_entropy (baseline)", base, nbytes)]
             if dtype != torch.float32:
-                rows.append(("torch F.cross_entropy(z.float())", median_seconds(lambda z=z, y=y: F.cross_entropy(z.float(), y), repeats=repeats), nbytes))
+                rows.append(
+                    (
+                        "torch F.cross_entropy(z.float())",
+                        median_seconds(lambda z=z, y=y: F.cross_entropy(z.float(), y), repeats=repeats),
+                        nbytes,
+                    )
+                )
             rows += [
-                ("lossd evaluate(cross_entropy)", median_seconds(lambda t=tensors: evaluate(t, ["cross_entropy"]), repeats=repeats), nbytes),
+                (
+                    "lossd evaluate(cross_entropy)",
+                    median_seconds(lambda t=tensors: evaluate(t, ["cross_entropy"]), repeats=repeats),
+                    nbytes,
+                ),
                 ("  of which row_statistics", median_seconds(lambda z=z: plan.row_statistics(z, 1, False), repeats=repeats), nbytes),
                 ("  of which finiteness check", median_seconds(lambda z=z: plan.count_nonfinite(z), repeats=repeats), nbytes),
             ]
@@ -123,7 +133,11 @@ def lm_request(shape: tuple[int, int, int], repeats: int) -> None:
         base = median_seconds(lambda z=z, y=y: F.cross_entropy(z[:, :-1].reshape(-1, v), y[:, 1:].reshape(-1)), repeats=repeats)
         rows: list[tuple[str, float, float | None]] = [
             ("torch F.cross_entropy(z[:, :-1], y[:, 1:]) (baseline)", base, nbytes),
-            ("lossd evaluate(lm_cross_entropy)", median_seconds(lambda z=z, y=y: evaluate({"logits": z, "labels": y}, ["lm_cross_entropy"]), repeats=repeats), nbytes),
+            (
+                "lossd evaluate(lm_cross_entropy)",
+                median_seconds(lambda z=z, y=y: evaluate({"logits": z, "labels": y}, ["lm_cross_entropy"]), repeats=repeats),
+                nbytes,
+            ),
         ]
         dtype_name = str(dtype).replace("torch.", "")
         report(f"lm_cross_entropy [{b}, {t}, {v}] {dtype_name} ({load()})", rows, base)

@@ -115,7 +115,18 @@ def _child(args: argparse.Namespace) -> None:
 
 def _run_child(args: argparse.Namespace, which: str, repeats: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--repeats", str(repeats)]
-    cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab), "--dtype", args.dtype, "--threads", str(args.threads)]
+    cmd += [
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--vocab",
+        str(args.vocab),
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+    ]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -145,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  (peak from ru_maxrss: /proc/self/clear_refs was not writable)")
     if "times" in ours:
         t = ours["times"]
-        print(f"  median time        lossd {t['lossd'] * 1e3:.1f} ms   torch {t['torch'] * 1e3:.1f} ms   lossd/torch {t['lossd'] / t['torch']:.2f}")
+        print(
+            f"  median time        lossd {t['lossd'] * 1e3:.1f} ms   torch {t['torch'] * 1e3:.1f} ms   lossd/torch {t['lossd'] / t['torch']:.2f}"
+        )
     return 0 if ours["peak_ratio"] < args.limit else 1
 
 

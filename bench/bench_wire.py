@@ -67,24 +67,45 @@ def main() -> None:
 
     baseline = median_seconds(lambda: F.cross_entropy(z, y), repeats=args.repeats)
     rows: list[tuple[str, float, float | None]] = [("torch F.cross_entropy (in process)", baseline, nbytes)]
-    rows.append(("lossd.kernels cross_entropy (in process)", median_seconds(lambda: evaluate({"logits": z, "labels": y}, ["cross_entropy"]), repeats=args.repeats), nbytes))
+    rows.append(
+        (
+            "lossd.kernels cross_entropy (in process)",
+            median_seconds(lambda: evaluate({"logits": z, "labels": y}, ["cross_entropy"]), repeats=args.repeats),
+            nbytes,
+        )
+    )
 
     address, _ = start_server()
     functions = specs_to_proto(["cross_entropy"])
     bf16 = z.to(torch.bfloat16)
-    for wire_name, tensors, size in (("float32", {"logits": z, "labels": y}, nbytes), ("bfloat16", {"logits": bf16, "labels": y}, nbytes // 2)):
+    for wire_name, tensors, size in (
+        ("float32", {"logits": z, "labels": y}, nbytes),
+        ("bfloat16", {"logits": bf16, "labels": y}, nbytes // 2),
+    ):
         request = pb.EvaluateRequest(tensors=encode_tensors(tensors), functions=functions)
         for label, options in (("default options", []), ("tuned HTTP/2", GRPC_OPTIONS)):
-            channel = grpc.insecure_channel(address, options=[*options, ("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)])
+            channel = grpc.insecure_channel(
+                address, options=[*options, ("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
+            )
             stub = pb_grpc.LossServiceStub(channel)
             seconds = median_seconds(lambda: stub.Evaluate(request, timeout=120), repeats=args.repeats)
             rows.append((f"gRPC Evaluate, {wire_name} on the wire, {label}", seconds, size))
             channel.close()
         rows.append((f"  encode only ({wire_name})", median_seconds(lambda: encode_tensors(tensors), repeats=args.repeats), size))
         with Client(address) as client:  # requests serialized straight from the arrays (lossd.client.wire)
-            rows.append((f"lossd Client.evaluate, {wire_name} on the wire", median_seconds(lambda: client.evaluate(tensors, ["cross_entropy"]), repeats=args.repeats), size))
+            rows.append(
+                (
+                    f"lossd Client.evaluate, {wire_name} on the wire",
+                    median_seconds(lambda: client.evaluate(tensors, ["cross_entropy"]), repeats=args.repeats),
+                    size,
+                )
+            )
 
-    report(f"cross-entropy of [{args.rows}, {args.classes}] logits ({nbytes / 1e6:.1f} MB float32); ratios against torch in process", rows, baseline)
+    report(
+        f"cross-entropy of [{args.rows}, {args.classes}] logits ({nbytes / 1e6:.1f} MB float32); ratios against torch in process",
+        rows,
+        baseline,
+    )
 
 
 if __name__ == "__main__":

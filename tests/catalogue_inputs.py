@@ -95,7 +95,9 @@ INPUTS: dict[str, Maker] = {
     **dict.fromkeys(("bce_with_logits", "hinge", "squared_hinge", "exponential", "sigmoid_focal"), _binary),
     **dict.fromkeys(("dice", "dice_bce", "tversky"), _segmentation),
     **dict.fromkeys(("cross_entropy", "focal", "multi_margin", "multiclass_hinge", "adaptive_label_smoothing"), _multiclass),
-    **dict.fromkeys(("accuracy", "top_k_accuracy", "precision", "recall", "f1", "confusion_matrix", "auroc", "average_precision"), _multiclass),
+    **dict.fromkeys(
+        ("accuracy", "top_k_accuracy", "precision", "recall", "f1", "confusion_matrix", "auroc", "average_precision"), _multiclass
+    ),
     **dict.fromkeys(("log_loss", "brier", "ece", "mce", "debiased_ece", "adaptive_ece", "reliability_diagram", "temperature"), _multiclass),
     "z_loss": lambda rng, n: {"logits": _normal(rng, n, K)},
     "entropy": lambda rng, n: {"logits": _normal(rng, n, K)},
@@ -110,7 +112,11 @@ INPUTS: dict[str, Maker] = {
     **dict.fromkeys(("supcon", "multi_similarity", "circle"), _embeddings_with_labels),
     **dict.fromkeys(("arcface", "cosface", "sphereface"), _margin_softmax),
     "triplet": lambda rng, n: {"anchor": _normal(rng, n, D), "positive": _normal(rng, n, D), "negative": _normal(rng, n, D)},
-    "contrastive_pair": lambda rng, n: {"x1": _normal(rng, n, D), "x2": _normal(rng, n, D), "similar": (np.arange(n) % 2).astype(np.float32)},
+    "contrastive_pair": lambda rng, n: {
+        "x1": _normal(rng, n, D),
+        "x2": _normal(rng, n, D),
+        "similar": (np.arange(n) % 2).astype(np.float32),
+    },
     "pairwise_logistic": lambda rng, n: {"chosen_scores": _normal(rng, n), "rejected_scores": _normal(rng, n)},
     "dpo": _dpo,
     "ppo_clip": lambda rng, n: {"logp_new": -np.abs(_normal(rng, n)), "logp_old": -np.abs(_normal(rng, n)), "advantages": _normal(rng, n)},
@@ -124,8 +130,21 @@ INPUTS: dict[str, Maker] = {
 ROLE_GROUPS: dict[str, frozenset[str]] = {
     **dict.fromkeys(
         (
-            "accuracy", "auroc", "average_precision", "brier", "confusion_matrix", "f1", "log_loss", "precision", "recall",
-            "ece", "mce", "debiased_ece", "adaptive_ece", "reliability_diagram", "temperature",
+            "accuracy",
+            "auroc",
+            "average_precision",
+            "brier",
+            "confusion_matrix",
+            "f1",
+            "log_loss",
+            "precision",
+            "recall",
+            "ece",
+            "mce",
+            "debiased_ece",
+            "adaptive_ece",
+            "reliability_diagram",
+            "temperature",
         ),
         frozenset({"labels", "targets"}),
     ),

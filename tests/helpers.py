@@ -56,7 +56,15 @@ def split_tensors(tensors: Mapping[str, torch.Tensor], s: slice, split_keys: Seq
     return {k: (v[s] if split_keys is None or k in split_keys else v) for k, v in tensors.items()}
 
 
-def assert_merge_exact(tensors: Mapping[str, torch.Tensor], spec: Any, *, parts: int = 4, seed: int = 0, split_keys: Sequence[str] | None = None, rtol: float = 1e-9) -> None:
+def assert_merge_exact(
+    tensors: Mapping[str, torch.Tensor],
+    spec: Any,
+    *,
+    parts: int = 4,
+    seed: int = 0,
+    split_keys: Sequence[str] | None = None,
+    rtol: float = 1e-9,
+) -> None:
     """Split ``tensors`` at random points, accumulate states, compare with the unsplit evaluation."""
     from lossd.kernels import Accumulator, evaluate
 

@@ -62,7 +62,9 @@ class Prometheus:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{(self.workdir / 'prometheus.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"prometheus exited with {self.process.returncode}:\n{(self.workdir / 'prometheus.log').read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
                     return

@@ -37,7 +37,10 @@ def fed_replica() -> Iterator[Replica]:
                     logits *= scale * (1 + 0.1 * step)  # growing over-confidence
                     tensors = {name: a for name, a in (("logits", logits.astype(np.float32)), ("labels", labels.astype(np.int64)))}
                     body = {
-                        "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "b64": base64.b64encode(v.tobytes()).decode()} for k, v in tensors.items()},
+                        "tensors": {
+                            k: {"dtype": str(v.dtype), "shape": list(v.shape), "b64": base64.b64encode(v.tobytes()).decode()}
+                            for k, v in tensors.items()
+                        },
                         "functions": ["cross_entropy", "focal"],
                         "tags": {"model": model, "dataset": "imagenet", "split": "val"},
                     }

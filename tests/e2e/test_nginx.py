@@ -30,15 +30,21 @@ class Nginx:
         conf = (ROOT / "deploy/nginx/nginx.conf").read_text()
         for i, r in enumerate(replicas, start=1):
             conf = conf.replace(f"lossd-{i}:50051", r.grpc_address).replace(f"lossd-{i}:8000", r.url.removeprefix("http://"))
-        conf = conf.replace("listen 50051 http2;", f"listen 127.0.0.1:{self.grpc_port} http2;").replace("listen 8080;", f"listen 127.0.0.1:{self.http_port};")
+        conf = conf.replace("listen 50051 http2;", f"listen 127.0.0.1:{self.grpc_port} http2;").replace(
+            "listen 8080;", f"listen 127.0.0.1:{self.http_port};"
+        )
         directives = "\n".join(line for line in conf.splitlines() if not line.lstrip().startswith("#"))
         assert "lossd-" not in directives and "50051" not in directives, "nginx.conf changed shape: update this test's substitutions"
         (workdir / "nginx.conf").write_text(conf)
         (workdir / "logs").mkdir()
         globals_ = f"daemon off; pid {workdir}/nginx.pid; error_log {workdir}/logs/error.log;"
-        check = subprocess.run([binary, "-t", "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", globals_], capture_output=True, text=True)
+        check = subprocess.run(
+            [binary, "-t", "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", globals_], capture_output=True, text=True
+        )
         assert check.returncode == 0, check.stderr
-        self.process = subprocess.Popen([binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", globals_], stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", globals_], stderr=subprocess.DEVNULL
+        )
         self.workdir = workdir
         wait_for(self._up, 15, "nginx to listen")
 
@@ -89,8 +95,13 @@ def test_grpc_and_http_are_balanced_and_fail_over(stack: tuple[Nginx, list[Repli
         assert sum(served) == 10 and min(served) >= 3, served  # round robin over both
 
         with httpx.Client(base_url=f"http://127.0.0.1:{nginx.http_port}", timeout=30) as http:
-            body = {"tensors": {"x": {"dtype": "float32", "shape": [2], "data": [1, 2]}, "y": {"dtype": "float32", "shape": [2], "data": [1, 4]}},
-                    "functions": [{"name": "mse", "inputs": {"predictions": "x", "targets": "y"}}]}
+            body = {
+                "tensors": {
+                    "x": {"dtype": "float32", "shape": [2], "data": [1, 2]},
+                    "y": {"dtype": "float32", "shape": [2], "data": [1, 4]},
+                },
+                "functions": [{"name": "mse", "inputs": {"predictions": "x", "targets": "y"}}],
+            }
             assert http.post("/v1/evaluate", json=body).json()["results"] == {"mse": 2.0}
             assert http.get("/dashboard").status_code == 200
 

@@ -49,7 +49,9 @@ def _whole(address: str, data: dict[str, np.ndarray]) -> dict[str, Any]:
     """Lossd's answer for the whole data set in one request (no tags: its counters stay apart)."""
     functions = ["cross_entropy", f"ece:n_bins={BINS}", f"reliability_diagram:n_bins={BINS}"]
     with grpc.insecure_channel(address) as channel:
-        request = pb.EvaluateRequest(tensors={k: encode_tensor(v, k) for k, v in data.items()}, functions=[spec_to_proto(f) for f in functions])
+        request = pb.EvaluateRequest(
+            tensors={k: encode_tensor(v, k) for k, v in data.items()}, functions=[spec_to_proto(f) for f in functions]
+        )
         return response_to_json(pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=60))["results"]
 
 
@@ -65,14 +67,28 @@ def test_recording_rules_pool_replicas_exactly(replicas: list[Replica], promethe
         with httpx.Client(base_url=replica.url, timeout=60) as client:
             rows = np.arange(N)[half]
             for batch in np.array_split(rows, 3):  # several batches per replica, of unequal ECE
-                body = {"tensors": {k: _b64(v[batch]) for k, v in data.items()}, "functions": ["cross_entropy", f"ece:n_bins={BINS}"], "tags": TAGS}
+                body = {
+                    "tensors": {k: _b64(v[batch]) for k, v in data.items()},
+                    "functions": ["cross_entropy", f"ece:n_bins={BINS}"],
+                    "tags": TAGS,
+                }
                 response = client.post("/v1/evaluate", json=body)
                 assert response.status_code == 200, response.text
     expected = _whole(replicas[0].grpc_address, data)
 
     # Once the last scrape and rule evaluation saw every row, the windows hold the whole data set.
-    wait_for(lambda: _value(prometheus, f"model_dataset_split:lossd_calibration_count:increase5m{SELECTOR}") == N, 30, "the ECE rule to see every row")
-    wait_for(lambda: _value(prometheus, f'model_dataset_split_function:lossd_loss_count:increase5m{SELECTOR[:-1]}, function="cross_entropy"}}') == N, 30, "the loss rule to see every row")
+    wait_for(
+        lambda: _value(prometheus, f"model_dataset_split:lossd_calibration_count:increase5m{SELECTOR}") == N,
+        30,
+        "the ECE rule to see every row",
+    )
+    wait_for(
+        lambda: (
+            _value(prometheus, f'model_dataset_split_function:lossd_loss_count:increase5m{SELECTOR[:-1]}, function="cross_entropy"}}') == N
+        ),
+        30,
+        "the loss rule to see every row",
+    )
 
     ece = _value(prometheus, f"model_dataset_split:lossd_ece:ratio5m{SELECTOR}")
     loss = _value(prometheus, f'model_dataset_split_function:lossd_loss:mean5m{SELECTOR[:-1]}, function="cross_entropy"}}')
@@ -83,7 +99,10 @@ def test_recording_rules_pool_replicas_exactly(replicas: list[Replica], promethe
     assert abs(loss - expected["cross_entropy"]) <= 1e-6
 
     # The pooled reliability diagram, bin by bin.
-    accuracy = {int(s["metric"]["bin"]): float(s["value"][1]) for s in prometheus.query(f"model_dataset_split_bin:lossd_calibration_accuracy:ratio5m{SELECTOR}")}
+    accuracy = {
+        int(s["metric"]["bin"]): float(s["value"][1])
+        for s in prometheus.query(f"model_dataset_split_bin:lossd_calibration_accuracy:ratio5m{SELECTOR}")
+    }
     diagram = expected["reliability_diagram"]
     for b, count in enumerate(diagram["count"]):
         if count > 0:
@@ -92,8 +111,5 @@ def test_recording_rules_pool_replicas_exactly(replicas: list[Replica], promethe
             assert b not in accuracy
 
     # Each replica alone is not the answer: the test would notice a rule that pooled wrongly.
-    per_replica = [
-        float(s["value"][1])
-        for s in prometheus.query(f"sum by (instance) (lossd_calibration_count_total{SELECTOR})")
-    ]
+    per_replica = [float(s["value"][1]) for s in prometheus.query(f"sum by (instance) (lossd_calibration_count_total{SELECTOR})")]
     assert sorted(per_replica) == [N / 2, N / 2]

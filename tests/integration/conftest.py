@@ -17,7 +17,9 @@ from lossd.server.settings import Settings
 class ServerThread:
     """Runs ``create_server(settings)`` on its own event loop in a daemon thread."""
 
-    def __init__(self, settings: Settings, *, observers: Sequence[EvaluationObserver] = (), interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+    def __init__(
+        self, settings: Settings, *, observers: Sequence[EvaluationObserver] = (), interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    ) -> None:
         self.settings = settings
         self.observers = observers
         self.interceptors = interceptors
@@ -30,7 +32,9 @@ class ServerThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.running = self.loop.run_until_complete(create_server(self.settings, observers=self.observers, interceptors=self.interceptors))
+            self.running = self.loop.run_until_complete(
+                create_server(self.settings, observers=self.observers, interceptors=self.interceptors)
+            )
         except BaseException as exc:  # surfaced in start()
             self._error = exc
         self._ready.set()
@@ -57,7 +61,9 @@ class ServerThread:
         self.loop.close()
 
 
-def start_server(*, observers: Sequence[EvaluationObserver] = (), interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **overrides: object) -> ServerThread:
+def start_server(
+    *, observers: Sequence[EvaluationObserver] = (), interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **overrides: object
+) -> ServerThread:
     settings = Settings(grpc_port=0, http_port=0, device="cpu", **overrides)  # type: ignore[arg-type]
     return ServerThread(settings, observers=observers, interceptors=interceptors).start()
 

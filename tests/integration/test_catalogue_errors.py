@@ -92,7 +92,12 @@ def test_diagnostics_reach_the_response(stub):
     specs = [{"name": "cross_entropy"}, {"name": "accuracy", "inputs": {"logits": "student"}, "alias": "acc"}]
     response = stub.Evaluate(pb.EvaluateRequest(tensors=encode_tensors(tensors), functions=specs_to_proto(specs)), timeout=30)
     found = {(d.code, d.function): (d.severity, d.count, d.message) for d in response.diagnostics}
-    assert set(found) == {("probabilities_as_logits", "cross_entropy"), ("ignored_fraction", "cross_entropy"), ("ignored_fraction", "acc"), ("nan_or_inf", "")}
+    assert set(found) == {
+        ("probabilities_as_logits", "cross_entropy"),
+        ("ignored_fraction", "cross_entropy"),
+        ("ignored_fraction", "acc"),
+        ("nan_or_inf", ""),
+    }
     assert found[("probabilities_as_logits", "cross_entropy")][:2] == (pb.WARNING, 1)
     assert found[("ignored_fraction", "acc")][:2] == (pb.INFO, 1)
     assert found[("nan_or_inf", "")][0] == pb.ERROR and "'student'" in found[("nan_or_inf", "")][2]
@@ -148,7 +153,11 @@ def out_of_range(p: Param) -> list[float]:
 
 
 def ranged(fdef: FunctionDef) -> list[Param]:
-    return [p for p in fdef.params if p.kind in ("float", "int", "float_list", "float_or_list") and (p.minimum is not None or p.maximum is not None)]
+    return [
+        p
+        for p in fdef.params
+        if p.kind in ("float", "int", "float_list", "float_or_list") and (p.minimum is not None or p.maximum is not None)
+    ]
 
 
 def with_choices(fdef: FunctionDef) -> list[Param]:
@@ -164,7 +173,9 @@ def test_out_of_range_parameters(stub, name):
             found = violations(stub, batch, {"name": name, "params": {p.name: value}})
             field = f"functions[0].params.{p.name}" + ("[0]" if p.kind == "float_list" else "")
             assert [f for f, _ in found] == [field], f"{name}.{p.name}={value}: {found}"
-            assert p.range_text() in found[0][1], f"{name}.{p.name}: the description should give the range {p.range_text()!r}: {found[0][1]}"
+            assert p.range_text() in found[0][1], (
+                f"{name}.{p.name}: the description should give the range {p.range_text()!r}: {found[0][1]}"
+            )
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if with_choices(FUNCTIONS[n])])
@@ -252,5 +263,16 @@ def test_list_functions_describes_function_completely(listed, name):
 
 def test_embedding_functions_are_not_splittable(listed):
     embedding = {info.name: info.splittable for info in listed.values() if info.family == "embedding"}
-    catalogue = ("info_nce", "nt_xent", "supcon", "triplet", "contrastive_pair", "multi_similarity", "circle", "arcface", "cosface", "sphereface")
+    catalogue = (
+        "info_nce",
+        "nt_xent",
+        "supcon",
+        "triplet",
+        "contrastive_pair",
+        "multi_similarity",
+        "circle",
+        "arcface",
+        "cosface",
+        "sphereface",
+    )
     assert embedding == dict.fromkeys(catalogue, False)

@@ -61,7 +61,9 @@ def _b64(a: np.ndarray, dtype: str | None = None) -> dict[str, Any]:
 
 def _grpc(address: str, tensors: dict[str, np.ndarray], functions: list[Any]) -> dict[str, Any]:
     with grpc.insecure_channel(address) as channel:
-        request = pb.EvaluateRequest(tensors={k: encode_tensor(v, k) for k, v in tensors.items()}, functions=[spec_to_proto(f) for f in functions])
+        request = pb.EvaluateRequest(
+            tensors={k: encode_tensor(v, k) for k, v in tensors.items()}, functions=[spec_to_proto(f) for f in functions]
+        )
         return response_to_json(pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=60))
 
 
@@ -103,13 +105,25 @@ def test_other_float_dtypes(http: httpx.Client, replica: Replica, batch: dict[st
     logits = batch["logits"].astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     tensors = {"logits": logits, "labels": batch["labels"]}
     expected = _grpc(replica.grpc_address, tensors, ["cross_entropy"])
-    as_b64 = http.post("/v1/evaluate", json={"tensors": {"logits": _b64(logits, dtype), "labels": _b64(batch["labels"])}, "functions": ["cross_entropy"]})
-    as_list = http.post("/v1/evaluate", json={"tensors": {"logits": {**_nested(logits.astype(np.float64)), "dtype": dtype}, "labels": _nested(batch["labels"])}, "functions": ["cross_entropy"]})
+    as_b64 = http.post(
+        "/v1/evaluate", json={"tensors": {"logits": _b64(logits, dtype), "labels": _b64(batch["labels"])}, "functions": ["cross_entropy"]}
+    )
+    as_list = http.post(
+        "/v1/evaluate",
+        json={
+            "tensors": {"logits": {**_nested(logits.astype(np.float64)), "dtype": dtype}, "labels": _nested(batch["labels"])},
+            "functions": ["cross_entropy"],
+        },
+    )
     assert as_b64.json() == expected and as_list.json() == expected
 
 
 def test_tags_reach_monitoring_and_the_dashboard(http: httpx.Client, replica: Replica, batch: dict[str, np.ndarray]) -> None:
-    body = {"tensors": {k: _b64(v) for k, v in batch.items()}, "functions": ["cross_entropy"], "tags": {"model": "gw-model", "dataset": "gw-data", "split": "val"}}
+    body = {
+        "tensors": {k: _b64(v) for k, v in batch.items()},
+        "functions": ["cross_entropy"],
+        "tags": {"model": "gw-model", "dataset": "gw-data", "split": "val"},
+    }
     assert http.post("/v1/evaluate", json=body).status_code == 200
     metrics = http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
@@ -133,14 +147,16 @@ def test_grpc_metrics_carry_type_code_and_message_counts(http: httpx.Client, rep
             stub.Evaluate(pb.EvaluateRequest(functions=[spec_to_proto("no_such_function")]), timeout=30)
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         tensors = {k: encode_tensor(v, k) for k, v in batch.items()}
-        messages = [pb.EvaluateRequest(tensors=tensors, functions=[spec_to_proto("cross_entropy")])] + [pb.EvaluateRequest(tensors=tensors)] * 2
+        messages = [pb.EvaluateRequest(tensors=tensors, functions=[spec_to_proto("cross_entropy")])] + [
+            pb.EvaluateRequest(tensors=tensors)
+        ] * 2
         stub.EvaluateStream(iter(messages), timeout=30)
     text = http.get("/metrics").text
     service = 'grpc_method="{}",grpc_service="lossd.v1.LossService",grpc_type="{}"'
     assert f'grpc_server_handled_total{{grpc_code="INVALID_ARGUMENT",{service.format("Evaluate", "unary")}}}' in text
     assert f'grpc_server_handled_total{{grpc_code="OK",{service.format("EvaluateStream", "client_stream")}}} 1.0' in text
-    assert f'grpc_server_msg_received_total{{{service.format("EvaluateStream", "client_stream")}}} 3.0' in text
-    assert f'grpc_server_handling_seconds_count{{{service.format("EvaluateStream", "client_stream")}}} 1.0' in text
+    assert f"grpc_server_msg_received_total{{{service.format('EvaluateStream', 'client_stream')}}} 3.0" in text
+    assert f"grpc_server_handling_seconds_count{{{service.format('EvaluateStream', 'client_stream')}}} 1.0" in text
     assert 'lossd_grpc_in_flight_requests{grpc_method="EvaluateStream",grpc_service="lossd.v1.LossService"} 0.0' in text
 
 
@@ -177,12 +193,40 @@ def _body(batch: dict[str, np.ndarray], **changes: Any) -> dict[str, Any]:
         ({"tensors": {"logits": {"dtype": "float32", "shape": [64, 5], "data": [[1.0, 2.0]]}}}, "tensors.logits.data"),
         ({"tensors": {"logits": {"dtype": "float32", "shape": [64, 5], "b64": "***"}}}, "tensors.logits.b64"),
         ({"tensors": {"logits": {"dtype": "float32", "shape": [64, 6], "b64": base64.b64encode(b"\0" * 16).decode()}}}, "tensors.logits"),
-        ({"tensors": {"logits": {"dtype": "float32", "shape": [2, 2], "data": [[0, 1], [1, 0]]}, "labels": {"dtype": "int64", "shape": [2], "data": [0, 7]}}}, "tensors.labels"),
-        ({"tensors": {"logits": {"dtype": "float32", "shape": [1, 2], "data": [[0, 1]]}, "labels": {"dtype": "int64", "shape": [1], "data": [0.5]}}}, "tensors.labels.data"),
+        (
+            {
+                "tensors": {
+                    "logits": {"dtype": "float32", "shape": [2, 2], "data": [[0, 1], [1, 0]]},
+                    "labels": {"dtype": "int64", "shape": [2], "data": [0, 7]},
+                }
+            },
+            "tensors.labels",
+        ),
+        (
+            {
+                "tensors": {
+                    "logits": {"dtype": "float32", "shape": [1, 2], "data": [[0, 1]]},
+                    "labels": {"dtype": "int64", "shape": [1], "data": [0.5]},
+                }
+            },
+            "tensors.labels.data",
+        ),
     ],
-    ids=["unknown-function", "bad-param", "bad-spec", "no-functions", "ragged-shape", "bad-base64", "byte-length", "label-range", "non-integer-label"],
+    ids=[
+        "unknown-function",
+        "bad-param",
+        "bad-spec",
+        "no-functions",
+        "ragged-shape",
+        "bad-base64",
+        "byte-length",
+        "label-range",
+        "non-integer-label",
+    ],
 )
-def test_invalid_argument_is_400_naming_the_field(http: httpx.Client, batch: dict[str, np.ndarray], change: dict[str, Any], field: str) -> None:
+def test_invalid_argument_is_400_naming_the_field(
+    http: httpx.Client, batch: dict[str, np.ndarray], change: dict[str, Any], field: str
+) -> None:
     body = _problem(http.post("/v1/evaluate", json=_body(batch, **change)), 400)
     assert field in _fields(body), body
     assert body["type"] == "urn:lossd:problem:invalid-argument"
@@ -212,7 +256,10 @@ def test_malformed_json_is_400_naming_the_body(http: httpx.Client) -> None:
 
 def test_float_data_beyond_the_dtype_range_is_refused(http: httpx.Client) -> None:
     body = {
-        "tensors": {"logits": {"dtype": "float32", "shape": [1, 2], "data": [[1e39, 0.0]]}, "labels": {"dtype": "int64", "shape": [1], "data": [0]}},
+        "tensors": {
+            "logits": {"dtype": "float32", "shape": [1, 2], "data": [[1e39, 0.0]]},
+            "labels": {"dtype": "int64", "shape": [1], "data": [0]},
+        },
         "functions": ["cross_entropy"],
     }
     problem = _problem(http.post("/v1/evaluate", json=body), 400)
@@ -351,5 +398,9 @@ def test_a_stream_is_monitored_batch_by_batch() -> None:
         text = httpx.get(f"{replica.url}/metrics").text
     finally:
         replica.stop()
-    counts = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("lossd_calibration_count_total") and 'model="streamed"' in line]
+    counts = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("lossd_calibration_count_total") and 'model="streamed"' in line
+    ]
     assert sum(counts) == 21

@@ -109,7 +109,7 @@ def test_large_unary_evaluate_goes_in_parts_with_the_same_values(address: str) -
     functions = ["cross_entropy", "accuracy", "ece"]
     with Client(address, chunk_bytes=1024) as client:
         chunked = client.evaluate(tensors, functions)
-        per_element = client.evaluate(tensors, ["cross_entropy:reduction=\"none\""])  # never split
+        per_element = client.evaluate(tensors, ['cross_entropy:reduction="none"'])  # never split
     assert chunked.batches == 1  # parts of one batch count once
     whole = evaluate_in_process(tensors, functions)
     for alias in functions:

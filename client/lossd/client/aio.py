@@ -79,7 +79,9 @@ class AsyncClient:
             grpc.aio.secure_channel(address, credentials, opts) if credentials is not None else grpc.aio.insecure_channel(address, opts)
         )
         self._stub = pb_grpc.LossServiceStub(self._channel)
-        self._evaluate_bytes = self._channel.unary_unary(EVALUATE_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString)
+        self._evaluate_bytes = self._channel.unary_unary(
+            EVALUATE_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString
+        )
         self._config: dict[str, Any] = dict(
             timeout=timeout, attempts=attempts, chunk_bytes=chunk_bytes, options=options, credentials=credentials
         )
@@ -116,7 +118,9 @@ class AsyncClient:
         arrays, specs = arrays_of(tensors), function_specs(functions)
         if self.chunk_bytes and batch_bytes(arrays) > self.chunk_bytes and not wants_per_element(specs):
             return await self.evaluate_stream([arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
-        request = serialized_evaluate(arrays, specs, tags=tags_proto(tags), return_state=return_state, request_id=request_id or new_request_id())
+        request = serialized_evaluate(
+            arrays, specs, tags=tags_proto(tags), return_state=return_state, request_id=request_id or new_request_id()
+        )
         return await self.evaluate_request(request, timeout=timeout)
 
     async def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult:

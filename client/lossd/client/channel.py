@@ -74,5 +74,6 @@ def channel_options(*, attempts: int = DEFAULT_ATTEMPTS, extra: Sequence[tuple[s
         options[item[0]] = item[1]
     return list(options.items())
 
+
 # The full method name of Evaluate, for callables sending pre-serialized requests.
 EVALUATE_METHOD = "/lossd.v1.LossService/Evaluate"

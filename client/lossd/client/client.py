@@ -120,7 +120,9 @@ class Client:
         self._channel = grpc.secure_channel(address, credentials, opts) if credentials is not None else grpc.insecure_channel(address, opts)
         self._stub = pb_grpc.LossServiceStub(self._channel)
         # Evaluate with requests already serialized (lossd.client.wire: no protobuf copies of tensors).
-        self._evaluate_bytes = self._channel.unary_unary(EVALUATE_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString)
+        self._evaluate_bytes = self._channel.unary_unary(
+            EVALUATE_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString
+        )
         self._splittable: dict[str, bool] | None = None
 
     def __enter__(self) -> Client:
@@ -157,7 +159,9 @@ class Client:
         arrays, specs = arrays_of(tensors), function_specs(functions)
         if self._should_chunk(specs, arrays):
             return self.evaluate_stream([arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
-        request = serialized_evaluate(arrays, specs, tags=tags_proto(tags), return_state=return_state, request_id=request_id or new_request_id())
+        request = serialized_evaluate(
+            arrays, specs, tags=tags_proto(tags), return_state=return_state, request_id=request_id or new_request_id()
+        )
         return self.evaluate_request(request, timeout=timeout)
 
     def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult:

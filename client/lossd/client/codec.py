@@ -105,7 +105,10 @@ def decode_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     """A read-only numpy view of a wire tensor's bytes, after checking dtype, shape and length."""
     field = f"tensors.{name}"
     if tensor.dtype not in _TO_NUMPY:
-        raise TensorError(field, f"expected a dtype of {', '.join(DTYPE_NAMES)}, got {pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype}")
+        raise TensorError(
+            field,
+            f"expected a dtype of {', '.join(DTYPE_NAMES)}, got {pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype}",
+        )
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise TensorError(field, f"expected non-negative dimensions, got shape {list(shape)}")

@@ -68,7 +68,12 @@ def parse_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
             raise SpecError(f"expected {key!r} to be an object, got {type(obj[key]).__name__}")
     if not isinstance(obj.get("alias") or "", str):
         raise SpecError(f"expected 'alias' to be a string, got {obj['alias']!r}")
-    return {"name": obj["name"], "params": dict(obj.get("params") or {}), "inputs": dict(obj.get("inputs") or {}), "alias": obj.get("alias") or ""}
+    return {
+        "name": obj["name"],
+        "params": dict(obj.get("params") or {}),
+        "inputs": dict(obj.get("inputs") or {}),
+        "alias": obj.get("alias") or "",
+    }
 
 
 def _split_params(text: str) -> list[str]:

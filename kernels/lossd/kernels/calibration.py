@@ -177,7 +177,9 @@ def _read_binary(view: View, z: torch.Tensor, input_kind: str) -> _Binary:
         bad = ~(x <= 0)
         if bool(bad.any()):
             first = int(torch.nonzero(bad)[0][0])
-            raise view.error("logits", f"input_kind='log_probs' expects log-probabilities <= 0, got {float(x[first])!r} at flat index {first}")
+            raise view.error(
+                "logits", f"input_kind='log_probs' expects log-probabilities <= 0, got {float(x[first])!r} at flat index {first}"
+            )
         negative = -torch.expm1(x)
         return _Binary(torch.exp(x), negative, t.to(F64), x - torch.log(negative))
     bad = ~((x >= 0) & (x <= 1))
@@ -206,7 +208,9 @@ def _positive_class(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, tor
     if isinstance(s, _Binary):
         return s.positive, s.targets
     if s.num_classes != 2:
-        raise view.param_error("scope", f"scope='positive_class' needs binary scores ([N] with targets or [N, 2] with labels), got K={s.num_classes} classes")
+        raise view.param_error(
+            "scope", f"scope='positive_class' needs binary scores ([N] with targets or [N, 2] with labels), got K={s.num_classes} classes"
+        )
     stats = view.row_stats("logits", 1, input_kind=p["input_kind"])
     log_p1 = s.scores.select(1, 1).reshape(-1).to(F64) - stats.lse.reshape(-1).to(F64)
     return torch.exp(log_p1)[s.valid], (s.labels[s.valid] == 1).to(F64)
@@ -343,7 +347,10 @@ def _binned(name: str, summary: str, params: tuple[Param, ...], finalize: Any, o
     )
 
 
-ECE_OUTPUTS = (Output("value", "the calibration error"), Output("per_class", "classwise scope: each class's calibration error [K]", tensor=True))
+ECE_OUTPUTS = (
+    Output("value", "the calibration error"),
+    Output("per_class", "classwise scope: each class's calibration error [K]", tensor=True),
+)
 
 ece = _binned(
     "ece",
@@ -608,12 +615,17 @@ temperature = register(
         params=(
             Param("t_min", "float", 0.05, "smallest temperature of the grid", minimum=0.0, exclusive_minimum=True),
             Param("t_max", "float", 20.0, "largest temperature of the grid (> t_min)", minimum=0.0, exclusive_minimum=True),
-            Param("grid_points", "int", 256, "grid size G: temperatures t_min·(t_max/t_min)^(g/(G−1)), g = 0..G−1", minimum=3, maximum=4096),
+            Param(
+                "grid_points", "int", 256, "grid size G: temperatures t_min·(t_max/t_min)^(g/(G−1)), g = 0..G−1", minimum=3, maximum=4096
+            ),
         )
         + COMMON,
         outputs=(
             Output("value", "the temperature: the grid minimum of the mean NLL, refined by a parabola in log T through its neighbours"),
-            Output("nll", "mean NLL at that temperature, interpolated by the parabola through the grid minimum and its neighbours (an estimate; nll_curve holds the exact grid values)"),
+            Output(
+                "nll",
+                "mean NLL at that temperature, interpolated by the parabola through the grid minimum and its neighbours (an estimate; nll_curve holds the exact grid values)",
+            ),
             Output("nll_at_1", "mean NLL at T = 1 (the uncalibrated scores)"),
             Output("at_grid_edge", "1.0 when the minimum lies at t_min or t_max: widen the grid"),
             Output("temperatures", "[G] the grid", tensor=True),

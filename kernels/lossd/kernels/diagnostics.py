@@ -14,13 +14,22 @@ INFO, WARNING, ERROR = "info", "warning", "error"
 
 # code -> (default severity, what it means). ListFunctions and the README show this table.
 CODES: dict[str, tuple[str, str]] = {
-    "probabilities_as_logits": (WARNING, "scores read as logits look like probabilities (rows in [0, 1] summing to 1); pass input_kind=probs if they are"),
-    "log_probs_as_logits": (WARNING, "scores read as logits look like log-probabilities (rows <= 0 whose exp sums to 1); pass input_kind=log_probs if they are"),
+    "probabilities_as_logits": (
+        WARNING,
+        "scores read as logits look like probabilities (rows in [0, 1] summing to 1); pass input_kind=probs if they are",
+    ),
+    "log_probs_as_logits": (
+        WARNING,
+        "scores read as logits look like log-probabilities (rows <= 0 whose exp sums to 1); pass input_kind=log_probs if they are",
+    ),
     "nan_or_inf": (ERROR, "a tensor holds NaN or infinite values; the affected results are NaN or inf"),
     "labels_out_of_range": (ERROR, "labels outside [0, K) that are not ignore_index"),
     "all_ignored": (WARNING, "every element was ignored or had zero weight; the value is NaN with denominator 0"),
     "ignored_fraction": (INFO, "a large share of elements equals ignore_index"),
-    "multi_label_targets_with_softmax": (WARNING, "rows of target_probs hold several ones: multi-label targets under a softmax loss; use bce_with_logits"),
+    "multi_label_targets_with_softmax": (
+        WARNING,
+        "rows of target_probs hold several ones: multi-label targets under a softmax loss; use bce_with_logits",
+    ),
     "class_imbalance": (INFO, "the minority class holds less than 1% of the labels"),
     "ctc_infeasible": (WARNING, "CTC samples whose input is too short for their target (with repeats); their loss is infinite"),
     "single_class_auroc": (WARNING, "only one class is present; AUROC and average precision are undefined (NaN)"),

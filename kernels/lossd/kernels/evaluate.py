@@ -88,6 +88,11 @@ class Evaluation:
     results: dict[str, FunctionResult]
     diagnostics: list[Diagnostic]
     batches: int = 1
+    # The evaluated batch with its memoized intermediates (row statistics) and the
+    # prepared specs (role -> tensor mappings), for subscribers such as monitoring
+    # that must not recompute what the evaluation computed.  None after Finalize.
+    batch: Batch | None = field(default=None, repr=False, compare=False)
+    prepared: tuple[Prepared, ...] = field(default=(), repr=False, compare=False)
 
     def __getitem__(self, alias: str) -> FunctionResult:
         return self.results[alias]
@@ -120,10 +125,18 @@ def prepare(specs: Sequence[FunctionSpec | str | Mapping[str, Any]]) -> list[Pre
         roles = {r.name for r in fdef.roles}
         for role in spec.inputs:
             if role not in roles:
-                violations.append(FieldViolation(f"{path}.inputs.{role}", f"{fdef.name} has no role {role!r}; expected one of: {', '.join(sorted(roles))}"))
+                violations.append(
+                    FieldViolation(
+                        f"{path}.inputs.{role}", f"{fdef.name} has no role {role!r}; expected one of: {', '.join(sorted(roles))}"
+                    )
+                )
         alias = spec.alias or spec.name
         if alias in seen:
-            violations.append(FieldViolation(f"{path}.alias", f"alias {alias!r} is already used by functions[{seen[alias]}]; give one of them another alias"))
+            violations.append(
+                FieldViolation(
+                    f"{path}.alias", f"alias {alias!r} is already used by functions[{seen[alias]}]; give one of them another alias"
+                )
+            )
         seen[alias] = i
         prepared.append(Prepared(i, fdef, params, dict(spec.inputs), alias))
     if violations:
@@ -229,11 +242,15 @@ def evaluate(
                     raise _none_reduction_error(p, "merged with a prior state")
                 view = batch.view(p.fdef, p.index, p.alias, p.inputs)
                 values = p.fdef.per_element(view, p.params)  # type: ignore[misc]
-                results[p.alias] = FunctionResult(p.alias, p.fdef.name, {}, {"value": values.detach().to("cpu", torch.float64).numpy()}, None, "elements", None)
+                results[p.alias] = FunctionResult(
+                    p.alias, p.fdef.name, {}, {"value": values.detach().to("cpu", torch.float64).numpy()}, None, "elements", None
+                )
                 continue
             state = _update(p, batch)
             if prior_states and p.alias in prior_states:
-                state = merge_fields(prior_states[p.alias], state, p.fdef.fields, concat_limit=exact_state_limit, path=f"prior_states.{p.alias}")
+                state = merge_fields(
+                    prior_states[p.alias], state, p.fdef.fields, concat_limit=exact_state_limit, path=f"prior_states.{p.alias}"
+                )
                 batches = max(batches, state.batches)
             result = _result_of(p, state.fields, batch.diagnostics)
             results[p.alias] = _function_result(p, result, state if return_state else None)
@@ -241,7 +258,7 @@ def evaluate(
         unknown = set(prior_states) - set(results)
         if unknown:
             raise InvalidInput.single("prior_states", f"states for aliases {sorted(unknown)} match no requested function")
-    return Evaluation(results, list(batch.diagnostics), batches)
+    return Evaluation(results, list(batch.diagnostics), batches, batch, tuple(prepared))
 
 
 def _none_reduction_error(p: Prepared, what: str) -> InvalidInput:
@@ -274,8 +291,10 @@ class Accumulator:
         # (a set of every id would grow with the stream).
         self._last_batch_id = ""
 
-    def add(self, tensors: Mapping[str, Any], batch_id: str = "") -> None:
-        """Update every function with one batch (or the next part of a batch, when ``batch_id`` repeats)."""
+    def add(self, tensors: Mapping[str, Any], batch_id: str = "") -> Batch:
+        """Update every function with one batch (or the next part of a batch, when ``batch_id`` repeats).
+
+        Returns the batch with its memoized intermediates, for subscribers (monitoring)."""
         continuing = bool(batch_id) and batch_id == self._last_batch_id  # a further part of a batch already counted
         if continuing:
             refusing = [p for p in self.prepared if not p.fdef.is_splittable(p.params)]
@@ -295,6 +314,7 @@ class Accumulator:
             self._merge(p, state)
         self.diagnostics.extend(batch.diagnostics)
         self.batches += 0 if continuing else 1
+        return batch
 
     def add_state(self, alias: str, state: State) -> None:
         """Merge a state computed elsewhere (another rank, a file) under ``alias``."""
@@ -311,7 +331,11 @@ class Accumulator:
                 f"state of {state.function!r} with params {state.params} does not match {p.fdef.name!r} with params {p.state_params}",
             )
         prior = self.states.get(p.alias)
-        self.states[p.alias] = state if prior is None else merge_fields(prior, state, p.fdef.fields, concat_limit=self.exact_state_limit, path=f"states.{p.alias}")
+        self.states[p.alias] = (
+            state
+            if prior is None
+            else merge_fields(prior, state, p.fdef.fields, concat_limit=self.exact_state_limit, path=f"states.{p.alias}")
+        )
 
     def result(self, *, return_state: bool = False) -> Evaluation:
         diagnostics = Diagnostics()
@@ -326,7 +350,9 @@ class Accumulator:
         return Evaluation(results, list(diagnostics), self.batches)
 
 
-def finalize_states(states: Iterable[tuple[str, State]], *, exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT, return_state: bool = False) -> Evaluation:
+def finalize_states(
+    states: Iterable[tuple[str, State]], *, exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT, return_state: bool = False
+) -> Evaluation:
     """Merge states from many shards (alias, State) and finalize each alias.
 
     Functions and parameters come from the states themselves, so a job that
@@ -360,5 +386,7 @@ def _params_of_state(state: State, alias: str) -> dict[str, Any]:
         raise InvalidInput.single(f"states.{alias}.params", f"expected a JSON object, got {state.params!r}")
     fdef = get_function(state.function, f"states.{alias}")
     if state.version != fdef.state_version:
-        raise InvalidInput.single(f"states.{alias}.version", f"this server reads version {fdef.state_version} states of {fdef.name}, got {state.version}")
+        raise InvalidInput.single(
+            f"states.{alias}.version", f"this server reads version {fdef.state_version} states of {fdef.name}, got {state.version}"
+        )
     return params

@@ -184,5 +184,11 @@ def resolve_params(declared: Sequence[Param], given: Mapping[str, Any], path: st
     return resolved
 
 
-REDUCTION = Param("reduction", "str", "mean", "mean: Σw·ℓ/Σw over valid elements; sum: Σw·ℓ; none: per-element values (not mergeable)", choices=("mean", "sum", "none"))
+REDUCTION = Param(
+    "reduction",
+    "str",
+    "mean",
+    "mean: Σw·ℓ/Σw over valid elements; sum: Σw·ℓ; none: per-element values (not mergeable)",
+    choices=("mean", "sum", "none"),
+)
 IGNORE_INDEX = Param("ignore_index", "int", -100, "label value excluded from numerator and denominator")

@@ -424,7 +424,9 @@ class View:
         """A floating-point score tensor (logits, probabilities...) as sent; integer dtypes refused."""
         t = self.tensor(role)
         if t.dtype not in _FLOAT_DTYPES:
-            raise self.error(role, f"expected a floating-point tensor (float32, float16, bfloat16 or float64), got {str(t.dtype).replace('torch.', '')}")
+            raise self.error(
+                role, f"expected a floating-point tensor (float32, float16, bfloat16 or float64), got {str(t.dtype).replace('torch.', '')}"
+            )
         return t
 
     def index_labels(self, role: str) -> torch.Tensor:
@@ -438,7 +440,9 @@ class View:
             ok = torch.isfinite(t) & (t == torch.round(t))
             if not bool(ok.all()):
                 first = first_index(~ok)
-                raise self.error(role, f"expected integer class indices, got non-integer value {float(t.reshape(-1)[first])!r} at flat index {first}")
+                raise self.error(
+                    role, f"expected integer class indices, got non-integer value {float(t.reshape(-1)[first])!r} at flat index {first}"
+                )
             return t.to(torch.int64)
         raise self.error(role, f"expected integer class indices, got {t.dtype}")
 
@@ -522,7 +526,9 @@ class View:
             bad = ~((t >= 0) & (t <= 1))
             if bool(bad.any()):
                 first = first_index(bad)
-                raise self.error(role, f"input_kind='probs' expects probabilities in [0, 1], got {float(t.reshape(-1)[first])!r} at flat index {first}")
+                raise self.error(
+                    role, f"input_kind='probs' expects probabilities in [0, 1], got {float(t.reshape(-1)[first])!r} at flat index {first}"
+                )
             self.batch.tensors = {**self.batch.tensors, derived: torch.log(t.to(compute_dtype(t.dtype)))}  # type: ignore[misc]
             self.batch._checked_finite.add(derived)  # log(0) = -inf is a legitimate score
         return derived
@@ -608,9 +614,14 @@ class View:
             if bad:
                 self.batch.diagnostics.add("nan_or_inf", f"tensor {name!r} holds {bad} NaN or infinite values")
                 if t.dtype == torch.float16:
-                    self.batch.diagnostics.add("precision_loss", f"float16 tensor {name!r} holds infinities, likely overflow beyond ±65504; send float32 or bfloat16")
+                    self.batch.diagnostics.add(
+                        "precision_loss",
+                        f"float16 tensor {name!r} holds infinities, likely overflow beyond ±65504; send float32 or bfloat16",
+                    )
             elif t.dtype == torch.float16 and at_limit:
-                self.batch.diagnostics.add("precision_loss", f"float16 tensor {name!r} holds values at the float16 limit ±65504; send float32 or bfloat16")
+                self.batch.diagnostics.add(
+                    "precision_loss", f"float16 tensor {name!r} holds values at the float16 limit ±65504; send float32 or bfloat16"
+                )
 
 
 def _lse_allows_probabilities(lse: torch.Tensor, k: int) -> bool:

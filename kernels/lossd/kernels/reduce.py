@@ -24,7 +24,9 @@ __all__ = ["Terms", "mean_loss", "batch_loss", "MEAN_FIELDS", "weighted_sums", "
 
 MEAN_FIELDS = {"total": MergeOp.SUM, "weight": MergeOp.SUM, "count": MergeOp.SUM}
 
-WEIGHTS_ROLE = Role("weights", "[N] or a prefix of the per-element shape", "float", "non-negative per-sample weights; mean = Σw·ℓ / Σw", optional=True)
+WEIGHTS_ROLE = Role(
+    "weights", "[N] or a prefix of the per-element shape", "float", "non-negative per-sample weights; mean = Σw·ℓ / Σw", optional=True
+)
 
 
 @dataclass

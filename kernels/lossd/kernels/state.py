@@ -109,7 +109,9 @@ def merge_fields(
         x, y = a.fields[name], b.fields[name]
         if op is MergeOp.CONCAT:
             if x.shape[1:] != y.shape[1:]:
-                raise InvalidInput.single(f"{path}.fields.{name}", f"expected matching trailing shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+                raise InvalidInput.single(
+                    f"{path}.fields.{name}", f"expected matching trailing shapes, got {tuple(x.shape)} and {tuple(y.shape)}"
+                )
             if concat_limit is not None and x.shape[0] + y.shape[0] > concat_limit:
                 raise StateLimitExceeded(
                     f"{a.function}: the exact state would hold {x.shape[0] + y.shape[0]} scores, over the limit of "

@@ -36,7 +36,11 @@ def reuse_large_buffers(max_message_bytes: int) -> bool:
         log.info("not a glibc process: large buffers are returned to the OS after each request")
         return False
     threshold = min(max(max_message_bytes, 1 << 20), _MAX_THRESHOLD)
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold)) and bool(mallopt(_M_TOP_PAD, 64 << 20))
+    ok = (
+        bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+        and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
+        and bool(mallopt(_M_TOP_PAD, 64 << 20))
+    )
     if not ok:
         log.warning("mallopt refused the buffer-reuse thresholds; large buffers are returned to the OS after each request")
     return ok

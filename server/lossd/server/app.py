@@ -77,11 +77,19 @@ async def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    service = LossService(device, exact_state_limit=settings.exact_state_limit, compute_threads=settings.compute_threads, observers=list(observers), batch_summarizer=batch_summarizer)
+    service = LossService(
+        device,
+        exact_state_limit=settings.exact_state_limit,
+        compute_threads=settings.compute_threads,
+        observers=list(observers),
+        batch_summarizer=batch_summarizer,
+    )
     pb_grpc.add_LossServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     if port == 0:
         raise OSError(f"could not bind gRPC to {settings.host}:{settings.grpc_port}")
@@ -113,7 +121,10 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     http_task = asyncio.create_task(http.serve())
     stop_task = asyncio.create_task(stop.wait())
-    print(f"lossd serving gRPC on {running.address}, HTTP on http://{settings.host}:{settings.http_port} (device {running.service.device})", flush=True)
+    print(
+        f"lossd serving gRPC on {running.address}, HTTP on http://{settings.host}:{settings.http_port} (device {running.service.device})",
+        flush=True,
+    )
     await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down (grace %.1fs)", settings.grace_seconds)
     http.should_exit = True

@@ -94,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     fz = commands.add_parser("finalize", help="merge state files written by ranks or shards (save_states) and print the values")
     fz.add_argument("files", nargs="+", type=Path, metavar="STATE_FILE", help="files written by lossd.client.distributed.save_states")
     fz.add_argument("--server", default=DEFAULT_SERVER, help=f"gRPC address HOST:PORT (default {DEFAULT_SERVER})")
-    fz.add_argument("--tag", dest="tags", type=_tag, action="append", default=[], metavar="KEY=VALUE", help="monitoring label (default: the files' tags)")
+    fz.add_argument(
+        "--tag",
+        dest="tags",
+        type=_tag,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="monitoring label (default: the files' tags)",
+    )
     fz.add_argument("--json", dest="as_json", action="store_true", help='print one JSON object {"results": ..., "diagnostics": [...]}')
     fz.add_argument("--timeout", type=_positive, default=60.0, help="deadline in seconds (default 60)")
 

@@ -48,12 +48,16 @@ def status_for(exc: BaseException, request_id: str = "") -> status_pb2.Status:
     if isinstance(exc, (TensorError, SpecError)):
         field = getattr(exc, "field", "functions")
         description = getattr(exc, "description", str(exc))
-        bad = error_details_pb2.BadRequest(field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)])
+        bad = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
+        )
         return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=f"{field}: {description}", details=[_packed(bad)])
     if isinstance(exc, StateLimitExceeded):
         info = error_details_pb2.ErrorInfo(reason="STATE_LIMIT_EXCEEDED", domain="lossd", metadata={"setting": exc.setting})
         return status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(exc), details=[_packed(info)])
-    return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error; the server log has the details under request id {request_id}")
+    return status_pb2.Status(
+        code=code_pb2.INTERNAL, message=f"internal error; the server log has the details under request id {request_id}"
+    )
 
 
 def rpc_errors(handler: Handler) -> Handler:

@@ -59,7 +59,9 @@ def _json(x: float | None) -> float | None:
 class History:
     """A bounded, thread-safe store of per-interval sums, keyed by :data:`SeriesKey`."""
 
-    def __init__(self, *, seconds: float, interval: float, bins: int, max_series: int = 1000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, *, seconds: float, interval: float, bins: int, max_series: int = 1000, clock: Callable[[], float] = time.time
+    ) -> None:
         if interval <= 0 or seconds <= 0:
             raise ValueError(f"expected positive seconds and interval, got {seconds} and {interval}")
         self.seconds = float(seconds)

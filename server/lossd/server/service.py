@@ -90,7 +90,13 @@ class LossService(pb_grpc.LossServiceServicer):
         prior = {alias: state_from_proto(s, f"prior_states.{alias}") for alias, s in request.prior_states.items()}
         decoded = time.perf_counter()
         evaluation = await self._compute(
-            evaluate, tensors, specs, device=self.device, return_state=request.return_state, prior_states=prior or None, exact_state_limit=self.exact_state_limit
+            evaluate,
+            tensors,
+            specs,
+            device=self.device,
+            return_state=request.return_state,
+            prior_states=prior or None,
+            exact_state_limit=self.exact_state_limit,
         )
         response = evaluation_to_proto(evaluation, request.request_id)
         await self._notify(Observation("Evaluate", request.tags, evaluation, tensors, tuple(specs), prior))
@@ -99,7 +105,9 @@ class LossService(pb_grpc.LossServiceServicer):
         return response
 
     @rpc_errors
-    async def EvaluateStream(self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+    async def EvaluateStream(
+        self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
+    ) -> pb.EvaluateResponse:
         start = time.perf_counter()
         acc: Accumulator | None = None
         first: pb.EvaluateRequest | None = None
@@ -115,9 +123,13 @@ class LossService(pb_grpc.LossServiceServicer):
                 specs = specs_from_request(list(message.functions))
                 acc = Accumulator(specs, device=self.device, exact_state_limit=self.exact_state_limit)
             elif message.functions and list(message.functions) != list(first.functions):
-                raise InvalidInput.single(f"messages[{index}].functions", "expected the functions of the first message (or none), got different ones")
+                raise InvalidInput.single(
+                    f"messages[{index}].functions", "expected the functions of the first message (or none), got different ones"
+                )
             if message.prior_states:
-                raise InvalidInput.single(f"messages[{index}].prior_states", "prior_states are not accepted in a stream; use Finalize to merge states")
+                raise InvalidInput.single(
+                    f"messages[{index}].prior_states", "prior_states are not accepted in a stream; use Finalize to merge states"
+                )
             tensors = decode_request_tensors(message.tensors, self.device)
             decode_seconds += time.perf_counter() - t0
             await self._compute(acc.add, tensors, message.batch_id)  # type: ignore[union-attr]
@@ -131,7 +143,9 @@ class LossService(pb_grpc.LossServiceServicer):
         response = evaluation_to_proto(evaluation, first.request_id)
         await self._notify(Observation("EvaluateStream", first.tags, evaluation, None, tuple(specs), row_summary=summary))
         end = time.perf_counter()
-        response.timing.CopyFrom(pb.Timing(decode_seconds=decode_seconds, compute_seconds=end - start - decode_seconds, total_seconds=end - start))
+        response.timing.CopyFrom(
+            pb.Timing(decode_seconds=decode_seconds, compute_seconds=end - start - decode_seconds, total_seconds=end - start)
+        )
         return response
 
     @rpc_errors
@@ -141,7 +155,9 @@ class LossService(pb_grpc.LossServiceServicer):
         for i, (alias, _) in enumerate(states):
             if not alias:
                 raise InvalidInput.single(f"states[{i}].alias", "expected the alias the state was computed under, got an empty string")
-        evaluation = await self._compute(finalize_states, states, exact_state_limit=self.exact_state_limit, return_state=request.return_state)
+        evaluation = await self._compute(
+            finalize_states, states, exact_state_limit=self.exact_state_limit, return_state=request.return_state
+        )
         response = evaluation_to_proto(evaluation, request.request_id)
         await self._notify(Observation("Finalize", request.tags, evaluation, None))
         end = time.perf_counter()

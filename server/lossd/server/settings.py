@@ -28,13 +28,19 @@ class Settings(BaseSettings):
     exact_state_limit: int = Field(10_000_000, gt=0, description="scores an exact AUROC/AP state may hold across a stream or run")
     compute_threads: int = Field(2, ge=1, description="threads running evaluations (torch releases the GIL)")
     grace_seconds: float = Field(5.0, ge=0, description="graceful-shutdown grace period")
-    backends: list[str] = Field(default_factory=list, description="gateway only: gRPC addresses to forward to (default: the in-process server)")
+    backends: list[str] = Field(
+        default_factory=list, description="gateway only: gRPC addresses to forward to (default: the in-process server)"
+    )
     request_timeout_seconds: float = Field(60.0, gt=0, description="gateway deadline on backend calls")
     label_max_values: int = Field(100, ge=1, description="distinct values per monitoring label before folding into __other__")
     label_max_length: int = Field(64, ge=1, description="longest monitoring label value kept")
-    label_allowlist: list[str] = Field(default_factory=list, description="if set, only these label values are kept (others fold into __other__)")
+    label_allowlist: list[str] = Field(
+        default_factory=list, description="if set, only these label values are kept (others fold into __other__)"
+    )
     calibration_bins: int = Field(15, ge=1, le=100, description="equal-width bins of the exported calibration counters")
     history_seconds: int = Field(3600, gt=0, description="dashboard history kept in memory")
     history_interval_seconds: float = Field(10.0, gt=0, description="dashboard history resolution")
     log_level: str = Field("info", description="debug | info | warning | error")
-    reuse_large_buffers: bool = Field(True, description="keep freed message buffers for the next request (glibc): fewer page faults, RSS stays at its high-water mark")
+    reuse_large_buffers: bool = Field(
+        True, description="keep freed message buffers for the next request (glibc): fewer page faults, RSS stays at its high-water mark"
+    )

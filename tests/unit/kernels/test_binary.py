@@ -23,6 +23,7 @@ def run(name, tensors, **params):
     r = out[name]
     return (r.tensors["value"] if params.get("reduction") == "none" else r.value), out
 
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -31,7 +32,6 @@ def run_reductions(name, tensors, **params):
     specs = [{"name": name, "alias": r, "params": {**params, "reduction": r}} for r in REDUCTIONS]
     out = evaluate(tensors, specs)
     return {r: (out[r].tensors["value"] if r == "none" else out[r].value) for r in REDUCTIONS}
-
 
 
 def batch(shape, dtype=torch.float64, soft=False, scale=3.0):
@@ -356,7 +356,13 @@ SOFT = torch.full((4, 3), 0.3)
         ("bce_with_logits", {"logits": Z, "targets": Y + 0.5}, {}, "tensors.targets", r"expected targets in \[0, 1\]"),
         ("bce_with_logits", {"logits": Z.long(), "targets": Y}, {}, "tensors.logits", "floating-point"),
         ("bce_with_logits", {"logits": Z, "targets": Y}, {"pos_weight": [1.0, 2.0]}, "functions[0].params.pos_weight", "expected 3 values"),
-        ("bce_with_logits", {"logits": Z[:, 0], "targets": Y[:, 0]}, {"pos_weight": [1.0, 2.0]}, "functions[0].params.pos_weight", "expected 1 values"),
+        (
+            "bce_with_logits",
+            {"logits": Z[:, 0], "targets": Y[:, 0]},
+            {"pos_weight": [1.0, 2.0]},
+            "functions[0].params.pos_weight",
+            "expected 1 values",
+        ),
         ("bce_with_logits", {"logits": Z, "targets": Y}, {"pos_weight": -1.0}, "functions[0].params.pos_weight", ">= 0"),
         ("bce_with_logits", {"logits": torch.tensor(1.0), "targets": torch.tensor(1.0)}, {}, "tensors.logits", "expected shape"),
         ("hinge", {"logits": Z, "targets": SOFT}, {}, "tensors.targets", r"hard targets in \{0, 1\}.*got 0.3000"),

@@ -123,7 +123,9 @@ def test_ece_l2_matches_lower_bound_scaling_ce(n_bins):
     z, y = data(300, 4)
     _, _, probs = top_label(z, y)
     got, _ = run({"logits": z, "labels": y}, "ece", n_bins=n_bins, norm="l2")
-    ref = uc.lower_bound_scaling_ce(probs, y.numpy(), p=2, debias=False, num_bins=n_bins, binning_scheme=uc.get_equal_prob_bins, mode="top-label")
+    ref = uc.lower_bound_scaling_ce(
+        probs, y.numpy(), p=2, debias=False, num_bins=n_bins, binning_scheme=uc.get_equal_prob_bins, mode="top-label"
+    )
     assert_close(got.value, ref, rtol=1e-9)
     l1, _ = run({"logits": z, "labels": y}, "ece", n_bins=n_bins)
     assert_close(l1.value, uc.get_ece(probs, y.numpy(), num_bins=n_bins), rtol=1e-9)
@@ -218,7 +220,9 @@ def test_input_kinds_agree():
     tb = (torch.rand(80) < 0.5).double()
     pb = torch.sigmoid(zb)
     for name in ("ece", "temperature"):
-        ref = run({"logits": zb, "targets": tb}, name, scope="positive_class") if name == "ece" else run({"logits": zb, "targets": tb}, name)
+        ref = (
+            run({"logits": zb, "targets": tb}, name, scope="positive_class") if name == "ece" else run({"logits": zb, "targets": tb}, name)
+        )
         for scores, kind in ((pb.log(), "log_probs"), (pb, "probs")):
             params = {"input_kind": kind, **({"scope": "positive_class"} if name == "ece" else {})}
             got = run({"logits": scores, "targets": tb}, name, **params)[0]
@@ -283,7 +287,9 @@ def test_single_class_inputs():
     y = torch.full((60,), 2)
     _, _, probs = top_label(z, y)
     assert_close(run({"logits": z, "labels": y}, "ece")[0].value, uc.get_ece(probs, y.numpy()), rtol=1e-9)
-    assert_close(run({"logits": z, "labels": y}, "ece", scope="classwise")[0].value, uc.get_ece(probs, y.numpy(), mode="marginal"), rtol=1e-9)
+    assert_close(
+        run({"logits": z, "labels": y}, "ece", scope="classwise")[0].value, uc.get_ece(probs, y.numpy(), mode="marginal"), rtol=1e-9
+    )
     # Binary targets all 0.
     zb = torch.randn(40, dtype=torch.float64)
     tb = torch.zeros(40, dtype=torch.float64)
@@ -325,7 +331,9 @@ def test_debiased_matches_uncertainty_calibration(n_bins):
     z, y = data(257, 4, scale=1.0)
     conf, correct, probs = top_label(z, y)
     got, _ = run({"logits": z, "labels": y}, "debiased_ece", n_bins=n_bins)
-    ref = uc.lower_bound_scaling_ce(probs, y.numpy(), p=2, debias=True, num_bins=n_bins, binning_scheme=uc.get_equal_prob_bins, mode="top-label")
+    ref = uc.lower_bound_scaling_ce(
+        probs, y.numpy(), p=2, debias=True, num_bins=n_bins, binning_scheme=uc.get_equal_prob_bins, mode="top-label"
+    )
     assert_close(got.value, ref, rtol=1e-9, atol=1e-12)
     binned = uc.bin(list(zip(conf, correct)), uc.get_equal_prob_bins(conf, n_bins))
     assert_close(got.values["squared"], uc.unbiased_square_ce(binned), rtol=1e-9, atol=1e-15)
@@ -564,20 +572,74 @@ def test_merge_adaptive_single_part_is_the_unsplit_value():
 @pytest.mark.parametrize(
     "tensors, name, params, field, match",
     [
-        ({"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])}, "ece", {"scope": "positive_class"}, "functions[0].params.scope", "K=3"),
+        (
+            {"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])},
+            "ece",
+            {"scope": "positive_class"},
+            "functions[0].params.scope",
+            "K=3",
+        ),
         ({"logits": torch.randn(4, 3)}, "ece", {}, "tensors.labels", "need class indices"),
         ({"logits": torch.randn(4), "labels": torch.tensor([0, 1, 1, 0])}, "ece", {}, "tensors.targets", "need 0/1 targets"),
-        ({"logits": torch.randn(4), "targets": torch.tensor([0.0, 0.5, 1.0, 0.0])}, "ece", {}, "tensors.targets", "hard 0/1 targets, got 0.5 at flat index 1"),
+        (
+            {"logits": torch.randn(4), "targets": torch.tensor([0.0, 0.5, 1.0, 0.0])},
+            "ece",
+            {},
+            "tensors.targets",
+            "hard 0/1 targets, got 0.5 at flat index 1",
+        ),
         ({"logits": torch.randn(4), "targets": torch.tensor([0.0, 1.0])}, "ece", {}, "tensors.targets", r"expected shape \[4\]"),
-        ({"logits": torch.tensor([0.2, 1.5]), "targets": torch.tensor([0.0, 1.0])}, "ece", {"input_kind": "probs"}, "tensors.logits", "probabilities in"),
-        ({"logits": torch.tensor([-0.2, 0.5]), "targets": torch.tensor([0.0, 1.0])}, "ece", {"input_kind": "log_probs"}, "tensors.logits", "<= 0"),
+        (
+            {"logits": torch.tensor([0.2, 1.5]), "targets": torch.tensor([0.0, 1.0])},
+            "ece",
+            {"input_kind": "probs"},
+            "tensors.logits",
+            "probabilities in",
+        ),
+        (
+            {"logits": torch.tensor([-0.2, 0.5]), "targets": torch.tensor([0.0, 1.0])},
+            "ece",
+            {"input_kind": "log_probs"},
+            "tensors.logits",
+            "<= 0",
+        ),
         ({"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 3, 0])}, "mce", {}, "tensors.labels", "got 3 at flat index 2"),
-        ({"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])}, "ece", {"n_bins": 0}, "functions[0].params.n_bins", r"\[1, 1000\]"),
+        (
+            {"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])},
+            "ece",
+            {"n_bins": 0},
+            "functions[0].params.n_bins",
+            r"\[1, 1000\]",
+        ),
         ({"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])}, "ece", {"norm": "l3"}, "functions[0].params.norm", "one of"),
-        ({"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])}, "debiased_ece", {"scope": "classwise"}, "functions[0].params.scope", "one of"),
-        ({"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])}, "temperature", {"t_min": 5.0, "t_max": 2.0}, "functions[0].params.t_max", "t_max > t_min"),
-        ({"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])}, "temperature", {"t_min": 0.0}, "functions[0].params.t_min", "> 0"),
-        ({"logits": torch.randint(0, 3, (4, 3)), "labels": torch.tensor([0, 1, 2, 0])}, "reliability_diagram", {}, "tensors.logits", "floating-point"),
+        (
+            {"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])},
+            "debiased_ece",
+            {"scope": "classwise"},
+            "functions[0].params.scope",
+            "one of",
+        ),
+        (
+            {"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])},
+            "temperature",
+            {"t_min": 5.0, "t_max": 2.0},
+            "functions[0].params.t_max",
+            "t_max > t_min",
+        ),
+        (
+            {"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])},
+            "temperature",
+            {"t_min": 0.0},
+            "functions[0].params.t_min",
+            "> 0",
+        ),
+        (
+            {"logits": torch.randint(0, 3, (4, 3)), "labels": torch.tensor([0, 1, 2, 0])},
+            "reliability_diagram",
+            {},
+            "tensors.logits",
+            "floating-point",
+        ),
         ({"logits": torch.tensor(1.0), "labels": torch.tensor(0)}, "ece", {}, "tensors.logits", "expected shape"),
     ],
 )

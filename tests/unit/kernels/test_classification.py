@@ -20,7 +20,9 @@ REDUCTIONS = ["mean", "sum", "none"]
 
 def grid(shapes, default="mean", others=("sum", "none")):
     """(dtype, shape, reduction): every dtype and shape under the default reduction, the others on every shape in float32."""
-    return [(dtype, shape, default) for dtype in DTYPES for shape in shapes] + [(torch.float32, shape, r) for shape in shapes for r in others]
+    return [(dtype, shape, default) for dtype in DTYPES for shape in shapes] + [
+        (torch.float32, shape, r) for shape in shapes for r in others
+    ]
 
 
 def run(name, tensors, **params):
@@ -104,7 +106,10 @@ def test_kl_div_matches_torch(dtype, shape, reduction, log_target=False):
         assert (r.denominator, r.denominator_kind) == ((shape[0], "samples") if reduction == "batchmean" else (x.numel(), "elements"))
 
 
-@pytest.mark.parametrize("dtype, shape, reduction", [(torch.float16, (5, 7, 3), "batchmean"), *[(torch.float32, (9, 4), r) for r in ("batchmean", "sum", "mean", "none")]])
+@pytest.mark.parametrize(
+    "dtype, shape, reduction",
+    [(torch.float16, (5, 7, 3), "batchmean"), *[(torch.float32, (9, 4), r) for r in ("batchmean", "sum", "mean", "none")]],
+)
 def test_kl_div_log_target(dtype, shape, reduction):
     test_kl_div_matches_torch(dtype, shape, reduction, log_target=True)
 
@@ -358,7 +363,15 @@ def test_merge_is_exact(tensors, spec):
 
 def test_softmax_losses_share_one_pass_and_agree_with_each_other():
     z, y = logits_labels((64, 8))
-    out = evaluate({"logits": z, "labels": y}, ["cross_entropy", {"name": "focal", "params": {"gamma": 0.0}}, {"name": "adaptive_label_smoothing", "params": {"base_smoothing": 0.0, "min_smoothing": 0.0}}, "z_loss"])
+    out = evaluate(
+        {"logits": z, "labels": y},
+        [
+            "cross_entropy",
+            {"name": "focal", "params": {"gamma": 0.0}},
+            {"name": "adaptive_label_smoothing", "params": {"base_smoothing": 0.0, "min_smoothing": 0.0}},
+            "z_loss",
+        ],
+    )
     assert_close(out["focal"].value, out["cross_entropy"].value, rtol=1e-12)
     assert_close(out["adaptive_label_smoothing"].value, out["cross_entropy"].value, rtol=1e-12)
 
@@ -384,19 +397,55 @@ L34 = {"logits": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])}
     "name, tensors, params, field, match",
     [
         ("nll", {"log_probs": torch.randn(4, 3), "labels": torch.tensor([0, 1, 3, 0])}, {}, "tensors.labels", "got 3 at flat index 2"),
-        ("nll", {"log_probs": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])}, {"weight": [1.0]}, "functions[0].params.weight", "expected 3 class weights"),
+        (
+            "nll",
+            {"log_probs": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])},
+            {"weight": [1.0]},
+            "functions[0].params.weight",
+            "expected 3 class weights",
+        ),
         ("nll", {"labels": torch.tensor([0, 1, 2, 0])}, {}, "tensors.log_probs", "needs role 'log_probs'"),
         ("kl_div", {"log_probs": torch.randn(4, 3), "target": torch.rand(4, 2)}, {}, "tensors.target", r"expected shape \[4, 3\]"),
-        ("kl_div", {"log_probs": torch.randn(4, 3), "target": torch.rand(4, 3)}, {"reduction": "avg"}, "functions[0].params.reduction", "batchmean"),
-        ("distillation_kl", {"logits": torch.randn(4, 3), "teacher_logits": torch.randn(4, 3)}, {"temperature": 0.0}, "functions[0].params.temperature", "> 0"),
+        (
+            "kl_div",
+            {"log_probs": torch.randn(4, 3), "target": torch.rand(4, 3)},
+            {"reduction": "avg"},
+            "functions[0].params.reduction",
+            "batchmean",
+        ),
+        (
+            "distillation_kl",
+            {"logits": torch.randn(4, 3), "teacher_logits": torch.randn(4, 3)},
+            {"temperature": 0.0},
+            "functions[0].params.temperature",
+            "> 0",
+        ),
         ("multi_margin", L34, {"p": 3}, "functions[0].params.p", r"\[1, 2\]"),
-        ("multi_margin", {"logits": torch.randn(4), "labels": torch.tensor([0, 1, 2, 0])}, {}, "tensors.logits", r"expected shape \[N, K\]"),
-        ("multiclass_hinge", {"logits": torch.randn(4, 1), "labels": torch.zeros(4, dtype=torch.int64)}, {}, "tensors.logits", "at least 2 classes"),
+        (
+            "multi_margin",
+            {"logits": torch.randn(4), "labels": torch.tensor([0, 1, 2, 0])},
+            {},
+            "tensors.logits",
+            r"expected shape \[N, K\]",
+        ),
+        (
+            "multiclass_hinge",
+            {"logits": torch.randn(4, 1), "labels": torch.zeros(4, dtype=torch.int64)},
+            {},
+            "tensors.logits",
+            "at least 2 classes",
+        ),
         ("multiclass_hinge", {"logits": torch.randn(4, 3), "labels": torch.tensor([0.5, 1, 2, 0])}, {}, "tensors.labels", "non-integer"),
         ("focal", L34, {"alpha": [0.1, 0.2]}, "functions[0].params.alpha", "expected a scalar or 3 per-class values"),
         ("focal", L34, {"gamma": -1.0}, "functions[0].params.gamma", ">= 0"),
         ("focal", L34, {"alpha": -0.5}, "functions[0].params.alpha", ">= 0"),
-        ("adaptive_label_smoothing", {"logits": torch.randn(4, 1), "labels": torch.zeros(4, dtype=torch.int64)}, {}, "tensors.logits", "at least 2 classes"),
+        (
+            "adaptive_label_smoothing",
+            {"logits": torch.randn(4, 1), "labels": torch.zeros(4, dtype=torch.int64)},
+            {},
+            "tensors.logits",
+            "at least 2 classes",
+        ),
         ("adaptive_label_smoothing", L34, {"base_smoothing": 1.5}, "functions[0].params.base_smoothing", r"\[0, 1\]"),
         ("z_loss", {"logits": torch.randint(0, 3, (4, 3))}, {}, "tensors.logits", "floating-point"),
         ("z_loss", {"logits": torch.randn(4, 3), "weights": torch.rand(5)}, {}, "tensors.weights", "prefix"),

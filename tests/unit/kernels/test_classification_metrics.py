@@ -133,7 +133,9 @@ def test_prf_matches_sklearn(which, average, zero_division):
     z, y = forced(PRED, 6), torch.tensor(TRUE)
     zd = np.nan if zero_division == "nan" else zero_division
     labels = np.arange(6) if average == "none" else None
-    p, r, f, _ = skm.precision_recall_fscore_support(TRUE, PRED, average=None if average == "none" else average, zero_division=zd, labels=labels)
+    p, r, f, _ = skm.precision_recall_fscore_support(
+        TRUE, PRED, average=None if average == "none" else average, zero_division=zd, labels=labels
+    )
     ref = {"precision": p, "recall": r, "f1": f}[which]
     res, _ = run(which, {"logits": z, "labels": y}, average=average, zero_division=zero_division)
     got = res.tensors["value"] if average == "none" else res.value
@@ -220,7 +222,9 @@ def test_multiclass_ovr_matches_sklearn(dtype):
     r, _ = run("auroc", {"logits": z, "labels": y})
     assert_close(r.value, skm.roc_auc_score(y.numpy(), p, multi_class="ovr", average="macro"), rtol=1e-10)
     assert_close(r.tensors["per_class"], skm.roc_auc_score(y.numpy(), p, multi_class="ovr", average=None), rtol=1e-10)
-    assert_close(value("average_precision", {"logits": z, "labels": y}), skm.average_precision_score(y.numpy(), p, average="macro"), rtol=1e-10)
+    assert_close(
+        value("average_precision", {"logits": z, "labels": y}), skm.average_precision_score(y.numpy(), p, average="macro"), rtol=1e-10
+    )
 
 
 def test_multiclass_probs_spatial_ignore_and_absent_class():
@@ -255,7 +259,11 @@ def test_binned_equals_sklearn_on_quantized_scores(bins):
     assert_close(value("average_precision", {"logits": z, "targets": t}, bins=bins), skm.average_precision_score(t.numpy(), q), rtol=1e-12)
     zm, y = multiclass(150, 3, scale=1.0)
     qm = quantized(softmax(zm), bins)
-    assert_close(value("auroc", {"logits": zm, "labels": y}, bins=bins), np.mean([skm.roc_auc_score(y.numpy() == c, qm[:, c]) for c in range(3)]), rtol=1e-12)
+    assert_close(
+        value("auroc", {"logits": zm, "labels": y}, bins=bins),
+        np.mean([skm.roc_auc_score(y.numpy() == c, qm[:, c]) for c in range(3)]),
+        rtol=1e-12,
+    )
     ap = np.mean([skm.average_precision_score(y.numpy() == c, qm[:, c]) for c in range(3)])
     assert_close(value("average_precision", {"logits": zm, "labels": y}, bins=bins), ap, rtol=1e-12)
 
@@ -306,7 +314,11 @@ def test_nan_scores_give_nan(bins):
 @pytest.mark.parametrize("name", ["auroc", "average_precision"])
 @pytest.mark.parametrize("kind", ["binary", "multiclass"])
 def test_binned_merge_equals_unsplit_exactly(name, kind):
-    tensors = dict(zip(["logits", "targets"], binary(211), strict=True)) if kind == "binary" else dict(zip(["logits", "labels"], multiclass(211, 4), strict=True))
+    tensors = (
+        dict(zip(["logits", "targets"], binary(211), strict=True))
+        if kind == "binary"
+        else dict(zip(["logits", "labels"], multiclass(211, 4), strict=True))
+    )
     spec = {"name": name, "params": {"bins": 64}}
     whole = evaluate(tensors, [spec])[name]
     acc = Accumulator([spec])
@@ -346,7 +358,9 @@ def test_log_loss_equals_cross_entropy_and_is_not_clipped():
     y[0, 0] = -100
     assert_close(value("log_loss", {"logits": z, "labels": y}), F.cross_entropy(z, y).item(), rtol=1e-12)
     z = torch.tensor([[-1e4, 1e4], [3.0, -3.0]], dtype=torch.float64)
-    assert_close(value("log_loss", {"logits": z, "labels": torch.tensor([0, 0])}), (2e4 + F.softplus(torch.tensor(-6.0)).item()) / 2, rtol=1e-12)
+    assert_close(
+        value("log_loss", {"logits": z, "labels": torch.tensor([0, 0])}), (2e4 + F.softplus(torch.tensor(-6.0)).item()) / 2, rtol=1e-12
+    )
     zb = torch.tensor([-1e4, 1e4, 30.0], dtype=torch.float64)
     tb = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
     assert_close(value("log_loss", {"logits": zb, "targets": tb}), F.binary_cross_entropy_with_logits(zb, tb).item(), rtol=1e-12)
@@ -356,7 +370,11 @@ def test_log_loss_and_brier_input_kinds_and_soft_targets():
     z, y = multiclass(50, 4)
     ref = value("log_loss", {"logits": z, "labels": y})
     assert_close(value("log_loss", {"logits": torch.softmax(z, 1), "labels": y}, input_kind="probs"), ref, rtol=1e-10)
-    assert_close(value("brier", {"logits": torch.log_softmax(z, 1), "labels": y}, input_kind="log_probs"), value("brier", {"logits": z, "labels": y}), rtol=1e-10)
+    assert_close(
+        value("brier", {"logits": torch.log_softmax(z, 1), "labels": y}, input_kind="log_probs"),
+        value("brier", {"logits": z, "labels": y}),
+        rtol=1e-10,
+    )
     zb, _ = binary(50)
     soft = torch.rand(50, dtype=torch.float64)
     ref = F.binary_cross_entropy_with_logits(zb, soft).item()
@@ -467,7 +485,9 @@ def test_merge_is_exact_multiclass(spec):
     assert_merge_exact({"logits": z, "labels": y}, spec, parts=5)
 
 
-@pytest.mark.parametrize("spec", [s for s in MULTICLASS_SPECS if s["name"] != "top_k_accuracy"], ids=lambda s: s["name"] + str(s.get("params", "")))
+@pytest.mark.parametrize(
+    "spec", [s for s in MULTICLASS_SPECS if s["name"] != "top_k_accuracy"], ids=lambda s: s["name"] + str(s.get("params", ""))
+)
 def test_merge_is_exact_binary(spec):
     z, t = binary(157, torch.float32)
     assert_merge_exact({"logits": z, "targets": t}, spec, parts=5)

@@ -112,7 +112,12 @@ def ctc_infeasible():
     log_probs = torch.log_softmax(torch.randn(6, 4, 5), 2)
     targets = torch.tensor([[1, 2, 3, 4], [1, 1, 2, 2], [1, 2, 0, 0], [3, 3, 3, 0]])
     # sample 1 needs 4 + 2 repeats = 6 > 5 steps; sample 3 needs 3 + 2 = 5 > 4
-    tensors = {"log_probs": log_probs, "targets": targets, "input_lengths": torch.tensor([6, 5, 6, 4]), "target_lengths": torch.tensor([4, 4, 2, 3])}
+    tensors = {
+        "log_probs": log_probs,
+        "targets": targets,
+        "input_lengths": torch.tensor([6, 5, 6, 4]),
+        "target_lengths": torch.tensor([4, 4, 2, 3]),
+    }
     out = run(tensors, {"name": "ctc", "params": {"reduction": "sum"}})
     assert out["ctc"].value == math.inf
     return out.diagnostics, ("sample indices 1, 3", "input length 5")

@@ -127,7 +127,14 @@ def test_dpo_per_token_matches_trl(dtype, score):
     rm = (torch.rand(n, tr) < 0.7).long()
     cm[:, 0] = rm[:, 0] = 1
     pc[cm == 0] = float("nan")  # padding may hold anything: it must not reach the result
-    tensors = {"policy_chosen_logps": pc, "reference_chosen_logps": rc, "policy_rejected_logps": pr, "reference_rejected_logps": rr, "chosen_mask": cm, "rejected_mask": rm}
+    tensors = {
+        "policy_chosen_logps": pc,
+        "reference_chosen_logps": rc,
+        "policy_rejected_logps": pr,
+        "reference_rejected_logps": rr,
+        "chosen_mask": cm,
+        "rejected_mask": rm,
+    }
     got, out = run("dpo", tensors, score=score, beta=0.2)
 
     def seq(logps, mask):  # TRL _get_batch_logps(average_log_prob=score == "mean")
@@ -140,10 +147,20 @@ def test_dpo_per_token_matches_trl(dtype, score):
 
 
 def test_dpo_extreme_log_probs():
-    tensors = {"policy_chosen_logps": torch.tensor([0.0, -1e4]), "policy_rejected_logps": torch.tensor([-1e4, 0.0]),
-               "reference_chosen_logps": torch.tensor([0.0, 0.0]), "reference_rejected_logps": torch.tensor([0.0, 0.0])}
+    tensors = {
+        "policy_chosen_logps": torch.tensor([0.0, -1e4]),
+        "policy_rejected_logps": torch.tensor([-1e4, 0.0]),
+        "reference_chosen_logps": torch.tensor([0.0, 0.0]),
+        "reference_rejected_logps": torch.tensor([0.0, 0.0]),
+    }
     got, _ = run("dpo", tensors, beta=1.0)
-    losses, _ = trl_dpo(*(tensors[k].double() for k in ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")), beta=1.0)
+    losses, _ = trl_dpo(
+        *(
+            tensors[k].double()
+            for k in ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
+        ),
+        beta=1.0,
+    )
     assert_close(got, losses.mean().item(), **TIGHT)
     assert math.isfinite(got)
 
@@ -213,7 +230,16 @@ def test_ppo_clip_matches_formula(dtype, shape, params):
         mask[0, 0] = 1
         tensors["mask"] = mask
     _, out = run("ppo_clip", tensors, **params)
-    ref_values = ppo_reference(new, old, adv, mask, ref, eps=params.get("clip_epsilon", 0.2), kl_coef=params.get("kl_coef", 0.0), estimator=params.get("kl_estimator", "k3"))
+    ref_values = ppo_reference(
+        new,
+        old,
+        adv,
+        mask,
+        ref,
+        eps=params.get("clip_epsilon", 0.2),
+        kl_coef=params.get("kl_coef", 0.0),
+        estimator=params.get("kl_estimator", "k3"),
+    )
     assert set(out["ppo_clip"].values) == set(ref_values)
     for key, value in ref_values.items():
         assert_close(out["ppo_clip"].values[key], value, **TIGHT, what=key)
@@ -297,11 +323,17 @@ def transformers_load_balancing(gate_logits, num_experts, top_k=2, attention_mas
     else:
         b, s = attention_mask.shape
         layers = concatenated.shape[0] // (b * s)
-        expert_attention_mask = attention_mask[None, :, :, None, None].expand((layers, b, s, top_k, num_experts)).reshape(-1, top_k, num_experts).double()
+        expert_attention_mask = (
+            attention_mask[None, :, :, None, None].expand((layers, b, s, top_k, num_experts)).reshape(-1, top_k, num_experts).double()
+        )
         tokens_per_expert = torch.sum(expert_mask.double() * expert_attention_mask, dim=0) / torch.sum(expert_attention_mask, dim=0)
         router_mask = attention_mask[None, :, :, None].expand((layers, b, s, num_experts)).reshape(-1, num_experts).double()
         router_prob_per_expert = torch.sum(routing_weights * router_mask, dim=0) / torch.sum(router_mask, dim=0)
-    return (torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * num_experts).item(), tokens_per_expert, router_prob_per_expert
+    return (
+        (torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * num_experts).item(),
+        tokens_per_expert,
+        router_prob_per_expert,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -364,7 +396,10 @@ def test_uncertainty_weighting_matches_formula(dtype, m):
 
 
 def test_uncertainty_weighting_overflow_is_reported():
-    got, out = run("uncertainty_weighting", {"task_losses": torch.tensor([1.0, 1.0], dtype=torch.float64), "log_vars": torch.tensor([-800.0, 0.0], dtype=torch.float64)})
+    got, out = run(
+        "uncertainty_weighting",
+        {"task_losses": torch.tensor([1.0, 1.0], dtype=torch.float64), "log_vars": torch.tensor([-800.0, 0.0], dtype=torch.float64)},
+    )
     assert got == math.inf and "overflow" in [d.code for d in out.diagnostics]
 
 
@@ -386,8 +421,20 @@ PPO, _ = ppo_inputs((4, 3))
 @pytest.mark.parametrize(
     "name, tensors, params, field, match",
     [
-        ("pairwise_logistic", {"chosen_scores": torch.randn(3), "rejected_scores": torch.randn(4)}, {}, "tensors.rejected_scores", r"expected the shape of chosen_scores \[3\]"),
-        ("pairwise_logistic", {"chosen_scores": torch.randint(0, 3, (3,)), "rejected_scores": torch.randn(3)}, {}, "tensors.chosen_scores", "floating-point"),
+        (
+            "pairwise_logistic",
+            {"chosen_scores": torch.randn(3), "rejected_scores": torch.randn(4)},
+            {},
+            "tensors.rejected_scores",
+            r"expected the shape of chosen_scores \[3\]",
+        ),
+        (
+            "pairwise_logistic",
+            {"chosen_scores": torch.randint(0, 3, (3,)), "rejected_scores": torch.randn(3)},
+            {},
+            "tensors.chosen_scores",
+            "floating-point",
+        ),
         ("dpo", DPO, {"loss_type": "ipo", "label_smoothing": 0.1}, "functions[0].params.label_smoothing", "applies to loss_type='sigmoid'"),
         ("dpo", DPO, {"loss_type": "kto"}, "functions[0].params.loss_type", "one of"),
         ("dpo", DPO, {"beta": 0.0}, "functions[0].params.beta", "> 0"),
@@ -396,24 +443,72 @@ PPO, _ = ppo_inputs((4, 3))
         ("dpo", {**DPO, "reference_rejected_logps": torch.randn(5)}, {}, "tensors.reference_rejected_logps", r"expected shape \[4\]"),
         ("dpo", {k: v for k, v in DPO.items() if k != "reference_chosen_logps"}, {}, "tensors.reference_chosen_logps", "needs role"),
         ("dpo", DPO_T, {}, "tensors.chosen_mask", "need chosen_mask"),
-        ("dpo", {**DPO_T, "chosen_mask": torch.ones(4, 3), "rejected_mask": torch.full((4, 3), 2.0)}, {}, "tensors.rejected_mask", "0/1 mask"),
-        ("dpo", {**DPO_T, "chosen_mask": torch.ones(4, 3), "rejected_mask": torch.zeros(4, 3)}, {"score": "mean"}, "tensors.rejected_mask", "row 0 has none"),
-        ("dpo", {**DPO_T, "chosen_mask": torch.ones(4, 2), "rejected_mask": torch.ones(4, 3)}, {}, "tensors.chosen_mask", r"expected shape \[4, 3\]"),
+        (
+            "dpo",
+            {**DPO_T, "chosen_mask": torch.ones(4, 3), "rejected_mask": torch.full((4, 3), 2.0)},
+            {},
+            "tensors.rejected_mask",
+            "0/1 mask",
+        ),
+        (
+            "dpo",
+            {**DPO_T, "chosen_mask": torch.ones(4, 3), "rejected_mask": torch.zeros(4, 3)},
+            {"score": "mean"},
+            "tensors.rejected_mask",
+            "row 0 has none",
+        ),
+        (
+            "dpo",
+            {**DPO_T, "chosen_mask": torch.ones(4, 2), "rejected_mask": torch.ones(4, 3)},
+            {},
+            "tensors.chosen_mask",
+            r"expected shape \[4, 3\]",
+        ),
         ("ppo_clip", PPO, {"kl_coef": 0.1}, "tensors.logp_ref", "send its log-probs as logp_ref"),
         ("ppo_clip", PPO, {"clip_epsilon": 1.0}, "functions[0].params.clip_epsilon", r"\(0, 1\)"),
         ("ppo_clip", PPO, {"kl_estimator": "k4"}, "functions[0].params.kl_estimator", "one of"),
         ("ppo_clip", {**PPO, "advantages": torch.randn(4)}, {}, "tensors.advantages", r"expected the shape of logp_new \[4, 3\]"),
         ("ppo_clip", {**PPO, "mask": torch.ones(4)}, {}, "tensors.mask", r"expected shape \[4, 3\]"),
-        ("ppo_clip", {**PPO, "mask": torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])}, {"normalize_advantages": True}, "functions[0].params.normalize_advantages", "at least 2 valid tokens"),
+        (
+            "ppo_clip",
+            {**PPO, "mask": torch.tensor([[1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])},
+            {"normalize_advantages": True},
+            "functions[0].params.normalize_advantages",
+            "at least 2 valid tokens",
+        ),
         ("ppo_clip", {k: v[0, 0] for k, v in PPO.items()}, {}, "tensors.logp_new", r"expected shape \[N\] or \[N, T\]"),
-        ("moe_load_balancing", {"router_logits": torch.randn(5, 3)}, {"top_k": 4}, "functions[0].params.top_k", "<= the number of experts 3"),
+        (
+            "moe_load_balancing",
+            {"router_logits": torch.randn(5, 3)},
+            {"top_k": 4},
+            "functions[0].params.top_k",
+            "<= the number of experts 3",
+        ),
         ("moe_load_balancing", {"router_logits": torch.randn(5, 3)}, {"top_k": 0}, "functions[0].params.top_k", ">= 1"),
         ("moe_load_balancing", {"router_logits": torch.randn(5)}, {}, "tensors.router_logits", r"\[tokens, E\]"),
         ("moe_load_balancing", {"router_logits": torch.randn(5, 3), "mask": torch.ones(4)}, {}, "tensors.mask", r"expected shape \[5\]"),
         ("moe_load_balancing", {"router_logits": torch.randn(5, 3), "mask": torch.full((5,), 0.5)}, {}, "tensors.mask", "0/1 mask"),
-        ("uncertainty_weighting", {"task_losses": torch.rand(3), "log_vars": torch.rand(2)}, {}, "tensors.log_vars", r"expected the shape of task_losses \[3\]"),
-        ("uncertainty_weighting", {"task_losses": torch.rand(3, 1), "log_vars": torch.rand(3, 1)}, {}, "tensors.task_losses", r"expected shape \[M\]"),
-        ("uncertainty_weighting", {"task_losses": torch.rand(0), "log_vars": torch.rand(0)}, {}, "tensors.task_losses", "at least one task"),
+        (
+            "uncertainty_weighting",
+            {"task_losses": torch.rand(3), "log_vars": torch.rand(2)},
+            {},
+            "tensors.log_vars",
+            r"expected the shape of task_losses \[3\]",
+        ),
+        (
+            "uncertainty_weighting",
+            {"task_losses": torch.rand(3, 1), "log_vars": torch.rand(3, 1)},
+            {},
+            "tensors.task_losses",
+            r"expected shape \[M\]",
+        ),
+        (
+            "uncertainty_weighting",
+            {"task_losses": torch.rand(0), "log_vars": torch.rand(0)},
+            {},
+            "tensors.task_losses",
+            "at least one task",
+        ),
     ],
 )
 def test_errors_name_the_field(name, tensors, params, field, match):

@@ -63,7 +63,11 @@ def test_mrr_matches_label_ranking_average_precision(dtype, similarity):
 
 def test_ties_count_pessimistically():
     # Integer embeddings: many exactly tied scores. LRAP ranks ties pessimistically too.
-    t = {"query": torch.randint(-2, 3, (64, 3)).double(), "keys": torch.randint(-2, 3, (20, 3)).double(), "relevant": torch.randint(0, 20, (64,))}
+    t = {
+        "query": torch.randint(-2, 3, (64, 3)).double(),
+        "keys": torch.randint(-2, 3, (20, 3)).double(),
+        "relevant": torch.randint(0, 20, (64,)),
+    }
     s = scores(t, "dot")
     ref = skm.label_ranking_average_precision_score(one_hot(t["relevant"].numpy(), 20), s)
     assert_close(value("mrr", t), ref, rtol=1e-12)
@@ -114,15 +118,57 @@ def test_merge_over_query_splits_is_exact(name, similarity):
     "name, tensors, params, field, match",
     [
         ("mrr", {"query": torch.randn(3, 4), "keys": torch.randn(5, 3), "relevant": torch.tensor([0, 1, 2])}, {}, "tensors.keys", "D=4"),
-        ("mrr", {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1, 5])}, {}, "tensors.relevant", r"\[0, 5\)"),
-        ("mrr", {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1])}, {}, "tensors.relevant", r"expected shape \[3\]"),
+        (
+            "mrr",
+            {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1, 5])},
+            {},
+            "tensors.relevant",
+            r"\[0, 5\)",
+        ),
+        (
+            "mrr",
+            {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1])},
+            {},
+            "tensors.relevant",
+            r"expected shape \[3\]",
+        ),
         ("mrr", {"query": torch.randn(4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0])}, {}, "tensors.query", r"\[N, D\]"),
-        ("mrr", {"query": torch.randn(3, 4), "keys": torch.randn(0, 4), "relevant": torch.tensor([0, 0, 0])}, {}, "tensors.keys", "at least one key"),
-        ("mrr", {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0.5, 1, 2])}, {}, "tensors.relevant", "non-integer"),
+        (
+            "mrr",
+            {"query": torch.randn(3, 4), "keys": torch.randn(0, 4), "relevant": torch.tensor([0, 0, 0])},
+            {},
+            "tensors.keys",
+            "at least one key",
+        ),
+        (
+            "mrr",
+            {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0.5, 1, 2])},
+            {},
+            "tensors.relevant",
+            "non-integer",
+        ),
         ("mrr", {"query": torch.randn(3, 4), "keys": torch.randn(5, 4)}, {}, "tensors.relevant", "needs role"),
-        ("recall_at_k", {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1, 2])}, {"k": 0}, "functions[0].params.k", ">= 1"),
-        ("recall_at_k", {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1, 2])}, {"similarity": "l2"}, "functions[0].params.similarity", "one of"),
-        ("mrr", {"query": torch.randint(0, 3, (3, 4)), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1, 2])}, {}, "tensors.query", "floating-point"),
+        (
+            "recall_at_k",
+            {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1, 2])},
+            {"k": 0},
+            "functions[0].params.k",
+            ">= 1",
+        ),
+        (
+            "recall_at_k",
+            {"query": torch.randn(3, 4), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1, 2])},
+            {"similarity": "l2"},
+            "functions[0].params.similarity",
+            "one of",
+        ),
+        (
+            "mrr",
+            {"query": torch.randint(0, 3, (3, 4)), "keys": torch.randn(5, 4), "relevant": torch.tensor([0, 1, 2])},
+            {},
+            "tensors.query",
+            "floating-point",
+        ),
     ],
 )
 def test_errors_name_the_field(name, tensors, params, field, match):

@@ -19,6 +19,7 @@ def run(name, tensors, **params):
     r = out[name]
     return (r.tensors["value"] if params.get("reduction") == "none" else r.value), out
 
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -27,7 +28,6 @@ def run_reductions(name, tensors, **params):
     specs = [{"name": name, "alias": r, "params": {**params, "reduction": r}} for r in REDUCTIONS]
     out = evaluate(tensors, specs)
     return {r: (out[r].tensors["value"] if r == "none" else out[r].value) for r in REDUCTIONS}
-
 
 
 def pair(shape, dtype=torch.float64, scale=2.0):
@@ -259,11 +259,23 @@ P, T = torch.randn(4, 3), torch.randn(4, 3)
         ("quantile", {"predictions": P, "targets": T}, {"quantiles": [1.5]}, "functions[0].params.quantiles[0]", r"\[0, 1\]"),
         ("quantile", {"predictions": P, "targets": T}, {"quantiles": []}, "functions[0].params.quantiles", "non-empty"),
         ("gaussian_nll", {"predictions": P, "targets": T, "variance": -torch.ones(4, 3)}, {}, "tensors.variance", "non-negative"),
-        ("gaussian_nll", {"predictions": P, "targets": T, "variance": torch.ones(2, 3)}, {}, "tensors.variance", r"expected shape \[4, 3\]"),
+        (
+            "gaussian_nll",
+            {"predictions": P, "targets": T, "variance": torch.ones(2, 3)},
+            {},
+            "tensors.variance",
+            r"expected shape \[4, 3\]",
+        ),
         ("gaussian_nll", {"predictions": P, "targets": T}, {}, "tensors.variance", "needs role 'variance'"),
         ("gaussian_nll", {"predictions": P, "targets": T, "variance": torch.ones(4, 3)}, {"eps": 0.0}, "functions[0].params.eps", "> 0"),
         ("poisson_nll", {"predictions": P, "targets": -T.abs() - 1}, {}, "tensors.targets", "non-negative counts"),
-        ("poisson_nll", {"predictions": -P.abs() - 1, "targets": T.abs()}, {"log_input": False}, "tensors.predictions", "non-negative rates"),
+        (
+            "poisson_nll",
+            {"predictions": -P.abs() - 1, "targets": T.abs()},
+            {"log_input": False},
+            "tensors.predictions",
+            "non-negative rates",
+        ),
         ("poisson_nll", {"predictions": P, "targets": T.abs()}, {"log_input": 1}, "functions[0].params.log_input", "boolean"),
     ],
 )

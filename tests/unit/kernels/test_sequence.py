@@ -36,7 +36,9 @@ def torch_lm(z, y, shift=True, ignore_index=-100, label_smoothing=0.0, reduction
     v = z.shape[-1]
     if shift:
         z, y = z[:, :-1], y[:, 1:]
-    return F.cross_entropy(z.double().reshape(-1, v), y.reshape(-1), ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+    return F.cross_entropy(
+        z.double().reshape(-1, v), y.reshape(-1), ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction
+    )
 
 
 def sequence_mean(z, y, shift=True, ignore_index=-100, label_smoothing=0.0):
@@ -135,7 +137,10 @@ def test_extreme_and_low_precision_logits():
     assert_close(r.value, torch_lm(zh, yh).item(), **tol(torch.bfloat16))
 
 
-@pytest.mark.parametrize("params", [{}, {"normalization": "sequence"}, {"label_smoothing": 0.1, "shift": False}, {"normalization": "sequence", "ignore_index": 3}])
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"normalization": "sequence"}, {"label_smoothing": 0.1, "shift": False}, {"normalization": "sequence", "ignore_index": 3}],
+)
 def test_merge_over_batches_split_on_b(params):
     z, y = lm_batch(23, 6, 9, dtype=torch.float32, pad=0.3)
     y[4] = -100
@@ -181,7 +186,10 @@ def test_evaluation_never_copies_the_logits(monkeypatch, dtype):
     import lossd.kernels.plan as plan
 
     monkeypatch.setattr(plan, "CHUNK_ELEMENTS", 1 << 16)
-    specs = ["lm_cross_entropy", {"name": "lm_cross_entropy", "alias": "seq", "params": {"normalization": "sequence", "label_smoothing": 0.1}}]
+    specs = [
+        "lm_cross_entropy",
+        {"name": "lm_cross_entropy", "alias": "seq", "params": {"normalization": "sequence", "label_smoothing": 0.1}},
+    ]
     evaluate({"logits": torch.randn(2, 3, 5, dtype=dtype), "labels": torch.randint(0, 5, (2, 3))}, specs)  # warm: code paths, thread pools
     logits = torch.randn(2, 64, 32768, dtype=dtype)
     labels = torch.randint(0, 32768, (2, 64))
@@ -203,11 +211,31 @@ def test_evaluation_never_copies_the_logits(monkeypatch, dtype):
     "tensors, params, field, match",
     [
         ({"logits": torch.randn(4, 3), "labels": torch.zeros(4, dtype=torch.int64)}, {}, "tensors.logits", r"expected shape \[B, T, V\]"),
-        ({"logits": torch.randn(2, 4, 3), "labels": torch.zeros(2, 5, dtype=torch.int64)}, {}, "tensors.labels", r"expected shape \[2, 4\]"),
+        (
+            {"logits": torch.randn(2, 4, 3), "labels": torch.zeros(2, 5, dtype=torch.int64)},
+            {},
+            "tensors.labels",
+            r"expected shape \[2, 4\]",
+        ),
         ({"logits": torch.randn(2, 4, 3), "labels": torch.full((2, 4), 0.5)}, {}, "tensors.labels", "non-integer"),
-        ({"logits": torch.randn(2, 4, 3), "labels": torch.zeros(2, 4, dtype=torch.int64)}, {"normalization": "batch"}, "functions[0].params.normalization", "'token', 'sequence'"),
-        ({"logits": torch.randn(2, 4, 3), "labels": torch.zeros(2, 4, dtype=torch.int64)}, {"label_smoothing": -0.1}, "functions[0].params.label_smoothing", r"\[0, 1\]"),
-        ({"logits": torch.randint(0, 3, (2, 4, 3)), "labels": torch.zeros(2, 4, dtype=torch.int64)}, {}, "tensors.logits", "floating-point"),
+        (
+            {"logits": torch.randn(2, 4, 3), "labels": torch.zeros(2, 4, dtype=torch.int64)},
+            {"normalization": "batch"},
+            "functions[0].params.normalization",
+            "'token', 'sequence'",
+        ),
+        (
+            {"logits": torch.randn(2, 4, 3), "labels": torch.zeros(2, 4, dtype=torch.int64)},
+            {"label_smoothing": -0.1},
+            "functions[0].params.label_smoothing",
+            r"\[0, 1\]",
+        ),
+        (
+            {"logits": torch.randint(0, 3, (2, 4, 3)), "labels": torch.zeros(2, 4, dtype=torch.int64)},
+            {},
+            "tensors.logits",
+            "floating-point",
+        ),
     ],
 )
 def test_lm_errors_name_the_field(tensors, params, field, match):
@@ -288,7 +316,11 @@ def test_ctc_concatenated_targets_blank_and_logits_input():
     got, _ = ctc({**batch, "targets": flat}, blank=6)
     assert_close(got, ref.item(), rtol=1e-12)
     logits = batch["log_probs"] * 1.0 + 5.0  # unnormalized: log-softmax restores the log-probabilities
-    got, _ = ctc({"logits": logits, "targets": flat, "input_lengths": batch["input_lengths"], "target_lengths": lengths}, blank=6, input_kind="logits")
+    got, _ = ctc(
+        {"logits": logits, "targets": flat, "input_lengths": batch["input_lengths"], "target_lengths": lengths},
+        blank=6,
+        input_kind="logits",
+    )
     assert_close(got, ref.item(), rtol=1e-12)
 
 
@@ -318,7 +350,11 @@ def test_ctc_empty_target_and_feasible_repeats_are_not_reported():
     assert "ctc_infeasible" not in codes(out)
     empty = {**batch, "targets": torch.zeros(2, 0, dtype=torch.int64), "target_lengths": torch.tensor([0, 0])}  # S = 0: blanks only
     got, _ = ctc(empty, reduction="none")
-    assert_close(got, F.ctc_loss(batch["log_probs"], empty["targets"], batch["input_lengths"], empty["target_lengths"], reduction="none").numpy(), rtol=1e-12)
+    assert_close(
+        got,
+        F.ctc_loss(batch["log_probs"], empty["targets"], batch["input_lengths"], empty["target_lengths"], reduction="none").numpy(),
+        rtol=1e-12,
+    )
 
 
 def test_ctc_merges_over_batches_split_on_n():

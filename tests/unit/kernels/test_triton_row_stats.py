@@ -90,7 +90,9 @@ def assert_values_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: f
     """NaN where the reference has NaN, the same infinities, finite values within rtol/atol."""
     assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaNs at {actual.isnan().tolist()}, expected {expected.isnan().tolist()}"
     infinite = expected.isinf()
-    assert torch.equal(actual[infinite], expected[infinite]) and not bool(actual[~infinite].isinf().any()), f"{what}: {actual} != {expected}"
+    assert torch.equal(actual[infinite], expected[infinite]) and not bool(actual[~infinite].isinf().any()), (
+        f"{what}: {actual} != {expected}"
+    )
     finite = expected.isfinite()
     assert_close(actual[finite], expected[finite], rtol=rtol, atol=atol, what=what)
 

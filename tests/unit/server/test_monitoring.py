@@ -27,7 +27,9 @@ def _classification(n: int = 256, k: int = 7, seed: int = 0) -> dict[str, torch.
     return {"logits": logits, "labels": labels}
 
 
-def _observe(tensors: dict[str, torch.Tensor], functions: list, *, method: str = "Evaluate", tags: pb.Tags | None = None, prior=None) -> Observation:  # type: ignore[no-untyped-def]
+def _observe(
+    tensors: dict[str, torch.Tensor], functions: list, *, method: str = "Evaluate", tags: pb.Tags | None = None, prior=None
+) -> Observation:  # type: ignore[no-untyped-def]
     specs = tuple(FunctionSpec(f) if isinstance(f, str) else f for f in functions)
     evaluation = evaluate(tensors, list(specs), prior_states=prior)
     return Observation(method, tags or pb.Tags(model="m", dataset="d", split="s"), evaluation, tensors, specs, prior or {})
@@ -51,7 +53,9 @@ def test_guard_caps_10000_distinct_models_and_counts_the_overflow() -> None:
     tensors = {"predictions": torch.zeros(8), "targets": torch.ones(8)}  # no logits: no per-row work, a fast loop
     evaluation = evaluate(tensors, ["mse"])
     for i in range(10_000):
-        monitoring.observe(Observation("Evaluate", pb.Tags(model=f"model-{i}", dataset="d", split="s"), evaluation, tensors, (FunctionSpec("mse"),)))
+        monitoring.observe(
+            Observation("Evaluate", pb.Tags(model=f"model-{i}", dataset="d", split="s"), evaluation, tensors, (FunctionSpec("mse"),))
+        )
     models = {dict(k)["model"] for k in _samples(monitoring.registry, "lossd_loss_sum_total")}
     assert len(models) == settings.label_max_values + 1 and OTHER in models
     cal_series = _samples(monitoring.registry, "lossd_calibration_count_total")
@@ -68,7 +72,9 @@ def test_guard_caps_10000_distinct_models_and_counts_the_overflow() -> None:
 
 def test_guard_length_allowlist_and_unset() -> None:
     folds: list[tuple[str, str]] = []
-    guard = LabelGuard(max_values=2, max_length=8, allowlist=["resnet", "vit"], on_overflow=lambda label, reason: folds.append((label, reason)))
+    guard = LabelGuard(
+        max_values=2, max_length=8, allowlist=["resnet", "vit"], on_overflow=lambda label, reason: folds.append((label, reason))
+    )
     assert guard.admit("model", "resnet") == "resnet"
     assert guard.admit("model", "llama") == OTHER
     assert guard.admit("model", "a-very-long-name") == OTHER
@@ -126,7 +132,13 @@ def test_calibration_counts_are_the_ece_functions_bins() -> None:
     cal = calibration_counts(tensors, 15)
     assert cal is not None and cal.total == 993
     ece = evaluate(tensors, [{"name": "ece", "params": {"n_bins": 15}}, "reliability_diagram"])
-    assert_close(expected_calibration_error(cal.count, cal.confidence, cal.correct), ece.results["ece"].value, rtol=1e-12, atol=0, what="ECE from counters")
+    assert_close(
+        expected_calibration_error(cal.count, cal.confidence, cal.correct),
+        ece.results["ece"].value,
+        rtol=1e-12,
+        atol=0,
+        what="ECE from counters",
+    )
     assert_close(cal.count, ece.results["reliability_diagram"].tensors["count"], rtol=0, atol=0, what="per-bin counts")
 
 
@@ -184,10 +196,15 @@ def test_observe_skips_finalize_and_counts_stream_rows_from_summaries() -> None:
     evaluation = evaluate(tensors, ["cross_entropy"])
     monitoring.observe(Observation("Finalize", pb.Tags(model="m"), evaluation, None))
     assert _samples(monitoring.registry, "lossd_loss_count_total") == {}
-    assert _samples(monitoring.registry, "lossd_evaluations_total")[(("dataset", ""), ("method", "Finalize"), ("model", "m"), ("split", ""))] == 1
+    assert (
+        _samples(monitoring.registry, "lossd_evaluations_total")[(("dataset", ""), ("method", "Finalize"), ("model", "m"), ("split", ""))]
+        == 1
+    )
     evaluation.batches = 3  # a stream: its rows come from the batch summaries the service added up
     summary = monitoring.summarize_rows(tensors) + monitoring.summarize_rows(tensors) + monitoring.summarize_rows(tensors)
-    monitoring.observe(Observation("EvaluateStream", pb.Tags(model="m"), evaluation, None, (FunctionSpec("cross_entropy"),), row_summary=summary))
+    monitoring.observe(
+        Observation("EvaluateStream", pb.Tags(model="m"), evaluation, None, (FunctionSpec("cross_entropy"),), row_summary=summary)
+    )
     assert sum(_samples(monitoring.registry, "lossd_calibration_count_total").values()) == 30
     assert sum(_samples(monitoring.registry, "lossd_evaluated_rows_total").values()) == 30
     assert sum(_samples(monitoring.registry, "lossd_loss_count_total").values()) == 10  # the stream's loss totals (its evaluation's)

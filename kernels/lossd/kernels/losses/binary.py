@@ -29,7 +29,9 @@ LOGITS = Role("logits", "[N], [N, C] or [B, C, *spatial]", "float", "one logit p
 TARGETS = Role("targets", "same shape as logits", "binary", "targets in {0, 1} (float; soft targets in [0, 1] where the loss allows them)")
 SEGMENTATION_LOGITS = Role("logits", "[B, C, *spatial]", "float", "per-voxel logits (or probabilities with input_kind='probs')")
 SEGMENTATION_TARGETS = Role("targets", "same shape as logits", "binary", "per-voxel targets in [0, 1]")
-INPUT_KIND = Param("input_kind", "str", "logits", "logits (a sigmoid is applied) or probs (used as given, must lie in [0, 1])", choices=("logits", "probs"))
+INPUT_KIND = Param(
+    "input_kind", "str", "logits", "logits (a sigmoid is applied) or probs (used as given, must lie in [0, 1])", choices=("logits", "probs")
+)
 SMOOTH = Param("smooth", "float", 1e-5, "s, added to numerator and denominator (monai smooth_nr = smooth_dr)", minimum=0.0)
 MARGIN = Param("margin", "float", 1.0, "the margin m in max(0, m − t·z)")
 
@@ -135,7 +137,9 @@ def _segmentation(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, torch
         bad = ~((z >= 0) & (z <= 1))
         if bool(bad.any()):
             i = first_index(bad)
-            raise view.error("logits", f"input_kind='probs' expects probabilities in [0, 1], got {float(z.reshape(-1)[i])!r} at flat index {i}")
+            raise view.error(
+                "logits", f"input_kind='probs' expects probabilities in [0, 1], got {float(z.reshape(-1)[i])!r} at flat index {i}"
+            )
         prob = z
     else:
         prob = torch.sigmoid(z)
@@ -211,7 +215,15 @@ _declare(
     _sigmoid_focal_terms,
     "torchvision.ops.sigmoid_focal_loss formula (monai FocalLoss equal)",
     (
-        Param("alpha", "float", 0.25, "α: weight of positives (negatives get 1 − α); null disables the weighting", minimum=0.0, maximum=1.0, nullable=True),
+        Param(
+            "alpha",
+            "float",
+            0.25,
+            "α: weight of positives (negatives get 1 − α); null disables the weighting",
+            minimum=0.0,
+            maximum=1.0,
+            nullable=True,
+        ),
         Param("gamma", "float", 2.0, "γ: focusing exponent; 0 gives α-weighted BCE", minimum=0.0),
     ),
 )

@@ -46,7 +46,9 @@ def class_labels(view: View, z: torch.Tensor, ignore_index: int | None, role: st
     view.diagnose_class_imbalance(role, y, valid, z.shape[1])
     ignored = int((~valid).sum())
     if ignored and valid.numel() and ignored / valid.numel() > 0.5 and ignored < valid.numel():
-        view.diag("ignored_fraction", f"{ignored} of {valid.numel()} labels ({ignored / valid.numel():.0%}) equal ignore_index={ignore_index}")
+        view.diag(
+            "ignored_fraction", f"{ignored} of {valid.numel()} labels ({ignored / valid.numel():.0%}) equal ignore_index={ignore_index}"
+        )
     return torch.where(valid, y, torch.zeros_like(y)), valid
 
 
@@ -91,7 +93,10 @@ def _soft_terms(view: View, z: torch.Tensor, p: Mapping[str, Any]) -> Terms:
         raise view.error("target_probs", "expected non-negative target probabilities")
     several = (q == 1).sum(dim=1) > 1
     if bool(several.any()):
-        view.diag("multi_label_targets_with_softmax", f"{int(several.sum())} rows of target_probs hold several ones: multi-label targets under softmax cross-entropy; use bce_with_logits")
+        view.diag(
+            "multi_label_targets_with_softmax",
+            f"{int(several.sum())} rows of target_probs hold several ones: multi-label targets under softmax cross-entropy; use bce_with_logits",
+        )
     dtype = compute_dtype(z.dtype)
     k = z.shape[1]
     eps = p["label_smoothing"]
@@ -148,7 +153,13 @@ cross_entropy = register(
             CLASS_WEIGHT,
             IGNORE_INDEX,
             Param("label_smoothing", "float", 0.0, "ε: mass moved from the label to the other classes", minimum=0.0, maximum=1.0),
-            Param("smoothing_mode", "str", "uniform", "uniform: q_y = 1−ε+ε/K (torch); others: q_y = 1−ε, ε/(K−1) elsewhere (fairseq)", choices=("uniform", "others")),
+            Param(
+                "smoothing_mode",
+                "str",
+                "uniform",
+                "uniform: q_y = 1−ε+ε/K (torch); others: q_y = 1−ε, ε/(K−1) elsewhere (fairseq)",
+                choices=("uniform", "others"),
+            ),
             INPUT_KIND,
         ),
         terms=_cross_entropy_terms,
@@ -167,7 +178,9 @@ def _element_shape(z: torch.Tensor) -> torch.Size:
     return z.shape[:1] + z.shape[2:]
 
 
-def per_row_blocks(tensors: tuple[torch.Tensor, ...], aux: tuple[torch.Tensor, ...], dtype: torch.dtype, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+def per_row_blocks(
+    tensors: tuple[torch.Tensor, ...], aux: tuple[torch.Tensor, ...], dtype: torch.dtype, fn: Callable[..., torch.Tensor]
+) -> torch.Tensor:
     """fn(blocks [m, K] of each tensor, aux values [m] of each row) -> [m], block by block.
 
     ``tensors`` share one shape [N, K, d...] (classes on dim 1); ``aux`` are
@@ -258,7 +271,9 @@ def _kl_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Re
     if p["reduction"] == "sum":
         return Result({"value": total}, denominator=float(fields["rows"]), denominator_kind="samples", numerator=total)
     denominator, kind = (float(fields["elements"]), "elements") if p["reduction"] == "mean" else (float(fields["rows"]), "samples")
-    return Result({"value": total / denominator if denominator else float("nan")}, denominator=denominator, denominator_kind=kind, numerator=total)
+    return Result(
+        {"value": total / denominator if denominator else float("nan")}, denominator=denominator, denominator_kind=kind, numerator=total
+    )
 
 
 def _empty_check(fields: Mapping[str, Any], params: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -328,7 +343,16 @@ distillation_kl = register(
             Role("logits", "[N, K] or [N, K, d1, ...]", "float", "student logits, classes on dim 1"),
             Role("teacher_logits", "same shape as logits", "float", "teacher logits"),
         ),
-        params=(Param("temperature", "float", 1.0, "T: both distributions are softened by T; the loss is scaled by T²", minimum=0.0, exclusive_minimum=True),),
+        params=(
+            Param(
+                "temperature",
+                "float",
+                1.0,
+                "T: both distributions are softened by T; the loss is scaled by T²",
+                minimum=0.0,
+                exclusive_minimum=True,
+            ),
+        ),
         outputs=(Output("value", "T² · KL per sample (batchmean)"),),
         fields={"total": MergeOp.SUM, "rows": MergeOp.SUM},
         update=_distillation_update,
@@ -366,7 +390,13 @@ multi_margin = register(
         params=(
             Param("margin", "float", 1.0, "required gap between the label's score and every other score"),
             Param("p", "int", 1, "exponent of the hinge: 1 or 2", minimum=1, maximum=2),
-            Param("weight", "float_list", None, "per-class weights [K] multiplying the terms of rows of that label (torch: the mean still divides by N)", nullable=True),
+            Param(
+                "weight",
+                "float_list",
+                None,
+                "per-class weights [K] multiplying the terms of rows of that label (torch: the mean still divides by N)",
+                nullable=True,
+            ),
             IGNORE_INDEX,
         ),
         terms=_multi_margin_terms,
@@ -428,7 +458,14 @@ focal = register(
         roles=(SCORES, CLASS_LABELS),
         params=(
             Param("gamma", "float", 2.0, "focusing exponent γ; 0 gives cross-entropy", minimum=0.0),
-            Param("alpha", "float_or_list", None, "α: a scalar or per-class values [K] scaling each element's loss (not a weight of the mean); null for none", minimum=0.0, nullable=True),
+            Param(
+                "alpha",
+                "float_or_list",
+                None,
+                "α: a scalar or per-class values [K] scaling each element's loss (not a weight of the mean); null for none",
+                minimum=0.0,
+                nullable=True,
+            ),
             IGNORE_INDEX,
         ),
         terms=_focal_terms,

@@ -132,9 +132,14 @@ def _require_pairs(view: View, y: torch.Tensor, *, negatives: bool) -> None:
     """Refuse batches on which a pair loss has no term (PML would return a placeholder 0)."""
     counts = torch.unique(y, return_counts=True)[1]
     if not bool((counts > 1).any()):
-        raise view.error("labels", "no two rows share a label, so there is no positive pair and the loss has no term; send a batch with positives")
+        raise view.error(
+            "labels", "no two rows share a label, so there is no positive pair and the loss has no term; send a batch with positives"
+        )
     if negatives and counts.numel() < 2:
-        raise view.error("labels", "every row has the same label, so there is no negative pair and the loss has no term; send a batch with several classes")
+        raise view.error(
+            "labels",
+            "every row has the same label, so there is no negative pair and the loss has no term; send a batch with several classes",
+        )
 
 
 # -- info_nce ---------------------------------------------------------------------
@@ -146,7 +151,9 @@ def _info_nce(view: View, p: Mapping[str, Any]) -> torch.Tensor:
     if negatives is not None and negatives.shape[1] != q.shape[1]:
         raise view.error("negative_keys", f"expected shape [M, {q.shape[1]}] (the query width), got {list(negatives.shape)}")
     if negatives is not None and p["symmetric"]:
-        raise view.param_error("symmetric", "symmetric=true (CLIP) uses in-batch negatives in both directions; it is not defined with negative_keys")
+        raise view.param_error(
+            "symmetric", "symmetric=true (CLIP) uses in-batch negatives in both directions; it is not defined with negative_keys"
+        )
     dtype = _common_dtype(*tensors)
     q, k, *rest = (t.to(dtype) for t in tensors)
     neg = rest[0] if rest else None
@@ -214,7 +221,10 @@ def _views_or_labels(view: View, x: torch.Tensor) -> torch.Tensor:
     if view.has("labels"):
         return _row_labels(view, x.shape[0])
     if x.shape[0] % 2:
-        raise view.error("embeddings", f"without labels, embeddings hold two views [2N, D] (rows i and i+N are a positive pair); got an odd row count {x.shape[0]}")
+        raise view.error(
+            "embeddings",
+            f"without labels, embeddings hold two views [2N, D] (rows i and i+N are a positive pair); got an odd row count {x.shape[0]}",
+        )
     return torch.arange(x.shape[0] // 2, device=x.device).repeat(2)
 
 
@@ -244,7 +254,12 @@ nt_xent = register(
         family="embedding",
         summary="SimCLR NT-Xent: 2N-way cosine softmax; rows i and i+N are views of one sample, or positives are rows sharing a label",
         roles=(
-            Role("embeddings", "[2N, D] (two views) or [N, D] with labels", "float", "rows i and i+N are two views of sample i unless labels are sent"),
+            Role(
+                "embeddings",
+                "[2N, D] (two views) or [N, D] with labels",
+                "float",
+                "rows i and i+N are two views of sample i unless labels are sent",
+            ),
             Role("labels", "[N]", "index", "class of each row; every same-label pair is a positive (PML NTXentLoss)", optional=True),
         ),
         params=(Param("temperature", "float", 0.07, TEMPERATURE_DOC, minimum=0.0, exclusive_minimum=True),),
@@ -409,7 +424,14 @@ triplet = register(
             Role("negative", "[N, D]", "float", "negative of each anchor"),
         ),
         params=(
-            Param("margin", "float", 1.0, "required gap between the negative and positive distances (torch requires > 0)", minimum=0.0, exclusive_minimum=True),
+            Param(
+                "margin",
+                "float",
+                1.0,
+                "required gap between the negative and positive distances (torch requires > 0)",
+                minimum=0.0,
+                exclusive_minimum=True,
+            ),
             Param("p", "float", 2.0, "norm degree of the pairwise distance", minimum=0.0, exclusive_minimum=True),
             Param("swap", "bool", False, "distance swap (Balntas et al. 2016): use min(d(a, n), d(p, n))"),
         ),
@@ -480,13 +502,17 @@ def _margin_softmax(target_fn: TargetFn, scale_by_norm: bool) -> Callable[[View,
         x = _matrix(view, "embeddings")
         w = _matrix(view, "class_weights")
         if w.shape[0] != x.shape[1]:
-            raise view.error("class_weights", f"expected shape [{x.shape[1]}, K] (embedding width D rows, one column per class), got {list(w.shape)}")
+            raise view.error(
+                "class_weights", f"expected shape [{x.shape[1]}, K] (embedding width D rows, one column per class), got {list(w.shape)}"
+            )
         y = _row_labels(view, x.shape[0])
         view.check_labels("labels", y, w.shape[1], None)
         dtype = _common_dtype(x, w)
         x = x.to(dtype)
         xn, wn = F.normalize(x, dim=1), F.normalize(w.to(dtype), dim=0)
-        factor = p["scale"] * (torch.linalg.vector_norm(x, dim=1) if scale_by_norm else torch.ones(x.shape[0], dtype=dtype, device=x.device))
+        factor = p["scale"] * (
+            torch.linalg.vector_norm(x, dim=1) if scale_by_norm else torch.ones(x.shape[0], dtype=dtype, device=x.device)
+        )
         total = torch.zeros((), dtype=dtype, device=x.device)
         scale = _Scale()
         for block in _row_blocks(x.shape[0], w.shape[1]):
@@ -516,7 +542,15 @@ arcface = register(
         summary="ArcFace additive angular margin softmax: the label's logit is s·cos(θ + m)",
         roles=_MARGIN_ROLES,
         params=(
-            Param("margin", "float", 28.6, "angular margin m in degrees (PML convention; 28.6° ≈ 0.5 rad)", minimum=0.0, maximum=180.0, exclusive_maximum=True),
+            Param(
+                "margin",
+                "float",
+                28.6,
+                "angular margin m in degrees (PML convention; 28.6° ≈ 0.5 rad)",
+                minimum=0.0,
+                maximum=180.0,
+                exclusive_maximum=True,
+            ),
             Param("scale", "float", 64.0, _SCALE_DOC, minimum=0.0, exclusive_minimum=True),
         ),
         value=_margin_softmax(_arcface_target, False),

@@ -195,7 +195,9 @@ def _sequence_scores(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, ..
             if view.has(role):
                 raise view.error(role, "masks apply to per-token [N, T] log-probs; the log-probs sent are per-sequence [N]")
         if p["score"] != "sum":
-            raise view.param_error("score", f"score={p['score']!r} reduces per-token [N, T] log-probs; the log-probs sent are per-sequence [N]")
+            raise view.param_error(
+                "score", f"score={p['score']!r} reduces per-token [N, T] log-probs; the log-probs sent are per-sequence [N]"
+            )
         return tuple(raw[role] for role in _DPO_LOGPS)
     scores = {}
     for side in ("chosen", "rejected"):
@@ -242,7 +244,10 @@ dpo = register(
         name="dpo",
         summary="direct preference optimization (sigmoid, IPO or hinge) with implicit-reward accuracy and margin",
         roles=(
-            *(Role(r, "[N] or [N, T]", "float", f"{r.replace('_', ' ')}: per sequence, or per token with the side's mask") for r in _DPO_LOGPS),
+            *(
+                Role(r, "[N] or [N, T]", "float", f"{r.replace('_', ' ')}: per sequence, or per token with the side's mask")
+                for r in _DPO_LOGPS
+            ),
             Role("chosen_mask", "[N, T]", "binary", "1 for the tokens of the chosen response (per-token inputs only)", optional=True),
             Role("rejected_mask", "[N, T']", "binary", "1 for the tokens of the rejected response (per-token inputs only)", optional=True),
             WEIGHTS_ROLE,
@@ -250,7 +255,14 @@ dpo = register(
         params=(
             Param("beta", "float", 0.1, "β: strength of the implicit KL constraint to the reference", minimum=0.0, exclusive_minimum=True),
             Param("loss_type", "str", "sigmoid", "sigmoid (DPO), ipo (Azar et al.) or hinge (RSO)", choices=("sigmoid", "ipo", "hinge")),
-            Param("label_smoothing", "float", 0.0, "ε of conservative DPO: the share of preference labels assumed flipped (sigmoid only)", minimum=0.0, maximum=1.0),
+            Param(
+                "label_smoothing",
+                "float",
+                0.0,
+                "ε of conservative DPO: the share of preference labels assumed flipped (sigmoid only)",
+                minimum=0.0,
+                maximum=1.0,
+            ),
             Param(
                 "score",
                 "str",
@@ -328,12 +340,33 @@ ppo_clip = register(
             Role("logp_old", "same shape as logp_new", "float", "log-probs under the policy that sampled them"),
             Role("advantages", "same shape as logp_new", "float", "advantage estimates A"),
             Role("mask", "same shape as logp_new", "binary", "1 for valid tokens (default: all)", optional=True),
-            Role("logp_ref", "same shape as logp_new", "float", "log-probs under a reference policy, for the KL penalty and the kl output", optional=True),
+            Role(
+                "logp_ref",
+                "same shape as logp_new",
+                "float",
+                "log-probs under a reference policy, for the KL penalty and the kl output",
+                optional=True,
+            ),
         ),
         params=(
-            Param("clip_epsilon", "float", 0.2, "ε: the ratio is clipped to [1 − ε, 1 + ε]", minimum=0.0, exclusive_minimum=True, maximum=1.0, exclusive_maximum=True),
+            Param(
+                "clip_epsilon",
+                "float",
+                0.2,
+                "ε: the ratio is clipped to [1 − ε, 1 + ε]",
+                minimum=0.0,
+                exclusive_minimum=True,
+                maximum=1.0,
+                exclusive_maximum=True,
+            ),
             Param("kl_coef", "float", 0.0, "β: weight of the per-token KL(π ‖ π_ref) penalty (needs logp_ref)", minimum=0.0),
-            Param("kl_estimator", "str", "k3", "per-token KL estimator (Schulman): k1 = −lr, k2 = lr²/2, k3 = e^lr − 1 − lr", choices=KL_ESTIMATORS),
+            Param(
+                "kl_estimator",
+                "str",
+                "k3",
+                "per-token KL estimator (Schulman): k1 = −lr, k2 = lr²/2, k3 = e^lr − 1 − lr",
+                choices=KL_ESTIMATORS,
+            ),
             Param(
                 "normalize_advantages",
                 "bool",
@@ -393,7 +426,9 @@ def _moe_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> R
     experts = probs.shape[0]
     if n == 0:
         nan = float("nan")
-        return Result({"value": nan}, {"expert_fraction": (routed * nan).numpy(), "router_prob": (probs * nan).numpy()}, 0.0, "valid_tokens")
+        return Result(
+            {"value": nan}, {"expert_fraction": (routed * nan).numpy(), "router_prob": (probs * nan).numpy()}, 0.0, "valid_tokens"
+        )
     fraction, mean_prob = routed / n, probs / n
     value = experts * float((fraction * mean_prob[None, :]).sum())
     return Result({"value": value}, {"expert_fraction": fraction.numpy(), "router_prob": mean_prob.numpy()}, n, "valid_tokens")
@@ -411,8 +446,19 @@ moe_load_balancing = register(
         family="preference",
         summary="Switch/Mixtral auxiliary load-balancing loss E·Σ_slot Σ_e f_slot,e·P_e over router logits",
         roles=(
-            Role("router_logits", "[tokens, E] (or [..., E])", "float", "router logits of every token (all layers concatenated, as transformers does)"),
-            Role("mask", "[tokens] (the leading dims of router_logits)", "binary", "1 for real tokens, 0 for padding (attention mask)", optional=True),
+            Role(
+                "router_logits",
+                "[tokens, E] (or [..., E])",
+                "float",
+                "router logits of every token (all layers concatenated, as transformers does)",
+            ),
+            Role(
+                "mask",
+                "[tokens] (the leading dims of router_logits)",
+                "binary",
+                "1 for real tokens, 0 for padding (attention mask)",
+                optional=True,
+            ),
         ),
         params=(Param("top_k", "int", 2, "experts chosen per token", minimum=1),),
         outputs=(
@@ -439,7 +485,10 @@ def _uncertainty_weighting(view: View, p: Mapping[str, Any]) -> torch.Tensor:
     _same_shape(view, "log_vars", log_vars, losses, "task_losses")
     total = (0.5 * torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
     if not bool(torch.isfinite(total)) and bool(torch.isfinite(losses).all() & torch.isfinite(log_vars).all()):
-        view.diag("overflow", f"exp(−log_vars) overflowed float64 (min log_var {float(log_vars.min()):.4g}); the loss is reported as {float(total)}")
+        view.diag(
+            "overflow",
+            f"exp(−log_vars) overflowed float64 (min log_var {float(log_vars.min()):.4g}); the loss is reported as {float(total)}",
+        )
     return total
 
 

@@ -25,7 +25,10 @@ __all__ = ["PREDICTIONS", "TARGETS", "regression_pair", "POISSON_EPS"]
 PREDICTIONS = Role("predictions", "[N, ...]", "float", "predicted values")
 TARGETS = Role("targets", "same shape as predictions", "float", "observed values (integer dtypes are accepted and cast)")
 QUANTILE_PREDICTIONS = Role(
-    "predictions", "targets' shape + [Q] (or targets' shape when Q = 1)", "float", "one predicted quantile per entry of `quantiles`, on the last dim"
+    "predictions",
+    "targets' shape + [Q] (or targets' shape when Q = 1)",
+    "float",
+    "one predicted quantile per entry of `quantiles`, on the last dim",
 )
 VARIANCE = Role(
     "variance",
@@ -160,13 +163,17 @@ def _poisson_nll_terms(view: View, p: Mapping[str, Any]) -> Terms:
         rate = torch.exp(z)
         overflow = torch.isinf(rate) & torch.isfinite(z)
         if bool(overflow.any()):
-            view.diag("overflow", f"exp(prediction) overflowed float64 for {int(overflow.sum())} elements (log-rate > 709.78); their loss is inf")
+            view.diag(
+                "overflow", f"exp(prediction) overflowed float64 for {int(overflow.sum())} elements (log-rate > 709.78); their loss is inf"
+            )
         loss = rate - y * z
     else:
         bad = z < 0
         if bool(bad.any()):
             i = first_index(bad)
-            raise view.error("predictions", f"log_input=false expects non-negative rates, got {float(z.reshape(-1)[i])!r} at flat index {i}")
+            raise view.error(
+                "predictions", f"log_input=false expects non-negative rates, got {float(z.reshape(-1)[i])!r} at flat index {i}"
+            )
         loss = z - y * torch.log(z + POISSON_EPS)
     if p["full"]:
         # Stirling's approximation of log(y!), used by torch for y > 1 only.
@@ -208,7 +215,16 @@ _declare(
     "pinball loss max(q·r, (q−1)·r) averaged over the quantiles of each row",
     _quantile_terms,
     "sklearn.metrics.mean_pinball_loss, one call per quantile, averaged",
-    (Param("quantiles", "float_list", (0.5,), "the quantile levels q in [0, 1], one per column of predictions' last dim", minimum=0.0, maximum=1.0),),
+    (
+        Param(
+            "quantiles",
+            "float_list",
+            (0.5,),
+            "the quantile levels q in [0, 1], one per column of predictions' last dim",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    ),
     roles=(QUANTILE_PREDICTIONS, TARGETS),
 )
 _declare(

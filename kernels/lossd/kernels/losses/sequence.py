@@ -99,16 +99,28 @@ def _lm_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Re
     values = {"perplexity": perplexity, "tokens": tokens, "sequences": sequences}
     if p["normalization"] == "token":
         total = float(fields["total"])
-        return Result({"value": _ratio(fields["total"], fields["tokens"]), **values}, denominator=tokens, denominator_kind="valid_tokens", numerator=total)
+        return Result(
+            {"value": _ratio(fields["total"], fields["tokens"]), **values},
+            denominator=tokens,
+            denominator_kind="valid_tokens",
+            numerator=total,
+        )
     # Sequence normalization: the mean over sequences of per-sequence means, additive in (Σ means, #sequences).
     sequence_total = float(fields["sequence_total"])
-    return Result({"value": _ratio(fields["sequence_total"], fields["sequences"]), **values}, denominator=sequences, denominator_kind="sequences", numerator=sequence_total)
+    return Result(
+        {"value": _ratio(fields["sequence_total"], fields["sequences"]), **values},
+        denominator=sequences,
+        denominator_kind="sequences",
+        numerator=sequence_total,
+    )
 
 
 def _lm_diagnostics(fields: Mapping[str, Any], p: Mapping[str, Any]) -> list[tuple[str, str]]:
     found = []
     if float(fields["tokens"]) == 0:
-        found.append(("all_ignored", "no position had a valid target (all labels ignored, or T = 1 with shift); the value is NaN with denominator 0"))
+        found.append(
+            ("all_ignored", "no position had a valid target (all labels ignored, or T = 1 with shift); the value is NaN with denominator 0")
+        )
     empty = int(fields["empty_sequences"])
     if p["normalization"] == "sequence" and empty:
         total = empty + int(fields["sequences"])
@@ -123,11 +135,18 @@ lm_cross_entropy = register(
         summary="causal-LM token cross-entropy over [B, T, V] with shift, ignore_index, label smoothing, token or sequence normalization",
         roles=(
             Role("logits", "[B, T, V]", "float", "next-token logits"),
-            Role("labels", "[B, T]", "index", "token ids in [0, V) or ignore_index (with shift, labels[:, t+1] is the target of position t)"),
+            Role(
+                "labels", "[B, T]", "index", "token ids in [0, V) or ignore_index (with shift, labels[:, t+1] is the target of position t)"
+            ),
         ),
         params=(
             IGNORE_INDEX,
-            Param("shift", "bool", True, "logits[:, :-1] predict labels[:, 1:] (labels are the input ids); false: logits[:, t] predict labels[:, t]"),
+            Param(
+                "shift",
+                "bool",
+                True,
+                "logits[:, :-1] predict labels[:, 1:] (labels are the input ids); false: logits[:, t] predict labels[:, t]",
+            ),
             Param(
                 "normalization",
                 "str",
@@ -189,18 +208,24 @@ def _ctc_targets(view: View, n: int, classes: int, blank: int, target_lengths: t
         labels = targets[torch.arange(targets.shape[1], device=targets.device) < target_lengths[:, None]]
     elif targets.ndim == 1:
         if int(target_lengths.sum()) != targets.shape[0]:
-            raise view.error("targets", f"concatenated targets must hold Σ target_lengths = {int(target_lengths.sum())} labels, got {targets.shape[0]}")
+            raise view.error(
+                "targets", f"concatenated targets must hold Σ target_lengths = {int(target_lengths.sum())} labels, got {targets.shape[0]}"
+            )
         labels = targets
     else:
         raise view.error("targets", f"expected [N, S] padded or 1-D concatenated targets, got shape {list(targets.shape)}")
     bad = (labels < 0) | (labels >= classes) | (labels == blank)
     if bool(bad.any()):
         value = int(labels[bad][0])
-        raise view.error("targets", f"expected target labels in [0, {classes}) other than blank={blank}, got {value} ({int(bad.sum())} such labels)")
+        raise view.error(
+            "targets", f"expected target labels in [0, {classes}) other than blank={blank}, got {value} ({int(bad.sum())} such labels)"
+        )
     return targets
 
 
-def _report_infeasible(view: View, input_lengths: torch.Tensor, target_lengths: torch.Tensor, repeats: torch.Tensor, zero_infinity: bool) -> None:
+def _report_infeasible(
+    view: View, input_lengths: torch.Tensor, target_lengths: torch.Tensor, repeats: torch.Tensor, zero_infinity: bool
+) -> None:
     needed = target_lengths + repeats
     infeasible = torch.nonzero(input_lengths < needed).reshape(-1).tolist()
     if infeasible:
@@ -253,7 +278,13 @@ ctc = register(
         params=(
             Param("blank", "int", 0, "index of the blank class", minimum=0),
             Param("zero_infinity", "bool", False, "infinite losses (infeasible samples) count as 0 (torch)"),
-            Param("input_kind", "str", "log_probs", "log_probs: role 'log_probs' as given; logits: role 'logits', log-softmax over classes", choices=("log_probs", "logits")),
+            Param(
+                "input_kind",
+                "str",
+                "log_probs",
+                "log_probs: role 'log_probs' as given; logits: role 'logits', log-softmax over classes",
+                choices=("log_probs", "logits"),
+            ),
         ),
         terms=_ctc_terms,
         reference="torch.nn.functional.ctc_loss; a float64 forward recursion in the tests",

@@ -45,7 +45,12 @@ __all__ = [
     "binned_rank_scores",
 ]
 
-LOGITS = Role("logits", "[N] (binary, with targets) or [N, K] / [N, K, d1, ...] (multiclass, with labels)", "float", "scores: logits unless input_kind says otherwise")
+LOGITS = Role(
+    "logits",
+    "[N] (binary, with targets) or [N, K] / [N, K, d1, ...] (multiclass, with labels)",
+    "float",
+    "scores: logits unless input_kind says otherwise",
+)
 LABELS = Role("labels", "[N] or [N, d1, ...]", "index", "multiclass truth: class indices in [0, K) or ignore_index", optional=True)
 TARGETS = Role("targets", "[N]", "binary", "binary truth in {0, 1}, with logits [N]", optional=True)
 THRESHOLD = Param(
@@ -62,7 +67,9 @@ AVERAGE = Param(
     "weighted: mean weighted by support; none: a [K] tensor per class",
     choices=("macro", "micro", "weighted", "none"),
 )
-ZERO_DIVISION = Param("zero_division", "str", "0", "value of a ratio whose denominator is 0 (0, 1 or nan, as sklearn)", choices=("0", "1", "nan"))
+ZERO_DIVISION = Param(
+    "zero_division", "str", "0", "value of a ratio whose denominator is 0 (0, 1 or nan, as sklearn)", choices=("0", "1", "nan")
+)
 BINS = Param(
     "bins",
     "int",
@@ -80,13 +87,14 @@ MAX_CONFUSION_CLASSES = 4096
 CONFUSION_FIELDS = {"matrix": MergeOp.SUM, "count": MergeOp.SUM}  # K×K Σ weights; elements of non-zero weight
 
 
-
 # -- inputs ----------------------------------------------------------------------------------------
 def _is_binary(view: View) -> bool:
     """Binary when ``targets`` is sent, multiclass when ``labels`` is; both or neither is an error."""
     has_targets, has_labels = view.has("targets"), view.has("labels")
     if has_targets and has_labels:
-        raise view.error("targets", "send either targets ({0, 1}, with logits [N]) or labels (class indices, with logits [N, K, ...]), not both")
+        raise view.error(
+            "targets", "send either targets ({0, 1}, with logits [N]) or labels (class indices, with logits [N, K, ...]), not both"
+        )
     if not (has_targets or has_labels):
         raise view.error("labels", "needs labels (class indices, with logits [N, K, ...]) or targets ({0, 1}, with logits [N])")
     return has_targets
@@ -96,7 +104,9 @@ def _binary_inputs(view: View, *, hard: bool = True) -> tuple[torch.Tensor, torc
     """(logits [N] as sent, targets [N] as floats), targets in {0, 1} unless ``hard`` is False."""
     z = view.scores("logits")
     if z.ndim != 1:
-        raise view.error("logits", f"binary inputs (targets sent) take logits of shape [N], got {list(z.shape)}; multiclass logits need labels")
+        raise view.error(
+            "logits", f"binary inputs (targets sent) take logits of shape [N], got {list(z.shape)}; multiclass logits need labels"
+        )
     y = view.binary_targets("targets")
     view.expect_shape("targets", y, z.shape, "one target per logit")
     if hard:
@@ -145,7 +155,10 @@ def _multiclass(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, torch.T
     """(logits [N, K, d...] as sent, labels [N, d...] with ignored set to 0, valid mask)."""
     z = view.scores("logits")
     if z.ndim == 1:
-        raise view.error("logits", "logits [N] are binary scores: send their truth as role 'targets' ({0, 1}); labels go with multiclass logits [N, K, ...]")
+        raise view.error(
+            "logits",
+            "logits [N] are binary scores: send their truth as role 'targets' ({0, 1}); labels go with multiclass logits [N, K, ...]",
+        )
     z = check_logits(view)
     y, valid = class_labels(view, z, p["ignore_index"])
     return z, y, valid
@@ -181,7 +194,9 @@ def _finalize_mean(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> 
     return finalize_mean(fields, "mean", kind)
 
 
-def _mean_metric(name: str, summary: str, roles: tuple[Role, ...], params: tuple[Param, ...], update: Any, reference: str, doc: str) -> FunctionDef:
+def _mean_metric(
+    name: str, summary: str, roles: tuple[Role, ...], params: tuple[Param, ...], update: Any, reference: str, doc: str
+) -> FunctionDef:
     """A metric whose value is Σ w·v / Σ w over valid elements (state: MEAN_FIELDS)."""
     return register(
         FunctionDef(
@@ -245,7 +260,10 @@ accuracy = _mean_metric(
 top_k_accuracy = _mean_metric(
     "top_k_accuracy",
     "share of labels among the k highest-scoring classes (ties: lower class index first)",
-    (Role("logits", "[N, K] or [N, K, d1, ...]", "float", "class scores"), Role("labels", "[N] or [N, d1, ...]", "index", "class indices or ignore_index")),
+    (
+        Role("logits", "[N, K] or [N, K, d1, ...]", "float", "class scores"),
+        Role("labels", "[N] or [N, d1, ...]", "index", "class indices or ignore_index"),
+    ),
     (Param("k", "int", 5, "how many top classes count as a hit (k >= K: every valid element is a hit)", minimum=1), IGNORE_INDEX),
     _top_k_update,
     "sklearn.metrics.top_k_accuracy_score",
@@ -475,7 +493,9 @@ def _bin_counts(prob: torch.Tensor, positive: torch.Tensor, bins: int) -> tuple[
     return pos.to(torch.float64), neg.to(torch.float64), nan_rows.sum().to(torch.float64)
 
 
-def _rank_state(scores: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, nan_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+def _rank_state(
+    scores: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, nan_rows: torch.Tensor
+) -> dict[str, torch.Tensor]:
     return {"scores": scores, "labels": labels, "positives": pos, "negatives": neg, "nan_rows": nan_rows}
 
 
@@ -560,7 +580,9 @@ def _rank_diagnostics(fields: Mapping[str, Any], p: Mapping[str, Any]) -> list[t
     found = []
     present = _classes_present(fields, p)
     if present < 2:
-        found.append(("single_class_auroc", f"{present} class(es) present in the labels; AUROC and average precision need two (the value is NaN)"))
+        found.append(
+            ("single_class_auroc", f"{present} class(es) present in the labels; AUROC and average precision need two (the value is NaN)")
+        )
     if p["bins"] is not None:
         found.append(("binned_estimate", f"computed from a {p['bins']}-bin probability histogram (approximate; bins=None is exact)"))
     return found
@@ -579,7 +601,13 @@ def _register_rank(name: str, summary: str, reference: str) -> FunctionDef:
                 Output("exact", "1.0 when computed from exact scores, 0.0 when from the bins histogram"),
                 Output("per_class", "multiclass only: one-vs-rest value per class [K] (NaN for classes absent from labels)", tensor=True),
             ),
-            fields={"scores": MergeOp.CONCAT, "labels": MergeOp.CONCAT, "positives": MergeOp.SUM, "negatives": MergeOp.SUM, "nan_rows": MergeOp.SUM},
+            fields={
+                "scores": MergeOp.CONCAT,
+                "labels": MergeOp.CONCAT,
+                "positives": MergeOp.SUM,
+                "negatives": MergeOp.SUM,
+                "nan_rows": MergeOp.SUM,
+            },
             update=_rank_update,
             finalize=_rank_finalize(name),
             reference=reference,
@@ -729,7 +757,10 @@ perplexity = register(
             Role("logits", "[B, T, V]", "float", "next-token logits"),
             Role("labels", "[B, T]", "index", "token ids in [0, V) or ignore_index"),
         ),
-        params=(IGNORE_INDEX, Param("shift", "bool", True, "logits[:, :-1] predict labels[:, 1:] (causal LM); false: position t predicts label t")),
+        params=(
+            IGNORE_INDEX,
+            Param("shift", "bool", True, "logits[:, :-1] predict labels[:, 1:] (causal LM); false: position t predicts label t"),
+        ),
         outputs=(Output("value", "exp(Σ nll / Σ valid tokens)"), Output("nll", "the token-mean NLL in nats")),
         fields=MEAN_FIELDS,
         update=_perplexity_update,

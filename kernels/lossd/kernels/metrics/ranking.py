@@ -28,7 +28,9 @@ ROLES = (
     Role("keys", "[M, D]", "float", "the candidate keys, the same for every query (send them with every batch)"),
     Role("relevant", "[N]", "index", "index in [0, M) of each query's relevant key"),
 )
-SIMILARITY = Param("similarity", "str", "dot", "dot: q·k; cosine: q·k / (‖q‖‖k‖), a zero vector scoring 0 against every key", choices=("dot", "cosine"))
+SIMILARITY = Param(
+    "similarity", "str", "dot", "dot: q·k; cosine: q·k / (‖q‖‖k‖), a zero vector scoring 0 against every key", choices=("dot", "cosine")
+)
 
 
 def _inputs(view: View, similarity: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

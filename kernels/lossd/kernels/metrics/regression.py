@@ -127,7 +127,9 @@ def _explained_variance(fields: Mapping[str, torch.Tensor]) -> np.ndarray:
     return _sklearn_ratio_score(_spread(fields, "residuals"), _spread(fields, "targets"))
 
 
-def _finalizer(per_output: Callable[[Mapping[str, torch.Tensor]], np.ndarray]) -> Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Result]:
+def _finalizer(
+    per_output: Callable[[Mapping[str, torch.Tensor]], np.ndarray],
+) -> Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Result]:
     def finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Result:
         weight = _total_weight(fields)
         values = per_output(fields) if weight > 0 else np.full(fields["sse"].shape, np.nan)

@@ -120,7 +120,9 @@ def _check_input(x: torch.Tensor) -> None:
     if m > _INT32_LIMIT:
         raise ValueError(f"row_stats_triton launches one program per row: M={m} rows exceed the grid limit {_INT32_LIMIT}; split the rows")
     if k > 1 and x.stride(1) != 1:
-        raise ValueError(f"row_stats_triton expects contiguous classes (stride 1 on dim 1), got strides {list(x.stride())}; pass x.contiguous()")
+        raise ValueError(
+            f"row_stats_triton expects contiguous classes (stride 1 on dim 1), got strides {list(x.stride())}; pass x.contiguous()"
+        )
 
 
 def _block_size(k: int, block_size: int | None) -> int:

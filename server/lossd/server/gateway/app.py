@@ -77,7 +77,9 @@ def create_app(settings: Settings, *, backends: Sequence[str], monitoring: Monit
         return JSONResponse(response_to_json(response))
 
     @app.get("/v1/functions", responses=_PROBLEM_RESPONSES, tags=["evaluate"])
-    async def functions(family: str = Query("", description="only this family (regression, classification, calibration...)")) -> JSONResponse:
+    async def functions(
+        family: str = Query("", description="only this family (regression, classification, calibration...)"),
+    ) -> JSONResponse:
         """List the catalogue: every function with its roles, parameters, outputs and reference."""
         request = pb.ListFunctionsRequest(family=family)
         response = await pool.call(lambda stub, timeout: stub.ListFunctions(request, timeout=timeout))
@@ -123,7 +125,12 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _too_large(self, size: str) -> Response:
-        return Problem(413, "content-too-large", "Content too large", f"request body of {size} exceeds the limit of {self.max_bytes} bytes (max_body_bytes)").response()
+        return Problem(
+            413,
+            "content-too-large",
+            "Content too large",
+            f"request body of {size} exceeds the limit of {self.max_bytes} bytes (max_body_bytes)",
+        ).response()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):

@@ -48,7 +48,9 @@ class Backend:
 class BackendPool:
     """gRPC channels to lossd replicas; channels are made lazily on the running event loop."""
 
-    def __init__(self, addresses: Sequence[str], settings: Settings, *, cooldown: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, addresses: Sequence[str], settings: Settings, *, cooldown: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if not addresses:
             raise NoBackendsError("expected at least one gRPC backend address, got none")
         self.backends = [Backend(a) for a in addresses]
@@ -112,7 +114,9 @@ class BackendPool:
             return result
         if error is not None:
             raise error
-        raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "deadline exceeded before any backend answered")
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "deadline exceeded before any backend answered"
+        )
 
     async def check(self, timeout: float = 2.0) -> dict[str, str]:
         """Each replica's grpc.health.v1 status (SERVING, NOT_SERVING, UNREACHABLE...); refreshes the marks."""

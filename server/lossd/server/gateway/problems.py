@@ -41,7 +41,15 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["Problem", "FieldError", "PROBLEM_JSON", "problem_from_rpc_error", "problem_from_validation", "install_problem_handlers", "field_path"]
+__all__ = [
+    "Problem",
+    "FieldError",
+    "PROBLEM_JSON",
+    "problem_from_rpc_error",
+    "problem_from_validation",
+    "install_problem_handlers",
+    "field_path",
+]
 
 log = logging.getLogger("lossd.gateway")
 

@@ -82,7 +82,10 @@ class Monitoring:
             on_overflow=self._overflowed,
         )
         self.history = History(
-            seconds=settings.history_seconds, interval=settings.history_interval_seconds, bins=self.bins, max_series=max(1000, settings.label_max_values)
+            seconds=settings.history_seconds,
+            interval=settings.history_interval_seconds,
+            bins=self.bins,
+            max_series=max(1000, settings.label_max_values),
         )
         Info("lossd_build", "Build of this lossd process.", registry=r).info(
             {
@@ -96,17 +99,30 @@ class Monitoring:
         self.evaluations = Counter("lossd_evaluations", "Evaluations observed, by RPC method.", [*TAGS, "method"], registry=r)
         self.rows = Counter("lossd_evaluated_rows", "Rows (dim 0 of labels, else logits) evaluated.", tags, registry=r)
         self.tokens = Counter("lossd_evaluated_tokens", "Label positions evaluated (B·T for [B, T] labels).", tags, registry=r)
-        self.loss_sum = Counter("lossd_loss_sum", "Numerator of each function's mean (value × denominator; the value itself under reduction=\"sum\").", per_fn, registry=r)
-        self.loss_count = Counter("lossd_loss_count", "Denominator of each function's mean (samples, tokens, weights...).", per_fn, registry=r)
+        self.loss_sum = Counter(
+            "lossd_loss_sum",
+            'Numerator of each function\'s mean (value × denominator; the value itself under reduction="sum").',
+            per_fn,
+            registry=r,
+        )
+        self.loss_count = Counter(
+            "lossd_loss_count", "Denominator of each function's mean (samples, tokens, weights...).", per_fn, registry=r
+        )
         self.cal_count = Counter("lossd_calibration_count", "Rows whose top-1 confidence falls in the bin.", per_bin, registry=r)
         self.cal_confidence = Counter("lossd_calibration_confidence_sum", "Σ top-1 confidence of the rows in the bin.", per_bin, registry=r)
-        self.cal_correct = Counter("lossd_calibration_correct_sum", "Correct top-1 predictions among the rows in the bin.", per_bin, registry=r)
+        self.cal_correct = Counter(
+            "lossd_calibration_correct_sum", "Correct top-1 predictions among the rows in the bin.", per_bin, registry=r
+        )
         self.last_seen = Gauge("lossd_last_evaluation_timestamp_seconds", "Unix time of the latest evaluation.", tags, registry=r)
-        self.overflow = Counter("lossd_label_overflow", "Label values folded into __other__ by the cardinality guard.", ["label", "reason"], registry=r)
+        self.overflow = Counter(
+            "lossd_label_overflow", "Label values folded into __other__ by the cardinality guard.", ["label", "reason"], registry=r
+        )
         self.skipped = Counter("lossd_monitoring_skipped", "Statistics not exported, by reason.", ["reason"], registry=r)
         self.errors = Counter("lossd_monitoring_errors", "Observations that failed (see the log).", registry=r)
         self.http_requests = Counter("lossd_http_requests", "Gateway HTTP requests.", ["handler", "method", "code"], registry=r)
-        self.http_duration = Histogram("lossd_http_request_duration_seconds", "Gateway HTTP latency.", ["handler", "method"], buckets=HTTP_BUCKETS, registry=r)
+        self.http_duration = Histogram(
+            "lossd_http_request_duration_seconds", "Gateway HTTP latency.", ["handler", "method"], buckets=HTTP_BUCKETS, registry=r
+        )
         self._seen: set[SeriesKey] = set()
 
     def interceptor(self) -> MetricsInterceptor:
@@ -155,7 +171,9 @@ class Monitoring:
             guarded[function] = (prior[0] + num, prior[1] + den)
         # Per-row sums: from the request's tensors, or for a stream from every batch's summary
         # (its observation carries no tensors); nothing is counted for a failed stream.
-        summary = obs.row_summary if obs.row_summary is not None else summarize_rows(obs.tensors if obs.method == "Evaluate" else None, self.bins)
+        summary = (
+            obs.row_summary if obs.row_summary is not None else summarize_rows(obs.tensors if obs.method == "Evaluate" else None, self.bins)
+        )
         calibration = summary.calibration
         if calibration is not None:
             for b in range(self.bins):

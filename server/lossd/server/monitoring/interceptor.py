@@ -33,19 +33,38 @@ class GrpcMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         base = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter("grpc_server_started", "RPCs started on the server.", base, registry=registry)
-        self.handled = Counter("grpc_server_handled", "RPCs completed on the server, regardless of success or failure.", [*base, "grpc_code"], registry=registry)
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success or failure.",
+            [*base, "grpc_code"],
+            registry=registry,
+        )
         self.handling = Histogram(
-            "grpc_server_handling_seconds", "Response latency of RPCs handled by the server, in seconds.", base, buckets=HANDLING_BUCKETS, registry=registry
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server, in seconds.",
+            base,
+            buckets=HANDLING_BUCKETS,
+            registry=registry,
         )
         self.received = Counter("grpc_server_msg_received", "Messages received by the server.", base, registry=registry)
         self.sent = Counter("grpc_server_msg_sent", "Messages sent by the server.", base, registry=registry)
         self.request_bytes = Histogram(
-            "lossd_grpc_request_size_bytes", "Serialized size of request messages, in bytes.", ["grpc_service", "grpc_method"], buckets=SIZE_BUCKETS, registry=registry
+            "lossd_grpc_request_size_bytes",
+            "Serialized size of request messages, in bytes.",
+            ["grpc_service", "grpc_method"],
+            buckets=SIZE_BUCKETS,
+            registry=registry,
         )
         self.response_bytes = Histogram(
-            "lossd_grpc_response_size_bytes", "Serialized size of response messages, in bytes.", ["grpc_service", "grpc_method"], buckets=SIZE_BUCKETS, registry=registry
+            "lossd_grpc_response_size_bytes",
+            "Serialized size of response messages, in bytes.",
+            ["grpc_service", "grpc_method"],
+            buckets=SIZE_BUCKETS,
+            registry=registry,
         )
-        self.in_flight = Gauge("lossd_grpc_in_flight_requests", "RPCs being handled now.", ["grpc_service", "grpc_method"], registry=registry)
+        self.in_flight = Gauge(
+            "lossd_grpc_in_flight_requests", "RPCs being handled now.", ["grpc_service", "grpc_method"], registry=registry
+        )
 
 
 _HANDLER_TYPES = (
@@ -123,7 +142,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         self.metrics = metrics
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], handler_call_details: grpc.HandlerCallDetails
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
@@ -137,7 +158,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 return handler._replace(**{attr: wrapped})
         return handler
 
-    def _wrap(self, behavior: Callable[..., Any], grpc_type: str, service: str, method: str, *, streaming_in: bool, streaming_out: bool) -> Callable[..., Any]:
+    def _wrap(
+        self, behavior: Callable[..., Any], grpc_type: str, service: str, method: str, *, streaming_in: bool, streaming_out: bool
+    ) -> Callable[..., Any]:
         if streaming_out and inspect.isasyncgenfunction(behavior):
             return self._generated(behavior, grpc_type, service, method, streaming_in=streaming_in)
         returns_message = not streaming_out  # a streaming handler may also be a coroutine writing with context.write
@@ -159,7 +182,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _generated(self, behavior: Callable[..., Any], grpc_type: str, service: str, method: str, *, streaming_in: bool) -> Callable[..., Any]:
+    def _generated(
+        self, behavior: Callable[..., Any], grpc_type: str, service: str, method: str, *, streaming_in: bool
+    ) -> Callable[..., Any]:
         async def generated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(self.metrics, grpc_type, service, method)
             request = call.requests(request, streaming_in)
