@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from lossd.server.app import RunningServer, create_server
-from lossd.server.service import EvaluationObserver
+from lossd.server.monitoring.events import Subscriber
 from lossd.server.settings import Settings
 
 
@@ -18,10 +18,10 @@ class ServerThread:
     """Runs ``create_server(settings)`` on its own event loop in a daemon thread."""
 
     def __init__(
-        self, settings: Settings, *, observers: Sequence[EvaluationObserver] = (), interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+        self, settings: Settings, *, subscribers: Sequence[Subscriber] = (), interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     ) -> None:
         self.settings = settings
-        self.observers = observers
+        self.subscribers = subscribers
         self.interceptors = interceptors
         self.loop = asyncio.new_event_loop()
         self.running: RunningServer | None = None
@@ -33,7 +33,7 @@ class ServerThread:
         asyncio.set_event_loop(self.loop)
         try:
             self.running = self.loop.run_until_complete(
-                create_server(self.settings, observers=self.observers, interceptors=self.interceptors)
+                create_server(self.settings, subscribers=self.subscribers, interceptors=self.interceptors)
             )
         except BaseException as exc:  # surfaced in start()
             self._error = exc
@@ -62,10 +62,10 @@ class ServerThread:
 
 
 def start_server(
-    *, observers: Sequence[EvaluationObserver] = (), interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **overrides: object
+    *, subscribers: Sequence[Subscriber] = (), interceptors: Sequence[grpc.aio.ServerInterceptor] = (), **overrides: object
 ) -> ServerThread:
     settings = Settings(grpc_port=0, http_port=0, device="cpu", **overrides)  # type: ignore[arg-type]
-    return ServerThread(settings, observers=observers, interceptors=interceptors).start()
+    return ServerThread(settings, subscribers=subscribers, interceptors=interceptors).start()
 
 
 @pytest.fixture(scope="session")

@@ -345,6 +345,10 @@ class Batch:
             stats.entropy = row_entropy(self.tensors[tensor_name], class_dim)
         return stats
 
+    def memoized_row_stats(self, tensor_name: str, class_dim: int) -> RowStats | None:
+        """The row statistics a function already computed for this tensor and class dim, or None (never computes)."""
+        return self._row_stats.get((tensor_name, class_dim))
+
     def view(self, fdef: FunctionDef, index: int, alias: str, inputs: Mapping[str, str]) -> View:
         return View(self, fdef, index, alias, dict(inputs))
 

@@ -67,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default=None, help="(env LOSSD_LOG_LEVEL; default info)"
     )
+    serve.add_argument("--tls-cert", dest="tls_cert_file", type=Path, default=None, help="PEM certificate chain (env LOSSD_TLS_CERT_FILE)")
+    serve.add_argument("--tls-key", dest="tls_key_file", type=Path, default=None, help="PEM private key (env LOSSD_TLS_KEY_FILE)")
+    serve.add_argument(
+        "--tls-client-ca",
+        dest="tls_client_ca_file",
+        type=Path,
+        default=None,
+        help="require client certificates from this CA (env LOSSD_TLS_CLIENT_CA_FILE)",
+    )
+    serve.add_argument(
+        "--auth-tokens-file", type=Path, default=None, help="bearer tokens, TOKEN or NAME:TOKEN per line (env LOSSD_AUTH_TOKENS_FILE)"
+    )
+    serve.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback bind without TLS and tokens (env LOSSD_ALLOW_INSECURE)",
+    )
 
     ev = commands.add_parser("eval", help="evaluate functions on the arrays of an .npz file")
     ev.add_argument("--server", default=DEFAULT_SERVER, help=f"gRPC address HOST:PORT (default {DEFAULT_SERVER})")
@@ -122,9 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+_SECURITY_FLAGS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file", "allow_insecure")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        overrides = {k: getattr(args, k) for k in ("host", "grpc_port", "http_port", "device", "log_level") if getattr(args, k) is not None}
+        names = ("host", "grpc_port", "http_port", "device", "log_level", *_SECURITY_FLAGS)
+        overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
         return serve_command(overrides)
     if args.command == "eval":
         return eval_command(args.server, args.inputs, args.specs, dict(args.tags), as_json=args.as_json, timeout=args.timeout)
@@ -157,6 +179,13 @@ def serve_command(overrides: dict[str, Any], *, err: TextIO | None = None) -> in
         return _fail("serve", f"invalid settings: {problems}", EXIT_INVALID, err)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from lossd.server.security import check_bind
+
+    try:
+        check_bind(settings)  # an open public bind: one line and exit 2, before torch is imported
+    except ValueError as exc:
+        return _fail("serve", str(exc), EXIT_INVALID, err)
+
     from lossd.kernels import select_device
     from lossd.server.app import serve
 
@@ -168,6 +197,8 @@ def serve_command(overrides: dict[str, Any], *, err: TextIO | None = None) -> in
         asyncio.run(serve(settings))
     except OSError as exc:  # a port that cannot be bound
         return _fail("serve", str(exc), EXIT_FAILURE, err)
+    except ValueError as exc:  # unreadable certificates or token file
+        return _fail("serve", str(exc), EXIT_INVALID, err)
     return EXIT_OK
 
 

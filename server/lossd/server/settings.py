@@ -6,6 +6,8 @@ environment.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -44,3 +46,16 @@ class Settings(BaseSettings):
     reuse_large_buffers: bool = Field(
         True, description="keep freed message buffers for the next request (glibc): fewer page faults, RSS stays at its high-water mark"
     )
+    # -- security (README "Security") --
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve gRPC and HTTPS over TLS (with tls_key_file)")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it on both ports (mutual TLS)"
+    )
+    auth_tokens_file: Path | None = Field(
+        None, description="bearer tokens, one per line as TOKEN or NAME:TOKEN; every call must carry one (reloaded when it changes)"
+    )
+    metrics_public: bool = Field(False, description="serve /metrics, /dashboard and /v1/history without a token")
+    allow_insecure: bool = Field(False, description="allow binding a non-loopback address without TLS and tokens")
+    reflection: bool | None = Field(None, description="gRPC server reflection; default: on when bound to loopback, off otherwise")
+    cors_allow_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS on the gateway (default: none)")

@@ -12,9 +12,18 @@ from prometheus_client import CollectorRegistry
 from helpers import assert_close
 from lossd.kernels import evaluate
 from lossd.kernels.evaluate import FunctionSpec
-from lossd.server.history import History, expected_calibration_error
-from lossd.server.monitoring import OTHER, LabelGuard, Monitoring, calibration_counts, loss_sums, row_counts
-from lossd.server.service import Observation
+from lossd.server.monitoring import (
+    OTHER,
+    EvaluationEvent,
+    History,
+    LabelGuard,
+    Monitoring,
+    calibration_counts,
+    expected_calibration_error,
+    loss_sums,
+    row_counts,
+)
+from lossd.server.monitoring.calibration import Calibration
 from lossd.server.settings import Settings
 from lossd.v1 import lossd_pb2 as pb
 
@@ -27,12 +36,16 @@ def _classification(n: int = 256, k: int = 7, seed: int = 0) -> dict[str, torch.
     return {"logits": logits, "labels": labels}
 
 
-def _observe(
-    tensors: dict[str, torch.Tensor], functions: list, *, method: str = "Evaluate", tags: pb.Tags | None = None, prior=None
-) -> Observation:  # type: ignore[no-untyped-def]
-    specs = tuple(FunctionSpec(f) if isinstance(f, str) else f for f in functions)
-    evaluation = evaluate(tensors, list(specs), prior_states=prior)
-    return Observation(method, tags or pb.Tags(model="m", dataset="d", split="s"), evaluation, tensors, specs, prior or {})
+def _observe(tensors: dict[str, torch.Tensor], functions: list, *, tags: pb.Tags | None = None, prior=None) -> EvaluationEvent:  # type: ignore[no-untyped-def]
+    evaluation = evaluate(tensors, functions, prior_states=prior)
+    tags = tags or pb.Tags(model="m", dataset="d", split="s")
+    return EvaluationEvent("Evaluate", 1, tags, evaluation, evaluation.batch, evaluation.prepared, prior or {})
+
+
+def _calibration(tensors: dict[str, torch.Tensor], functions: list, bins: int = 15) -> Calibration | str:
+    evaluation = evaluate(tensors, functions)
+    assert evaluation.batch is not None
+    return calibration_counts(evaluation.batch, evaluation.prepared, bins)
 
 
 def _samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -53,9 +66,8 @@ def test_guard_caps_10000_distinct_models_and_counts_the_overflow() -> None:
     tensors = {"predictions": torch.zeros(8), "targets": torch.ones(8)}  # no logits: no per-row work, a fast loop
     evaluation = evaluate(tensors, ["mse"])
     for i in range(10_000):
-        monitoring.observe(
-            Observation("Evaluate", pb.Tags(model=f"model-{i}", dataset="d", split="s"), evaluation, tensors, (FunctionSpec("mse"),))
-        )
+        tags = pb.Tags(model=f"model-{i}", dataset="d", split="s")
+        monitoring.observe(EvaluationEvent("Evaluate", i, tags, evaluation, evaluation.batch, evaluation.prepared))
     models = {dict(k)["model"] for k in _samples(monitoring.registry, "lossd_loss_sum_total")}
     assert len(models) == settings.label_max_values + 1 and OTHER in models
     cal_series = _samples(monitoring.registry, "lossd_calibration_count_total")
@@ -97,7 +109,7 @@ def test_guard_refuses_bad_settings() -> None:
 def test_loss_sums_are_numerator_and_denominator_of_means_only() -> None:
     tensors = _classification()
     obs = _observe(tensors, ["cross_entropy", "ece", "accuracy", "f1", FunctionSpec("cross_entropy", {"reduction": "sum"}, alias="ce_sum")])
-    sums = loss_sums(obs)
+    sums = loss_sums(obs.evaluation, obs.prior_states)
     ce = obs.evaluation.results["cross_entropy"]
     assert sums.sums["cross_entropy"] == pytest.approx((ce.value * 256, 256.0), rel=1e-12)
     assert sums.sums["ce_sum"] == pytest.approx((ce.value * 256, 256.0), rel=1e-9)  # value itself is the numerator
@@ -113,7 +125,7 @@ def test_loss_sums_subtract_prior_states() -> None:
     second = {k: v[100:] for k, v in tensors.items()}
     a = evaluate(first, ["cross_entropy"], return_state=True)
     obs = _observe(second, ["cross_entropy"], prior={"cross_entropy": a.results["cross_entropy"].state})
-    num, den = loss_sums(obs).sums["cross_entropy"]
+    num, den = loss_sums(obs.evaluation, obs.prior_states).sums["cross_entropy"]
     alone = evaluate(second, ["cross_entropy"]).results["cross_entropy"]
     assert den == pytest.approx(200.0)
     assert num == pytest.approx(alone.value * 200, rel=1e-9)
@@ -123,14 +135,14 @@ def test_loss_sums_skip_what_a_counter_cannot_hold() -> None:
     tensors = {"predictions": torch.tensor([0.0, 1.0]), "targets": torch.tensor([0.0, 1.0]), "variance": torch.tensor([1e-3, 1e-3])}
     obs = _observe(tensors, ["gaussian_nll"])
     assert obs.evaluation.results["gaussian_nll"].value < 0
-    assert loss_sums(obs).skipped == {"gaussian_nll": "negative"}
+    assert loss_sums(obs.evaluation).skipped == {"gaussian_nll": "negative"}
 
 
 def test_calibration_counts_are_the_ece_functions_bins() -> None:
     tensors = _classification(n=1000)
     tensors["labels"][:7] = -100  # ignore_index rows are left out by both
-    cal = calibration_counts(tensors, 15)
-    assert cal is not None and cal.total == 993
+    cal = _calibration(tensors, ["cross_entropy"])
+    assert isinstance(cal, Calibration) and cal.total == 993
     ece = evaluate(tensors, [{"name": "ece", "params": {"n_bins": 15}}, "reliability_diagram"])
     assert_close(
         expected_calibration_error(cal.count, cal.confidence, cal.correct),
@@ -145,21 +157,19 @@ def test_calibration_counts_are_the_ece_functions_bins() -> None:
 def test_calibration_edges_follow_the_catalogue() -> None:
     # Logits giving top-1 confidence exactly 1.0 (last bin) and exactly 0.5 with B=2 (bin 0: (0, 0.5]).
     tensors = {"logits": torch.tensor([[0.0, 0.0], [200.0, 0.0]], dtype=torch.float64), "labels": torch.tensor([0, 0])}
-    cal = calibration_counts(tensors, 2)
-    assert cal is not None
+    cal = _calibration(tensors, ["accuracy"], bins=2)
+    assert isinstance(cal, Calibration)
     assert cal.count.tolist() == [1.0, 1.0] and cal.confidence.tolist() == [0.5, 1.0] and cal.correct.tolist() == [1.0, 1.0]
 
 
-def test_calibration_needs_logits_and_labels() -> None:
-    assert calibration_counts(None, 15) is None
-    assert calibration_counts({"input": torch.zeros(3), "target": torch.zeros(3)}, 15) is None
-    assert calibration_counts({"logits": torch.zeros(2, 3, 4), "labels": torch.zeros(2, 4, dtype=torch.int64)}, 15) is None
-
-
-def test_row_counts() -> None:
-    assert row_counts({"logits": torch.zeros(4, 5, 7), "labels": torch.zeros(4, 5, dtype=torch.int64)}) == (4, 20)
-    assert row_counts({"input": torch.zeros(9)}) == (9, 9)
-    assert row_counts(None) == (0, 0)
+def test_row_counts_follow_role_mappings() -> None:
+    lm = evaluate(
+        {"lm": torch.zeros(4, 5, 7), "tok": torch.zeros(4, 5, dtype=torch.int64)},
+        [{"name": "lm_cross_entropy", "inputs": {"logits": "lm", "labels": "tok"}}],
+    )
+    assert lm.batch is not None and row_counts(lm.batch, lm.prepared) == (4, 20)
+    reg = evaluate({"predictions": torch.zeros(9), "targets": torch.zeros(9)}, ["mse"])
+    assert reg.batch is not None and row_counts(reg.batch, reg.prepared) == (9, 9)
 
 
 # -- the observer --------------------------------------------------------------------------------
@@ -190,29 +200,33 @@ def test_observe_exports_exact_sums_and_initialises_every_bin() -> None:
     assert_close(series["summary"]["loss"]["cross_entropy"], whole.results["cross_entropy"].value, rtol=1e-12, what="history loss")
 
 
-def test_observe_skips_finalize_and_counts_stream_rows_from_summaries() -> None:
+def test_observe_skips_finalize_and_sums_a_stream_once_it_succeeds() -> None:
     monitoring = Monitoring(Settings(device="cpu"))
     tensors = _classification(n=10)
     evaluation = evaluate(tensors, ["cross_entropy"])
-    monitoring.observe(Observation("Finalize", pb.Tags(model="m"), evaluation, None))
+    monitoring.observe(EvaluationEvent("Finalize", 1, pb.Tags(model="m"), evaluation))
     assert _samples(monitoring.registry, "lossd_loss_count_total") == {}
     assert (
         _samples(monitoring.registry, "lossd_evaluations_total")[(("dataset", ""), ("method", "Finalize"), ("model", "m"), ("split", ""))]
         == 1
     )
-    evaluation.batches = 3  # a stream: its rows come from the batch summaries the service added up
-    summary = monitoring.summarize_rows(tensors) + monitoring.summarize_rows(tensors) + monitoring.summarize_rows(tensors)
-    monitoring.observe(
-        Observation("EvaluateStream", pb.Tags(model="m"), evaluation, None, (FunctionSpec("cross_entropy"),), row_summary=summary)
-    )
+    tags = pb.Tags(model="m")
+    for call in (2, 3):  # call 3 fails after its messages: it exports nothing
+        for _ in range(3):
+            part = evaluate(tensors, ["cross_entropy"])
+            monitoring.observe(EvaluationEvent("EvaluateStream", call, tags, None, part.batch, part.prepared))
+    monitoring.observe(EvaluationEvent("EvaluateStream", 3, tags, None, aborted=True))
+    evaluation.batches = 3  # the stream's loss totals are its evaluation's; its rows come from the messages
+    monitoring.observe(EvaluationEvent("EvaluateStream", 2, tags, evaluation, None, evaluation.prepared))
     assert sum(_samples(monitoring.registry, "lossd_calibration_count_total").values()) == 30
     assert sum(_samples(monitoring.registry, "lossd_evaluated_rows_total").values()) == 30
-    assert sum(_samples(monitoring.registry, "lossd_loss_count_total").values()) == 10  # the stream's loss totals (its evaluation's)
+    assert sum(_samples(monitoring.registry, "lossd_loss_count_total").values()) == 10
+    assert len(monitoring._streams) == 0
 
 
 def test_observe_never_raises() -> None:
     monitoring = Monitoring(Settings(device="cpu"))
-    monitoring.observe(Observation("Evaluate", pb.Tags(), None, None))  # type: ignore[arg-type]
+    monitoring.observe(EvaluationEvent("Evaluate", 1, pb.Tags(), object()))  # type: ignore[arg-type]
     assert _samples(monitoring.registry, "lossd_monitoring_errors_total") == {(): 1.0}
 
 

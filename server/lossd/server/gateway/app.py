@@ -12,7 +12,9 @@ metrics. Routes:
 - ``GET /healthz`` (the process is up), ``GET /readyz`` (a backend answers its
   health check), ``GET /metrics``, ``GET /dashboard``, ``GET /docs``.
 
-Errors are problem details (:mod:`lossd.server.gateway.problems`).
+Errors are problem details (:mod:`lossd.server.gateway.problems`). Tokens,
+JSON-only bodies, CORS and security headers: :mod:`lossd.server.gateway.security`;
+the caller's ``Authorization`` header is forwarded to the backend.
 """
 
 from __future__ import annotations
@@ -22,17 +24,21 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lossd.client.results import catalogue_to_json, response_to_json
 from lossd.server.gateway.backends import BackendPool
 from lossd.server.gateway.dashboard import install_dashboard
+from lossd.server.gateway.docs import install_docs
 from lossd.server.gateway.models import EvaluateBody, request_to_proto
 from lossd.server.gateway.problems import PROBLEM_JSON, Problem, install_problem_handlers
+from lossd.server.gateway.security import BearerAuthMiddleware, JsonOnlyMiddleware, SecurityHeadersMiddleware, open_paths
 from lossd.server.monitoring import Monitoring
+from lossd.server.security import Authenticator
 from lossd.server.settings import Settings
 from lossd.v1 import lossd_pb2 as pb
 
@@ -42,6 +48,7 @@ _PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {PROBLEM_JSON: {}}}
     for code, text in {
         400: "invalid JSON body, tensors, functions or parameters; `errors` names each field",
+        401: "no valid `Authorization: Bearer <token>` header (when the server has tokens)",
         413: "request body or message over its size limit",
         503: "no backend answered",
         504: "the backend missed the deadline",
@@ -49,10 +56,28 @@ _PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(settings: Settings, *, backends: Sequence[str], monitoring: Monitoring | None = None) -> FastAPI:
-    """Build the gateway app forwarding to the gRPC ``backends`` (host:port)."""
+def _forwarded(request: Request) -> tuple[tuple[str, str], ...]:
+    """The caller's credentials as gRPC metadata for the backend call."""
+    value = request.headers.get("authorization")
+    return (("authorization", value),) if value is not None else ()
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backends: Sequence[str],
+    monitoring: Monitoring | None = None,
+    authenticator: Authenticator | None = None,
+) -> FastAPI:
+    """Build the gateway app forwarding to the gRPC ``backends`` (host:port or unix:path).
+
+    ``authenticator`` (default: one for ``settings.auth_tokens_file`` on the
+    monitoring registry) checks every request's bearer token.
+    """
     pool = BackendPool(backends, settings)
     monitoring = monitoring if monitoring is not None else Monitoring(settings)
+    if authenticator is None:
+        authenticator = Authenticator.from_settings(settings, monitoring.registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,25 +89,28 @@ def create_app(settings: Settings, *, backends: Sequence[str], monitoring: Monit
         version="1",
         summary="Loss, metric and calibration evaluation over HTTP/JSON, in front of the lossd gRPC service.",
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs from local assets
+        redoc_url=None,
     )
     app.state.pool = pool
     app.state.monitoring = monitoring
     install_problem_handlers(app)
 
     @app.post("/v1/evaluate", responses=_PROBLEM_RESPONSES, tags=["evaluate"])
-    async def evaluate(body: EvaluateBody) -> JSONResponse:
+    async def evaluate(body: EvaluateBody, http: Request) -> JSONResponse:
         """Evaluate functions on tensors; answers what `lossd eval --json` prints: {"results", "diagnostics"}."""
-        request = request_to_proto(body)
-        response: pb.EvaluateResponse = await pool.call(lambda stub, timeout: stub.Evaluate(request, timeout=timeout))
+        request, metadata = request_to_proto(body), _forwarded(http)
+        response: pb.EvaluateResponse = await pool.call(lambda stub, timeout: stub.Evaluate(request, timeout=timeout, metadata=metadata))
         return JSONResponse(response_to_json(response))
 
     @app.get("/v1/functions", responses=_PROBLEM_RESPONSES, tags=["evaluate"])
     async def functions(
+        http: Request,
         family: str = Query("", description="only this family (regression, classification, calibration...)"),
     ) -> JSONResponse:
         """List the catalogue: every function with its roles, parameters, outputs and reference."""
-        request = pb.ListFunctionsRequest(family=family)
-        response = await pool.call(lambda stub, timeout: stub.ListFunctions(request, timeout=timeout))
+        request, metadata = pb.ListFunctionsRequest(family=family), _forwarded(http)
+        response = await pool.call(lambda stub, timeout: stub.ListFunctions(request, timeout=timeout, metadata=metadata))
         return JSONResponse(catalogue_to_json(response))
 
     @app.get("/healthz", tags=["operations"])
@@ -101,15 +129,29 @@ def create_app(settings: Settings, *, backends: Sequence[str], monitoring: Monit
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def metrics() -> Response:
         """Prometheus text exposition of this process's registry."""
-        return Response(generate_latest(monitoring.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await monitoring.exposition(), media_type=CONTENT_TYPE_LATEST)  # rendered off the event loop
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
         return RedirectResponse("/dashboard")
 
     install_dashboard(app, monitoring)
+    install_docs(app, bearer=authenticator is not None)
+    # Starlette runs the last added outermost: headers on every answer, CORS preflights
+    # before auth, every request counted, a token checked before any body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(JsonOnlyMiddleware)
+    if authenticator is not None:
+        app.add_middleware(BearerAuthMiddleware, authenticator=authenticator, open_paths=open_paths(settings.metrics_public))
     app.add_middleware(HttpMetricsMiddleware, monitoring=monitoring)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
+    app.add_middleware(SecurityHeadersMiddleware)
     return app
 
 
@@ -125,12 +167,14 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _too_large(self, size: str) -> Response:
-        return Problem(
+        problem = Problem(
             413,
             "content-too-large",
             "Content too large",
             f"request body of {size} exceeds the limit of {self.max_bytes} bytes (max_body_bytes)",
-        ).response()
+        )
+        response: Response = problem.response()
+        return response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):

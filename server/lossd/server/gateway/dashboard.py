@@ -2,12 +2,13 @@
 
 No build step and no network: the page, its script and its styles ship in
 ``lossd/server/static``; the charts are drawn by that script as inline SVG.
-The data is the process's own :class:`~lossd.server.history.History`, so the
+The data is the process's own :class:`~lossd.server.monitoring.history.History`, so the
 dashboard works without Prometheus.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -15,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from lossd.server.monitoring import Monitoring
+from lossd.server.monitoring.core import FLUSH_SECONDS
 
 __all__ = ["install_dashboard", "STATIC_DIR"]
 
@@ -32,6 +34,8 @@ def install_dashboard(app: FastAPI, monitoring: Monitoring) -> None:
     @app.get("/v1/history", tags=["dashboard"])
     async def history() -> JSONResponse:
         """Per-interval mean loss and ECE, and the reliability diagram over the window, per model/dataset/split."""
-        return JSONResponse(monitoring.history.snapshot(), headers={"Cache-Control": "no-store"})
+        await monitoring.flush(FLUSH_SECONDS)  # the evaluations answered before this read are in it
+        snapshot = await asyncio.to_thread(monitoring.history.snapshot)  # ECE finalization stays off the event loop
+        return JSONResponse(snapshot, headers={"Cache-Control": "no-store"})
 
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")

@@ -1,22 +1,34 @@
 """Prometheus monitoring of a lossd process: gRPC metrics, sufficient-statistic counters, history.
 
-See :mod:`lossd.server.monitoring.core` for the exported families.
+The servicer emits :class:`~lossd.server.monitoring.events.EvaluationEvent`;
+:class:`Monitoring` subscribes (see :mod:`lossd.server.monitoring.core` for the
+exported families).
 """
 
+from lossd.server.monitoring.calibration import SKIP_REASONS, Calibration, calibration_counts
 from lossd.server.monitoring.core import Monitoring
+from lossd.server.monitoring.events import EvaluationEvent, Subscriber
+from lossd.server.monitoring.history import History, expected_calibration_error
 from lossd.server.monitoring.interceptor import GrpcMetrics, MetricsInterceptor
 from lossd.server.monitoring.labels import OTHER, LabelGuard
-from lossd.server.monitoring.statistics import Calibration, LossSums, calibration_counts, loss_sums, row_counts
+from lossd.server.monitoring.statistics import LossSums, RowSummary, loss_sums, row_counts, summarize_batch
 
 __all__ = [
     "OTHER",
+    "SKIP_REASONS",
     "Calibration",
+    "EvaluationEvent",
     "GrpcMetrics",
+    "History",
     "LabelGuard",
     "LossSums",
     "MetricsInterceptor",
     "Monitoring",
+    "RowSummary",
+    "Subscriber",
     "calibration_counts",
+    "expected_calibration_error",
     "loss_sums",
     "row_counts",
+    "summarize_batch",
 ]

@@ -6,7 +6,9 @@ and ``grpc_server_msg_sent_total`` carry the labels ``grpc_type`` (unary,
 client_stream, server_stream, bidi_stream), ``grpc_service`` and
 ``grpc_method``, as the Go middleware exports them, so existing gRPC
 dashboards and alerts apply unchanged. lossd adds payload sizes and in-flight
-requests.
+requests. Sizes are the wire bytes, read where grpc deserializes requests and
+serializes responses (``len`` of the bytes it already holds): a 16 MB request
+is never serialized again to be measured.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -81,9 +83,34 @@ def _split_method(full: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
-def _size(message: Any) -> int:
-    byte_size = getattr(message, "ByteSize", None)
-    return int(byte_size()) if byte_size is not None else 0
+class _Sized(NamedTuple):
+    """A deserialized request with the length of its wire bytes (unwrapped before the handler sees it)."""
+
+    message: Any
+    nbytes: int
+
+
+Codec = Callable[[Any], Any] | None
+
+
+def _measured_deserializer(deserialize: Codec) -> Callable[[bytes], _Sized]:
+    def measured(raw: bytes) -> _Sized:
+        return _Sized(deserialize(raw) if deserialize is not None else raw, len(raw))
+
+    return measured
+
+
+def _measured_serializer(serialize: Codec, observe: Callable[[float], None]) -> Callable[[Any], Any]:
+    def measured(message: Any) -> Any:
+        data = serialize(message) if serialize is not None else message
+        observe(len(data))
+        return data
+
+    return measured
+
+
+def _unwrap(request: Any) -> tuple[Any, int]:
+    return (request.message, request.nbytes) if isinstance(request, _Sized) else (request, 0)
 
 
 class _Call:
@@ -100,23 +127,24 @@ class _Call:
     def requests(self, request: Any, streaming: bool) -> Any:
         """Count the request now, or wrap the request iterator to count messages as they are read."""
         if not streaming:
-            self.received(request)
-            return request
+            return self.received(request)
 
         async def counted() -> AsyncIterator[Any]:
             async for message in request:
-                self.received(message)
-                yield message
+                yield self.received(message)
 
         return counted()
 
-    def received(self, message: Any) -> None:
+    def received(self, request: Any) -> Any:
+        """Count one request message (sized by the deserializer); return the message itself."""
+        message, nbytes = _unwrap(request)
         self.m.received.labels(*self.base).inc()
-        self.m.request_bytes.labels(*self.short).observe(_size(message))
+        self.m.request_bytes.labels(*self.short).observe(nbytes)
+        return message
 
     def sent(self, message: Any) -> None:
+        """Count one response message (its size is observed when grpc serializes it)."""
         self.m.sent.labels(*self.base).inc()
-        self.m.response_bytes.labels(*self.short).observe(_size(message))
 
     def done(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
         self.m.in_flight.labels(*self.short).dec()
@@ -127,7 +155,7 @@ class _Call:
 def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return str(code.name)
     if isinstance(code, int):  # some grpc versions keep the raw integer
         return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
     if error is None:
@@ -135,7 +163,7 @@ def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -
     return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
     """Wraps every handler so that each RPC is counted, timed and sized."""
 
     def __init__(self, metrics: GrpcMetrics) -> None:
@@ -155,7 +183,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             if behavior is not None:
                 streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
                 wrapped = self._wrap(behavior, grpc_type, service, method, streaming_in=streaming_in, streaming_out=streaming_out)
-                return handler._replace(**{attr: wrapped})
+                return handler._replace(
+                    **{attr: wrapped},
+                    request_deserializer=_measured_deserializer(handler.request_deserializer),
+                    response_serializer=_measured_serializer(
+                        handler.response_serializer, self.metrics.response_bytes.labels(service, method).observe
+                    ),
+                )
         return handler
 
     def _wrap(

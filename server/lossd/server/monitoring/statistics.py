@@ -7,29 +7,30 @@ windows) and the in-process history merge them exactly:
   LM loss; not ECE, AUROC or perplexity), the numerator and denominator the
   function itself declares (:attr:`lossd.kernels.FunctionResult.numerator`,
   set only for such means; under ``reduction="sum"`` the value is the numerator);
-- per equal-width calibration bin, the count, the sum of top-1 confidences and
-  the number of correct top-1 predictions, from the request's ``logits`` [N, K]
-  and ``labels`` [N] (the catalogue's rule: bin b covers (b/B, (b+1)/B], 0
-  falls in bin 0 and 1.0 in the last bin).
+- per batch, the rows and tokens evaluated and the top-1 calibration counters
+  (:mod:`lossd.server.monitoring.calibration`), gathered in a :class:`RowSummary`
+  that adds up over a stream's messages.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from lossd.kernels import Evaluation, finalize_states
-from lossd.kernels.calibration import bin_sums
-from lossd.kernels.plan import row_statistics
-from lossd.server.service import Observation
+from lossd.kernels import Evaluation, State, finalize_states
+from lossd.kernels.evaluate import Prepared
+from lossd.kernels.plan import Batch
+from lossd.server.monitoring.calibration import Calibration, calibration_counts
 
-__all__ = ["Calibration", "LossSums", "RowSummary", "calibration_counts", "loss_sums", "row_counts", "summarize_rows"]
+__all__ = ["LossSums", "OpenStreams", "RowSummary", "loss_sums", "row_counts", "summarize_batch"]
 
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# Streams whose partial sums monitoring keeps at most (a stream whose end was lost is forgotten first).
+MAX_OPEN_STREAMS = 4096
 
 
 @dataclass(frozen=True)
@@ -38,19 +39,6 @@ class LossSums:
 
     sums: dict[str, tuple[float, float]]  # alias -> (numerator, denominator)
     skipped: dict[str, str]  # alias -> reason (non_finite, negative)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Per-bin sums (float64 arrays of length B)."""
-
-    count: np.ndarray
-    confidence: np.ndarray
-    correct: np.ndarray
-
-    @property
-    def total(self) -> float:
-        return float(self.count.sum())
 
 
 def _numerators(evaluation: Evaluation) -> dict[str, tuple[float, float]]:
@@ -62,15 +50,15 @@ def _numerators(evaluation: Evaluation) -> dict[str, tuple[float, float]]:
     }
 
 
-def loss_sums(obs: Observation) -> LossSums:
-    """Numerators and denominators this observation adds, for every result that is an additive mean.
+def loss_sums(evaluation: Evaluation, prior_states: Mapping[str, State] | None = None) -> LossSums:
+    """Numerators and denominators an evaluation adds, for every result that is an additive mean.
 
     With ``prior_states`` the evaluation covers them too; their own values are
     finalized (cheap: these are small sums) and subtracted, so a client run
     sending one batch per call is counted once per batch, not once per call.
     """
-    current = _numerators(obs.evaluation)
-    for alias, state in obs.prior_states.items():
+    current = _numerators(evaluation)
+    for alias, state in (prior_states or {}).items():
         if alias in current:
             prior = _numerators(finalize_states([(alias, state)])).get(alias, (0.0, 0.0))
             num, den = current[alias]
@@ -94,59 +82,86 @@ def loss_sums(obs: Observation) -> LossSums:
     return LossSums(sums, skipped)
 
 
-def calibration_counts(tensors: Mapping[str, torch.Tensor] | None, bins: int) -> Calibration | None:
-    """Top-1 calibration sums of ``logits`` [N, K] against ``labels`` [N]; None when the request has no such pair.
-
-    The confidences, argmax and bins are the ``ece`` function's own (shared row
-    statistics, :func:`lossd.kernels.calibration.bin_sums`). Rows whose label is
-    outside [0, K) (ignore_index) are left out, as ``ece`` leaves them out, and
-    so are rows with non-finite logits, which would turn a counter into NaN for good.
-    """
-    if not tensors:
-        return None
-    logits, labels = tensors.get("logits"), tensors.get("labels")
-    if logits is None or labels is None or logits.ndim != 2 or not logits.is_floating_point():
-        return None
-    if labels.dtype not in _INDEX_DTYPES or tuple(labels.shape) != (logits.shape[0],):
-        return None
-    stats = row_statistics(logits, 1, False)
-    confidence = stats.top1_confidence
-    labels = labels.to(torch.int64)
-    keep = (labels >= 0) & (labels < logits.shape[1]) & torch.isfinite(confidence)
-    sums = bin_sums(confidence[keep], stats.argmax[keep] == labels[keep], bins).cpu().numpy()
-    return Calibration(sums[:, 0], sums[:, 1], sums[:, 2])
+def _role_tensor(batch: Batch, p: Prepared, role: str) -> torch.Tensor | None:
+    tensor: torch.Tensor | None = batch.tensors.get(p.inputs.get(role, role))
+    return tensor
 
 
-def row_counts(tensors: Mapping[str, torch.Tensor] | None) -> tuple[int, int]:
-    """Count (rows, tokens) of a batch.
+def row_counts(batch: Batch, prepared: Sequence[Prepared]) -> tuple[int, int]:
+    """Count (rows, tokens) of a batch, reading tensors through the functions' role mappings.
 
-    Rows are dim 0 of ``labels`` (else ``logits``, else the first tensor);
-    tokens are the label positions (``labels.numel()``, so [B, T] labels give B·T), else rows.
-    """
-    if not tensors:
-        return 0, 0
-    labels = tensors.get("labels")
-    anchor = labels if labels is not None else tensors.get("logits", next(iter(tensors.values())))
-    rows = int(anchor.shape[0]) if anchor.ndim else 1
-    tokens = int(labels.numel()) if labels is not None else rows
-    return rows, tokens
+    Rows are dim 0 of the first function's ``labels`` (else of the first
+    function's first tensor); tokens are the label positions (``labels.numel()``,
+    so [B, T] labels give B·T), else rows."""
+    for p in prepared:
+        labels = _role_tensor(batch, p, "labels") if any(r.name == "labels" for r in p.fdef.roles) else None
+        if labels is not None:
+            return (int(labels.shape[0]) if labels.ndim else 1), int(labels.numel())
+    for p in prepared:
+        for role in p.fdef.roles:
+            anchor = _role_tensor(batch, p, role.name)
+            if anchor is not None:
+                rows = int(anchor.shape[0]) if anchor.ndim else 1
+                return rows, rows
+    return 0, 0
 
 
 @dataclass(frozen=True)
 class RowSummary:
-    """Per-row statistics of one or more batches: calibration sums, rows and tokens; ``+`` merges two."""
+    """Per-row statistics of one or more batches; ``+`` merges two (a stream's messages)."""
 
-    calibration: Calibration | None
-    rows: int
-    tokens: int
+    calibration: Calibration | None = None
+    rows: int = 0
+    tokens: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # calibration skip reason -> batches
 
     def __add__(self, other: RowSummary) -> RowSummary:
         a, b = self.calibration, other.calibration
-        merged = a if b is None else b if a is None else Calibration(a.count + b.count, a.confidence + b.confidence, a.correct + b.correct)
-        return RowSummary(merged, self.rows + other.rows, self.tokens + other.tokens)
+        merged = a if b is None else b if a is None else a + b
+        return RowSummary(merged, self.rows + other.rows, self.tokens + other.tokens, self.skipped + other.skipped)
 
 
-def summarize_rows(tensors: Mapping[str, torch.Tensor] | None, bins: int) -> RowSummary:
-    """The :class:`RowSummary` of one batch."""
-    rows, tokens = row_counts(tensors)
-    return RowSummary(calibration_counts(tensors, bins), rows, tokens)
+def summarize_batch(batch: Batch, prepared: Sequence[Prepared], bins: int) -> RowSummary:
+    """The :class:`RowSummary` of one evaluated batch."""
+    rows, tokens = row_counts(batch, prepared)
+    counts = calibration_counts(batch, prepared, bins)
+    if isinstance(counts, str):
+        return RowSummary(None, rows, tokens, Counter({counts: 1}))
+    return RowSummary(counts, rows, tokens)
+
+
+class OpenStreams:
+    """The summed messages of the streams still open, by call; a stream is exported whole or not at all."""
+
+    def __init__(self, *, on_forgotten: Callable[[], None], max_streams: int = MAX_OPEN_STREAMS) -> None:
+        self._sums: dict[int, RowSummary] = {}  # the worker thread's only
+        self._incomplete: dict[int, None] = {}  # streams that lost a message to a full queue (an ordered set)
+        self._lock = threading.Lock()  # lost_message runs on the event loop
+        self._on_forgotten = on_forgotten
+        self.max_streams = max_streams
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+    def add(self, call: int, part: RowSummary) -> None:
+        """Add one message's summary to its stream."""
+        prior = self._sums.pop(call, None)
+        self._sums[call] = part if prior is None else prior + part
+        while len(self._sums) > self.max_streams:  # streams whose end never came (lost to a full queue)
+            del self._sums[next(iter(self._sums))]
+            self._on_forgotten()
+
+    def lost_message(self, call: int) -> None:
+        """A message of the stream was dropped: its rows and calibration will be skipped."""
+        with self._lock:
+            self._incomplete[call] = None
+            while len(self._incomplete) > self.max_streams:
+                del self._incomplete[next(iter(self._incomplete))]
+
+    def finish(self, call: int) -> RowSummary:
+        """The stream's summed messages, forgotten here (skipped whole if one was lost)."""
+        summary = self._sums.pop(call, RowSummary())
+        with self._lock:
+            incomplete = call in self._incomplete
+            self._incomplete.pop(call, None)
+        return RowSummary(skipped=Counter({"queue_full": 1})) if incomplete else summary

@@ -4,12 +4,15 @@ The dashboard reads this, so loss and calibration drift are visible with no
 Prometheus. Like the exported counters it keeps sums only (numerator and
 denominator of every mean, per-bin count / confidence / correct), so each
 interval's mean loss and ECE, and the reliability diagram over the whole
-window, are exact. Memory is bounded: ``seconds / interval`` buckets per label
-set, at most ``max_series`` label sets (the least recently updated goes first).
+window, are exact. ECE is the kernels' own ``ece`` (l1 norm, top label)
+finalized from those bins, never a formula of its own. Memory is bounded:
+``seconds / interval`` buckets per label set, at most ``max_series`` label sets
+(the least recently updated goes first).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -19,6 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+
+from lossd.kernels import State, finalize_states
+from lossd.kernels.evaluate import prepare
 
 __all__ = ["History", "SeriesKey", "expected_calibration_error"]
 
@@ -26,9 +33,26 @@ SeriesKey = tuple[str, str, str]  # (model, dataset, split), after the cardinali
 
 
 def expected_calibration_error(count: np.ndarray, confidence: np.ndarray, correct: np.ndarray) -> float | None:
-    """Σ_b |correct_b − confidence_b| / N from per-bin sums (the l1 ECE); None when N = 0."""
-    n = float(count.sum())
-    return float(np.abs(correct - confidence).sum() / n) if n > 0 else None
+    """The ``ece`` function's value (l1 norm, top label) on these per-bin sums; None when no row was binned."""
+    if float(count.sum()) <= 0:
+        return None
+    bins = np.stack([count, confidence, correct], axis=-1).astype(np.float64)
+    return _finalized_ece(bins.tobytes(), len(count))
+
+
+@functools.lru_cache(maxsize=1)
+def _ece_state_params(n_bins: int) -> tuple[int, str]:
+    (spec,) = prepare([{"name": "ece", "params": {"n_bins": n_bins, "norm": "l1", "scope": "top_label"}}])
+    return spec.fdef.state_version, spec.state_params
+
+
+@functools.lru_cache(maxsize=16384)
+def _finalized_ece(bins: bytes, n_bins: int) -> float | None:
+    # Closed intervals never change: each is finalized once, however often the dashboard polls.
+    version, params = _ece_state_params(n_bins)
+    fields = {"bins": torch.from_numpy(np.frombuffer(bins, dtype=np.float64).reshape(n_bins, 3).copy())}
+    value = finalize_states([("ece", State("ece", version, params, fields))]).results["ece"].value
+    return value if math.isfinite(value) else None
 
 
 @dataclass

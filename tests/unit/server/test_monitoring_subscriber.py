@@ -1,0 +1,168 @@
+"""Monitoring as a subscriber: calibration from the evaluation's memo, role mappings, [B, T, V], skips, the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_close
+from lossd.kernels import evaluate
+from lossd.server.monitoring import EvaluationEvent, Monitoring
+from lossd.server.monitoring.worker import Worker
+from lossd.server.settings import Settings
+from lossd.v1 import lossd_pb2 as pb
+
+BINS = 15
+
+
+def _event(tensors: dict[str, torch.Tensor], functions: list[Any], call: int = 1) -> EvaluationEvent:
+    evaluation = evaluate(tensors, functions)
+    return EvaluationEvent("Evaluate", call, pb.Tags(model="m"), evaluation, evaluation.batch, evaluation.prepared)
+
+
+def _bins(monitoring: Monitoring, name: str) -> np.ndarray:
+    values = {}
+    for family in monitoring.registry.collect():
+        for s in family.samples:
+            if s.name == name and s.labels.get("model") == "m":
+                values[int(s.labels["bin"])] = s.value
+    return np.array([values[b] for b in range(BINS)])
+
+
+def _skipped(monitoring: Monitoring) -> dict[str, float]:
+    return {
+        s.labels["reason"]: s.value for f in monitoring.registry.collect() for s in f.samples if s.name == "lossd_calibration_skipped_total"
+    }
+
+
+def _reference(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Catalogue bins in float64: bin b covers (b/B, (b+1)/B], 0 in bin 0."""
+    idx = np.clip(np.ceil(confidence * BINS).astype(np.int64) - 1, 0, BINS - 1)
+    count = np.bincount(idx, minlength=BINS).astype(np.float64)
+    return count, np.bincount(idx, confidence, BINS), np.bincount(idx, correct.astype(np.float64), BINS)
+
+
+def _softmax_top1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return p.max(-1), p.argmax(-1)
+
+
+def _assert_counters(monitoring: Monitoring, expected: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    count, confidence, correct = expected
+    assert_close(_bins(monitoring, "lossd_calibration_count_total"), count, rtol=0, atol=0, what="per-bin counts")
+    assert_close(_bins(monitoring, "lossd_calibration_confidence_sum_total"), confidence, rtol=1e-6, what="Σ confidence")
+    assert_close(_bins(monitoring, "lossd_calibration_correct_sum_total"), correct, rtol=0, atol=0, what="Σ correct")
+
+
+def test_role_mapped_logits_export_the_float64_reference() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(500, 9, generator=g) * 2, torch.randint(0, 9, (500,), generator=g)
+    labels[:11] = -100
+    monitoring = Monitoring(Settings(device="cpu", calibration_bins=BINS))
+    spec = {"name": "cross_entropy", "inputs": {"logits": "student_logits", "labels": "gold"}}
+    monitoring.observe(_event({"student_logits": logits, "gold": labels}, [spec]))
+    confidence, argmax = _softmax_top1(logits.numpy())
+    keep = labels.numpy() != -100
+    _assert_counters(monitoring, _reference(confidence[keep], argmax[keep] == labels.numpy()[keep]))
+    assert _skipped(monitoring) == {}
+
+
+def test_token_level_logits_export_per_token_counters_shifted_and_ignored() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits, labels = torch.randn(3, 11, 50, generator=g) * 3, torch.randint(0, 50, (3, 11), generator=g)
+    labels[0, 4:7] = -100
+    monitoring = Monitoring(Settings(device="cpu", calibration_bins=BINS))
+    monitoring.observe(_event({"lm": logits, "tokens": labels}, [{"name": "perplexity", "inputs": {"logits": "lm", "labels": "tokens"}}]))
+    confidence, argmax = _softmax_top1(logits.numpy())
+    confidence, argmax, target = confidence[:, :-1], argmax[:, :-1], labels.numpy()[:, 1:]  # shift: t predicts t + 1
+    keep = target != -100
+    _assert_counters(monitoring, _reference(confidence[keep], argmax[keep] == target[keep]))
+    assert _bins(monitoring, "lossd_calibration_count_total").sum() == 3 * 10 - 3
+
+
+def test_binary_logits_export_the_ece_functions_rule() -> None:
+    g = torch.Generator().manual_seed(3)
+    z, t = torch.randn(400, generator=g) * 2, torch.randint(0, 2, (400,), generator=g)
+    monitoring = Monitoring(Settings(device="cpu", calibration_bins=BINS))
+    monitoring.observe(_event({"logits": z, "targets": t}, ["bce_with_logits", {"name": "ece", "params": {"n_bins": BINS}}]))
+    p1 = 1 / (1 + np.exp(-z.numpy().astype(np.float64)))
+    predicted = z.numpy() > 0
+    _assert_counters(monitoring, _reference(np.where(predicted, p1, 1 - p1), predicted == (t.numpy() == 1)))
+
+
+@pytest.mark.parametrize(
+    ("tensors", "functions", "reason"),
+    [
+        ({"predictions": torch.zeros(4), "targets": torch.ones(4)}, ["mse"], "no_class_scores"),
+        ({"logits": torch.randn(4, 3)}, ["entropy"], "no_labels"),
+        (
+            {"logits": torch.softmax(torch.randn(4, 3), 1), "labels": torch.tensor([0, 1, 2, 0])},
+            [{"name": "cross_entropy", "params": {"input_kind": "probs"}}],
+            "probs_input",
+        ),
+        ({"logits": torch.randn(4, 3), "target_probs": torch.softmax(torch.randn(4, 3), 1)}, ["cross_entropy"], "soft_targets"),
+    ],
+)
+def test_a_request_without_class_scores_is_counted_with_its_reason(
+    tensors: dict[str, torch.Tensor], functions: list[Any], reason: str
+) -> None:
+    monitoring = Monitoring(Settings(device="cpu", calibration_bins=BINS))
+    monitoring.observe(_event(tensors, functions))
+    monitoring.observe(_event(tensors, functions, call=2))
+    assert _skipped(monitoring) == {reason: 2.0}
+    assert _bins(monitoring, "lossd_calibration_count_total").sum() == 0
+
+
+def test_monitoring_reads_the_memo_and_never_computes_row_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(4)
+    tensors = {"logits": torch.randn(64, 5, generator=g), "labels": torch.randint(0, 5, (64,), generator=g)}
+    event = _event(tensors, ["cross_entropy", "accuracy"])
+    assert event.batch is not None
+    plan = sys.modules[type(event.batch).__module__]
+    calls: list[object] = []
+    real = plan.row_statistics
+    monkeypatch.setattr(plan, "row_statistics", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(type(event.batch), "row_stats", lambda *a, **k: calls.append(a) or pytest.fail("row_stats called"))
+    monitoring = Monitoring(Settings(device="cpu", calibration_bins=BINS))
+    monitoring.observe(event)
+    assert calls == []
+    assert _bins(monitoring, "lossd_calibration_count_total").sum() == 64
+
+
+def test_the_queue_runs_off_the_caller_drops_when_full_and_flushes() -> None:
+    release, seen, dropped = threading.Event(), [], []
+
+    def handle(item: int) -> None:
+        release.wait(10)
+        seen.append(item)
+
+    worker: Worker[int] = Worker(handle, max_events=2, max_bytes=100, on_drop=dropped.append)
+    assert worker.submit(1, 10) and worker.submit(2, 10)
+    assert not worker.submit(3, 10)  # over max_events: dropped at once, the caller never waits
+    assert worker.pending == (2, 20) and dropped == [3] and seen == []
+    assert not worker.flush_sync(timeout=0.05)
+    release.set()
+    assert asyncio.run(worker.flush(timeout=10)) and seen == [1, 2] and worker.pending == (0, 0)
+    assert worker.submit(4, 60) and not worker.submit(5, 60)  # over max_bytes
+    worker.flush_sync(10)
+    worker.close()
+
+
+def test_submitted_events_are_observed_after_flush() -> None:
+    monitoring = Monitoring(Settings(device="cpu", calibration_bins=BINS))
+    tensors = {"logits": torch.randn(32, 4), "labels": torch.randint(0, 4, (32,))}
+    for call in range(5):
+        monitoring.submit(_event(tensors, ["cross_entropy"], call=call))
+    assert asyncio.run(monitoring.flush(timeout=30))
+    assert _bins(monitoring, "lossd_calibration_count_total").sum() == 5 * 32
+    text = asyncio.run(monitoring.exposition()).decode()
+    assert 'lossd_evaluations_total{dataset="",method="Evaluate",model="m",split=""} 5.0' in text
+    monitoring.close()
