@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lossd-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test check lint proto bench e2e-deps clean
+.PHONY: run test check lint proto bench e2e-deps fuzz clean
 
 $(STAMP): kernels/pyproject.toml client/pyproject.toml server/pyproject.toml requirements-test.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,20 +26,46 @@ e2e-deps:
 test: $(STAMP) e2e-deps check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-LINTED := kernels client server tests bench scripts examples
+LINTED := kernels client server tests bench scripts examples deploy
 
 check: $(STAMP)
 	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m mypy kernels/lossd client/lossd/client server/lossd
+	$(PY) scripts/check_imports.py --max-lines-only kernels
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
+# `lossd serve` in its own process, clients in others; BENCH_ARGS=--quick for a CI-sized run.
+BENCH_ARGS ?=
+PEERS := bench/.peers
+
 bench: $(STAMP)
-	$(PY) bench/bench_kernels.py
-	$(PY) bench/bench_wire.py
+	$(PY) bench/bench_serve.py $(BENCH_ARGS)
+	$(PY) bench/bench_kernels.py --quick
 	$(PY) bench/bench_lm_memory.py
+
+# The peers (KServe, py-spy) get venvs of their own under bench/.peers, never .venv;
+# torch pinned first so that pip reuses this machine's CPU build.
+$(PEERS)/kserve/.installed:
+	$(PYTHON) -m venv $(PEERS)/kserve
+	$(PEERS)/kserve/bin/pip install --quiet torch==2.13.0
+	$(PEERS)/kserve/bin/pip install --quiet kserve==0.21.0
+	@touch $@
+
+$(PEERS)/tools/.installed:
+	$(PYTHON) -m venv $(PEERS)/tools
+	$(PEERS)/tools/bin/pip install --quiet py-spy
+	@touch $@
+
+bench-peers: $(STAMP) $(PEERS)/kserve/.installed $(PEERS)/tools/.installed
+	$(PY) bench/bench_serve.py --peers $(BENCH_ARGS)
+
+# Raw-gRPC fuzzing of a separately started `lossd serve`: FUZZ_REQUESTS (default 1,000,000),
+# FUZZ_WORKERS client processes; prints the counts by status code, fails on INTERNAL/UNKNOWN/hangs/deaths.
+fuzz: $(STAMP)
+	$(PY) tests/fuzz/grpc_fuzz.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -15,6 +15,10 @@ To merge later or elsewhere, write one state file per rank instead::
     torchrun --nproc-per-node 4 examples/distributed_eval.py --server 127.0.0.1:50051 --states-dir states/
     lossd finalize --server 127.0.0.1:50051 states/*.lossd --json
 
+Against a server with TLS and tokens, set the environment once for the job
+(every rank's client reads it): ``LOSSD_SERVER``, ``LOSSD_TLS_CA_FILE`` and
+``LOSSD_TOKEN`` (or ``LOSSD_TOKEN_FILE``); or pass ``--tls-ca`` / ``--token-file``.
+
 The ranks need only the client and torch (``pip install lossd-client torch``).
 Gloo on CPU is enough; with GPUs and NCCL only a few kilobytes travel.
 """
@@ -54,7 +58,9 @@ def shard(rank: int) -> list[dict[str, np.ndarray]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--server", default="127.0.0.1:50051", help="lossd gRPC address HOST:PORT")
+    parser.add_argument("--server", default=None, help="lossd gRPC address HOST:PORT (default: LOSSD_SERVER, then 127.0.0.1:50051)")
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM roots of the server's certificate (default: LOSSD_TLS_CA_FILE)")
+    parser.add_argument("--token-file", type=Path, default=None, help="file holding the bearer token (default: LOSSD_TOKEN[_FILE])")
     parser.add_argument("--states-dir", type=Path, help="write each rank's states there (for `lossd finalize`) instead of merging")
     parser.add_argument("--check", action="store_true", help="rank 0 compares the merged values with one request over every shard")
     args = parser.parse_args()
@@ -65,7 +71,7 @@ def main() -> None:
     dist.init_process_group(backend)  # torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        with Client(args.server) as client:
+        with Client(args.server, ca_file=args.tls_ca, token_file=args.token_file) as client:
             run = client.run(FUNCTIONS, tags={"model": "example", "dataset": "synthetic", "split": "validation"})
             for batch in shard(rank):
                 run.update(batch)

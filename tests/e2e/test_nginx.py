@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +112,66 @@ def test_grpc_and_http_are_balanced_and_fail_over(stack: tuple[Nginx, list[Repli
             for _ in range(6):
                 assert stub.Evaluate(request, timeout=30).results[0].values["value"] in values
                 assert http.post("/v1/evaluate", json=body).status_code == 200
+
+
+def _in_flight_evaluates(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("lossd_grpc_in_flight_requests{") and 'grpc_method="Evaluate"' in line
+    )
+
+
+def _evaluations_of(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("lossd_evaluations_total{"))
+
+
+def test_a_request_that_killed_its_replica_is_not_replayed_onto_the_next(tmp_path: Path) -> None:
+    """kill -9 of the replica computing a request: INTERNAL (never retried), and the other replica never sees it."""
+    import signal
+
+    from integration.lossd_process import LossdProcess
+
+    binary = require_binary("nginx")
+    rng = np.random.default_rng(0)
+    heavy = pb.EvaluateRequest(  # exact AUROC over 400,000 × 20 scores: seconds of compute
+        tensors={
+            "logits": encode_tensor(rng.standard_normal((400_000, 20)).astype(np.float32)),
+            "labels": encode_tensor(rng.integers(0, 20, 400_000)),
+        },
+        functions=[spec_to_proto("auroc")],
+    )
+    with LossdProcess() as first, LossdProcess() as second:
+        replicas = [first, second]
+
+        class Address:  # what the Nginx helper reads of a replica
+            def __init__(self, p: LossdProcess) -> None:
+                self.grpc_address, self.url = p.grpc_address, p.url
+
+        nginx = Nginx(binary, tmp_path, [Address(p) for p in replicas])  # type: ignore[list-item]
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{nginx.grpc_port}") as channel:
+                stub = pb_grpc.LossServiceStub(channel)
+                call = stub.Evaluate.future(heavy, timeout=120)
+                deadline = time.monotonic() + 60
+                busy: list[LossdProcess] = []
+                while not busy:
+                    assert time.monotonic() < deadline, "the heavy request never started"
+                    busy = [p for p in replicas if _in_flight_evaluates(p.url) >= 1]
+                    time.sleep(0.05)
+                (victim,) = busy
+                (survivor,) = [p for p in replicas if p is not victim]
+                before = _evaluations_of(survivor.url)
+                os.kill(victim.pid, signal.SIGKILL)
+                with pytest.raises(grpc.RpcError) as info:
+                    call.result(60)
+                assert info.value.code() == grpc.StatusCode.INTERNAL, info.value.details()
+                time.sleep(1.0)
+                assert _in_flight_evaluates(survivor.url) == 0 and _evaluations_of(survivor.url) == before  # never replayed
+                # A new call reaches the survivor (the dead replica cannot be connected to: that is passed on).
+                for _ in range(4):
+                    assert stub.Evaluate(_request(), timeout=30).results[0].values["value"] > 0
+        finally:
+            nginx.stop()

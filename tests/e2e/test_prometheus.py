@@ -78,13 +78,14 @@ def test_recording_rules_pool_replicas_exactly(replicas: list[Replica], promethe
 
     # Once the last scrape and rule evaluation saw every row, the windows hold the whole data set.
     wait_for(
-        lambda: _value(prometheus, f"model_dataset_split:lossd_calibration_count:increase5m{SELECTOR}") == N,
+        lambda: _value(prometheus, f"model_dataset_split:lossd_calibration_predictions:increase5m{SELECTOR}") == N,
         30,
         "the ECE rule to see every row",
     )
     wait_for(
         lambda: (
-            _value(prometheus, f'model_dataset_split_function:lossd_loss_count:increase5m{SELECTOR[:-1]}, function="cross_entropy"}}') == N
+            _value(prometheus, f'model_dataset_split_function:lossd_loss_denominator:increase5m{SELECTOR[:-1]}, function="cross_entropy"}}')
+            == N
         ),
         30,
         "the loss rule to see every row",
@@ -100,8 +101,8 @@ def test_recording_rules_pool_replicas_exactly(replicas: list[Replica], promethe
 
     # The pooled reliability diagram, bin by bin.
     accuracy = {
-        int(s["metric"]["bin"]): float(s["value"][1])
-        for s in prometheus.query(f"model_dataset_split_bin:lossd_calibration_accuracy:ratio5m{SELECTOR}")
+        round(float(s["metric"]["bin_upper"]) * BINS) - 1: float(s["value"][1])
+        for s in prometheus.query(f"model_dataset_split_bin_upper:lossd_calibration_accuracy:ratio5m{SELECTOR}")
     }
     diagram = expected["reliability_diagram"]
     for b, count in enumerate(diagram["count"]):
@@ -111,5 +112,5 @@ def test_recording_rules_pool_replicas_exactly(replicas: list[Replica], promethe
             assert b not in accuracy
 
     # Each replica alone is not the answer: the test would notice a rule that pooled wrongly.
-    per_replica = [float(s["value"][1]) for s in prometheus.query(f"sum by (instance) (lossd_calibration_count_total{SELECTOR})")]
+    per_replica = [float(s["value"][1]) for s in prometheus.query(f"sum by (instance) (lossd_calibration_predictions_total{SELECTOR})")]
     assert sorted(per_replica) == [N / 2, N / 2]

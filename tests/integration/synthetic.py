@@ -1,9 +1,17 @@
 """Synthetic batches for every registered function, many functions per request.
 
 A *group* makes the tensors of one batch (``make(rng, n)``, names prefixed
-with the group, e.g. ``cls_logits``) and may add tensors shared by every batch
-(``shared(rng)``: the candidate keys of a retrieval metric). A *case* is one
-function spec reading one group's tensors through ``FunctionSpec.inputs``.
+with the group, e.g. ``fncrossentropy_logits``) and may add tensors shared by
+every batch (``shared(rng)``: the candidate keys of a retrieval metric). A
+*case* is one function spec reading one group's tensors through
+``FunctionSpec.inputs``.
+
+Every registered function has a case on a group made from its declared
+:class:`~lossd.kernels.declarations.Example` (cast to float64, with random
+``weights`` where the function takes them and some labels set to
+``ignore_index`` where it has one), so a new function is covered without
+touching this file.  ``VARIANTS`` adds cases with other parameters or input
+layouts (soft targets, binary scores, several quantiles).
 
 Row groups (``rows=True``) put the sample on dim 0 of every non-shared
 tensor, so the batches of all ranks concatenate into one whole-data batch:
@@ -23,14 +31,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Group", "Case", "GROUPS", "CASES", "SKIPPED", "BATCH_DEPENDENT", "specs", "batch", "shared_tensors", "concat", "shard_batches"]
+from lossd.kernels import FunctionDef, all_functions, get_function
+from lossd.kernels.params import resolve_params
 
-K = 5  # classes
-D = 4  # embedding width
-M = 11  # retrieval candidates
-T = 6  # sequence length
-V = 7  # vocabulary
-E = 4  # experts
+__all__ = [
+    "Group",
+    "Case",
+    "GROUPS",
+    "CASES",
+    "VARIANTS",
+    "SKIPPED",
+    "BATCH_DEPENDENT",
+    "specs",
+    "batch",
+    "shared_tensors",
+    "concat",
+    "shard_batches",
+]
+
+K = 5  # classes of the variant groups
 
 Arrays = dict[str, np.ndarray]
 
@@ -46,18 +65,6 @@ def _log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
 
 
-def _grouped_labels(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-    """Labels of ``k`` classes with a positive pair (rows 0, 1) and a negative one (rows 0, 2) in every batch of 3+ rows."""
-    y = rng.integers(0, k, n)
-    y[1:2] = y[0]
-    y[2:3] = (y[0] + 1) % k
-    return y
-
-
-def _logps(rng: np.random.Generator, n: int) -> np.ndarray:
-    return -rng.random(n) * 20 - 1
-
-
 @dataclass(frozen=True)
 class Group:
     """Tensors for one kind of input; keys are role names (before prefixing)."""
@@ -68,135 +75,76 @@ class Group:
     rows: bool = True  # dim 0 of every non-shared tensor is the sample
 
 
-def _ctc(rng: np.random.Generator, n: int) -> Arrays:
-    steps, classes, s = 8, 5, 3
-    target_lengths = rng.integers(1, s + 1, n)
-    return {
-        "log_probs": _log_softmax(rng.standard_normal((steps, n, classes))),
-        "targets": rng.integers(1, classes, (n, s)),
-        "input_lengths": rng.integers(s * 2 + 1, steps + 1, n),
-        "target_lengths": target_lengths,
-    }
+def _group_name(fdef: FunctionDef) -> str:
+    # Tensor names are "<group>_<role>": a group name holds no underscore.
+    return "fn" + fdef.name.replace("_", "")
 
 
-GROUPS: dict[str, Group] = {
-    g.name: g
-    for g in (
-        Group(
-            "reg",
-            lambda r, n: {
-                "predictions": r.standard_normal((n, 3)),
-                "targets": r.standard_normal((n, 3)),
-                "variance": r.random((n, 3)) + 0.1,
-                "weights": r.random(n) + 0.5,
-            },
-        ),
-        Group(
-            "count",
-            lambda r, n: {
-                "predictions": r.standard_normal((n, 3)) * 0.5,
-                "targets": r.poisson(2.0, (n, 3)).astype(np.float64),
-                "weights": r.random(n) + 0.5,
-            },
-        ),
-        Group(
-            "quant",
-            lambda r, n: {"predictions": r.standard_normal((n, 2, 3)), "targets": r.standard_normal((n, 2)), "weights": r.random(n) + 0.5},
-        ),
-        Group(
-            "seg",
-            lambda r, n: {
-                "logits": r.standard_normal((n, 2, 5)) * 2,
-                "targets": (r.random((n, 2, 5)) < 0.4).astype(np.float64),
-                "weights": r.random(n) + 0.5,
-            },
-        ),
-        Group(
-            "bin",
-            lambda r, n: {
-                "logits": r.standard_normal(n) * 2,
-                "targets": (r.random(n) < 0.4).astype(np.float64),
-                "weights": r.random(n) + 0.5,
-            },
-        ),
-        Group("cls", lambda r, n: {"logits": r.standard_normal((n, K)) * 2, "labels": _labels(r, n, K), "weights": r.random(n) + 0.5}),
-        Group(
-            "soft", lambda r, n: {"logits": r.standard_normal((n, K)) * 2, "target_probs": np.exp(_log_softmax(r.standard_normal((n, K))))}
-        ),
-        Group(
-            "lp",
-            lambda r, n: {
-                "log_probs": _log_softmax(r.standard_normal((n, K)) * 2),
-                "labels": _labels(r, n, K),
-                "weights": r.random(n) + 0.5,
-            },
-        ),
-        Group(
-            "kl",
-            lambda r, n: {"log_probs": _log_softmax(r.standard_normal((n, K))), "target": np.exp(_log_softmax(r.standard_normal((n, K))))},
-        ),
-        Group("distill", lambda r, n: {"logits": r.standard_normal((n, K)) * 2, "teacher_logits": r.standard_normal((n, K)) * 2}),
-        Group("lm", lambda r, n: {"logits": r.standard_normal((n, T, V)) * 2, "labels": _labels(r, n * T, V, 0.2).reshape(n, T)}),
-        Group(
-            "dpo",
-            lambda r, n: {
-                "policy_chosen_logps": _logps(r, n),
-                "policy_rejected_logps": _logps(r, n),
-                "reference_chosen_logps": _logps(r, n),
-                "reference_rejected_logps": _logps(r, n),
-                "weights": r.random(n) + 0.5,
-            },
-        ),
-        Group(
-            "pair",
-            lambda r, n: {"chosen_scores": r.standard_normal(n), "rejected_scores": r.standard_normal(n), "weights": r.random(n) + 0.5},
-        ),
-        Group(
-            "ppo",
-            lambda r, n: {
-                "logp_new": -r.random((n, 3)) * 3,
-                "logp_old": -r.random((n, 3)) * 3,
-                "logp_ref": -r.random((n, 3)) * 3,
-                "advantages": r.standard_normal((n, 3)),
-                "mask": (r.random((n, 3)) < 0.8).astype(np.float64),
-            },
-        ),
-        Group("moe", lambda r, n: {"router_logits": r.standard_normal((n, E)), "mask": (r.random(n) < 0.9).astype(np.float64)}),
-        Group(
-            "rank",
-            lambda r, n: {"query": r.standard_normal((n, D)), "relevant": r.integers(0, M, n)},
-            shared=lambda r: {"keys": r.standard_normal((M, D))},
-        ),
-        # Non-splittable inputs: compared batch by batch, never concatenated.
-        Group(
-            "emb",
-            lambda r, n: {"embeddings": r.standard_normal((n, D)), "labels": _grouped_labels(r, n, 3)},
-            shared=lambda r: {"class_weights": r.standard_normal((D, 3))},
-            rows=False,
-        ),
-        Group(
-            "pairs",
-            lambda r, n: {
-                "x1": r.standard_normal((n, D)),
-                "x2": r.standard_normal((n, D)),
-                "similar": (r.random(n) < 0.5).astype(np.float64),
-            },
-            rows=False,
-        ),
-        Group("nce", lambda r, n: {"query": r.standard_normal((n, D)), "keys": r.standard_normal((n, D))}, rows=False),
-        Group(
-            "trip",
-            lambda r, n: {
-                "anchor": r.standard_normal((n, D)),
-                "positive": r.standard_normal((n, D)),
-                "negative": r.standard_normal((n, D)),
-            },
-            rows=False,
-        ),
-        Group("ctc", _ctc, rows=False),
-        Group("tasks", lambda r, n: {"task_losses": r.random(3) + 0.1, "log_vars": r.standard_normal(3) * 0.5}, rows=False),
-    )
-}
+def _as_float64(arrays: Arrays) -> Arrays:
+    return {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+
+
+def _example_group(fdef: FunctionDef) -> Group:
+    """A group from the function's declared example, with weights and ignored labels where the function takes them."""
+    example = fdef.example
+    roles = {r.name: r for r in fdef.roles}
+    ignore = next((p.default for p in fdef.params if p.name == "ignore_index"), None)
+
+    def make(rng: np.random.Generator, n: int) -> Arrays:
+        arrays = {k: v for k, v in _as_float64(example.make(rng, n)).items() if k not in example.shared}
+        if "weights" in roles and "weights" not in arrays and arrays:
+            leading = next(iter(arrays.values())).shape[0]
+            arrays["weights"] = rng.random(leading) + 0.5
+        labels = arrays.get("labels")
+        if ignore is not None and labels is not None and roles["labels"].dtype == "index":
+            labels = labels.copy()
+            labels[rng.random(labels.shape) < 0.1] = ignore
+            arrays["labels"] = labels
+        return arrays
+
+    def shared(rng: np.random.Generator) -> Arrays:
+        return {k: v for k, v in _as_float64(example.make(rng, 2)).items() if k in example.shared}
+
+    return Group(_group_name(fdef), make, shared, rows=example.rows)
+
+
+# Inputs of the variant cases that the declared examples do not cover.
+_VARIANT_GROUPS = (
+    Group(
+        "quant",
+        lambda r, n: {"predictions": r.standard_normal((n, 2, 3)), "targets": r.standard_normal((n, 2)), "weights": r.random(n) + 0.5},
+    ),
+    Group(
+        "seg",
+        lambda r, n: {
+            "logits": r.standard_normal((n, 2, 5)) * 2,
+            "targets": (r.random((n, 2, 5)) < 0.4).astype(np.float64),
+            "weights": r.random(n) + 0.5,
+        },
+    ),
+    Group(
+        "bin",
+        lambda r, n: {
+            "logits": r.standard_normal(n) * 2,
+            "targets": (r.random(n) < 0.4).astype(np.float64),
+            "weights": r.random(n) + 0.5,
+        },
+    ),
+    Group("cls", lambda r, n: {"logits": r.standard_normal((n, K)) * 2, "labels": _labels(r, n, K), "weights": r.random(n) + 0.5}),
+    Group("soft", lambda r, n: {"logits": r.standard_normal((n, K)) * 2, "target_probs": np.exp(_log_softmax(r.standard_normal((n, K))))}),
+    Group(
+        "ppo",
+        lambda r, n: {
+            "logp_new": -r.random((n, 3)) * 3,
+            "logp_old": -r.random((n, 3)) * 3,
+            "logp_ref": -r.random((n, 3)) * 3,
+            "advantages": r.standard_normal((n, 3)),
+            "mask": (r.random((n, 3)) < 0.8).astype(np.float64),
+        },
+    ),
+)
+
+GROUPS: dict[str, Group] = {g.name: g for g in (*(_example_group(f) for f in all_functions()), *_VARIANT_GROUPS)}
 
 
 @dataclass(frozen=True)
@@ -212,9 +160,6 @@ class Case:
     @property
     def splittable(self) -> bool:
         """Whether the function, with these parameters, may split a batch (then ranks' states merge exactly)."""
-        from lossd.kernels import get_function
-        from lossd.kernels.params import resolve_params
-
         fdef = get_function(self.name)
         return GROUPS[self.group].rows and fdef.is_splittable(resolve_params(fdef.params, self.params, self.alias))
 
@@ -235,87 +180,52 @@ class Case:
         }
 
 
+def _example_cases() -> list[Case]:
+    """One case per registered function, on the group made from its example."""
+    return [Case(f.name, f.name, _group_name(f)) for f in all_functions()]
+
+
+def _fn(name: str) -> str:
+    return _group_name(get_function(name))
+
+
+# Other parameters and input layouts of functions that the example cases already cover.
+VARIANTS: list[Case] = [
+    Case("quantile_three", "quantile", "quant", {"quantiles": [0.1, 0.5, 0.9]}),
+    Case("bce_segmentation", "bce_with_logits", "seg"),
+    Case("dice_segmentation", "dice", "seg"),
+    Case("hinge_segmentation", "hinge", "seg"),
+    Case("cross_entropy_smoothed", "cross_entropy", "cls", {"label_smoothing": 0.1, "weight": [1.0, 2.0, 0.5, 1.0, 3.0]}),
+    Case("cross_entropy_soft", "cross_entropy", "soft"),
+    Case("top_k_accuracy_2", "top_k_accuracy", "cls", {"k": 2}),
+    Case("auroc_binned", "auroc", "cls", {"bins": 64}),
+    Case("average_precision_binned", "average_precision", "cls", {"bins": 64}),
+    Case("f1_micro", "f1", "cls", {"average": "micro"}),
+    Case("ece_l2", "ece", "cls", {"n_bins": 10, "norm": "l2"}),
+    Case("ece_classwise", "ece", "cls", {"scope": "classwise"}),
+    Case("temperature_cls", "temperature", "cls"),
+    Case("accuracy_binary", "accuracy", "bin"),
+    Case("auroc_binary", "auroc", "bin", roles={"logits": "logits", "targets": "targets"}),
+    Case("average_precision_binary", "average_precision", "bin", roles={"logits": "logits", "targets": "targets"}),
+    Case("brier_binary", "brier", "bin"),
+    Case("log_loss_binary", "log_loss", "bin"),
+    Case("ece_binary", "ece", "bin", roles={"logits": "logits", "targets": "targets"}),
+    Case("adaptive_ece_binary", "adaptive_ece", "bin", roles={"logits": "logits", "targets": "targets"}),
+    Case("bce_binary", "bce_with_logits", "bin", {"pos_weight": 2.0}),
+    Case("distillation_kl_t2", "distillation_kl", _fn("distillation_kl"), {"temperature": 2.0}),
+    Case("lm_cross_entropy_sequence", "lm_cross_entropy", _fn("lm_cross_entropy"), {"normalization": "sequence"}),
+    Case("dpo_smoothed", "dpo", _fn("dpo"), {"label_smoothing": 0.1}),
+    Case("dpo_ipo", "dpo", _fn("dpo"), {"loss_type": "ipo"}),
+    Case("pairwise_logistic_margin", "pairwise_logistic", _fn("pairwise_logistic"), {"margin": 0.2}),
+    Case("ppo_clip_kl", "ppo_clip", "ppo", {"kl_coef": 0.1}),
+    Case("ppo_clip_normalized", "ppo_clip", "ppo", {"normalize_advantages": True}),
+    Case("recall_at_k_3", "recall_at_k", _fn("recall_at_k"), {"k": 3}),
+    Case("recall_at_k_cosine", "recall_at_k", _fn("recall_at_k"), {"k": 2, "similarity": "cosine"}),
+]
+
+
 def _cases() -> list[Case]:
-    out: list[Case] = []
-    for name in ("gaussian_nll", "huber", "log_cosh", "mae", "mse", "smooth_l1", "explained_variance", "r2", "rmse"):
-        out.append(Case(name, name, "reg"))
-    out += [
-        Case("poisson_nll", "poisson_nll", "count"),
-        Case("quantile", "quantile", "quant", {"quantiles": [0.1, 0.5, 0.9]}),
-    ]
-    for name in ("bce_with_logits", "dice", "dice_bce", "exponential", "hinge", "sigmoid_focal", "squared_hinge", "tversky"):
-        out.append(Case(name, name, "seg"))
-    for name in (
-        "adaptive_label_smoothing",
-        "cross_entropy",
-        "focal",
-        "multi_margin",
-        "multiclass_hinge",
-        "z_loss",
-        "accuracy",
-        "auroc",
-        "average_precision",
-        "brier",
-        "confusion_matrix",
-        "entropy",
-        "f1",
-        "log_loss",
-        "precision",
-        "recall",
-        "adaptive_ece",
-        "debiased_ece",
-        "ece",
-        "mce",
-        "reliability_diagram",
-        "temperature",
-    ):
-        out.append(Case(name, name, "cls"))
-    out += [
-        Case("cross_entropy_smoothed", "cross_entropy", "cls", {"label_smoothing": 0.1, "weight": [1.0, 2.0, 0.5, 1.0, 3.0]}),
-        Case("cross_entropy_soft", "cross_entropy", "soft"),
-        Case("top_k_accuracy", "top_k_accuracy", "cls", {"k": 2}),
-        Case("auroc_binned", "auroc", "cls", {"bins": 64}),
-        Case("average_precision_binned", "average_precision", "cls", {"bins": 64}),
-        Case("f1_micro", "f1", "cls", {"average": "micro"}),
-        Case("ece_l2", "ece", "cls", {"n_bins": 10, "norm": "l2"}),
-        Case("ece_classwise", "ece", "cls", {"scope": "classwise"}),
-        Case("accuracy_binary", "accuracy", "bin"),
-        Case("auroc_binary", "auroc", "bin", roles={"logits": "logits", "targets": "targets"}),
-        Case("average_precision_binary", "average_precision", "bin", roles={"logits": "logits", "targets": "targets"}),
-        Case("brier_binary", "brier", "bin"),
-        Case("log_loss_binary", "log_loss", "bin"),
-        Case("ece_binary", "ece", "bin", roles={"logits": "logits", "targets": "targets"}),
-        Case("adaptive_ece_binary", "adaptive_ece", "bin", roles={"logits": "logits", "targets": "targets"}),
-        Case("bce_binary", "bce_with_logits", "bin", {"pos_weight": 2.0}),
-        Case("nll", "nll", "lp"),
-        Case("kl_div", "kl_div", "kl"),
-        Case("distillation_kl", "distillation_kl", "distill", {"temperature": 2.0}),
-        Case("lm_cross_entropy", "lm_cross_entropy", "lm"),
-        Case("lm_cross_entropy_sequence", "lm_cross_entropy", "lm", {"normalization": "sequence"}),
-        Case("perplexity", "perplexity", "lm"),
-        Case("dpo", "dpo", "dpo", {"label_smoothing": 0.1}),
-        Case("dpo_ipo", "dpo", "dpo", {"loss_type": "ipo"}),
-        Case("pairwise_logistic", "pairwise_logistic", "pair", {"margin": 0.2}),
-        Case("ppo_clip", "ppo_clip", "ppo", {"kl_coef": 0.1}),
-        Case("moe_load_balancing", "moe_load_balancing", "moe"),
-        Case("mrr", "mrr", "rank"),
-        Case("recall_at_k", "recall_at_k", "rank", {"k": 3}),
-        Case("recall_at_k_cosine", "recall_at_k", "rank", {"k": 2, "similarity": "cosine"}),
-    ]
-    # Non-splittable: the state is a sum of per-batch values.
-    for name in ("arcface", "cosface", "sphereface"):
-        out.append(Case(name, name, "emb"))
-    for name in ("circle", "multi_similarity", "supcon", "nt_xent"):
-        out.append(Case(name, name, "emb", roles={"embeddings": "embeddings", "labels": "labels"}))
-    out += [
-        Case("contrastive_pair", "contrastive_pair", "pairs"),
-        Case("info_nce", "info_nce", "nce"),
-        Case("triplet", "triplet", "trip"),
-        Case("ctc", "ctc", "ctc"),
-        Case("uncertainty_weighting", "uncertainty_weighting", "tasks"),
-        Case("ppo_clip_normalized", "ppo_clip", "ppo", {"normalize_advantages": True}),
-    ]
-    return out
+    return _example_cases() + VARIANTS
 
 
 CASES: list[Case] = _cases()
@@ -332,8 +242,7 @@ BATCH_DEPENDENT: dict[str, str] = {
 
 
 def specs(cases: Sequence[Case]) -> list[dict[str, Any]]:
-    from lossd.kernels import get_function
-
+    """The function specs of the cases, each reading its group's tensors."""
     return [c.spec([r.name for r in get_function(c.name).roles]) for c in cases]
 
 

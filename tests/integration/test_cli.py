@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,12 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from integration.conftest import start_server
 
 from lossd.client import Client
+from lossd.client.cli import main
 from lossd.client.distributed import save_states
-from lossd.server.cli import main
 
-LOSSD = [sys.executable, "-m", "lossd.server"]
+LOSSD = [sys.executable, "-m", "lossd.client.cli"]  # the `lossd` command
 N, K = 48, 6
 
 
@@ -246,3 +248,139 @@ def test_finalize_bad_files_exit_2_without_traceback(address: str, npz: Path, tm
         result = lossd("finalize", "--server", address, str(path))
         assert result.returncode == 2 and result.stderr.startswith("lossd finalize: ") and message in result.stderr, result.stderr
         assert_no_traceback(result)
+
+
+# -- packaging: the client commands without torch, `serve` from lossd-server, versions ---------
+
+
+def test_eval_imports_no_torch(address: str, npz: Path, arrays: dict) -> None:
+    code = (
+        "import sys\n"
+        "from lossd.client.cli import main\n"
+        f"code = main(['eval', '--server', {address!r}, '--inputs', {str(npz)!r}, '--fn', 'cross_entropy', '--json'])\n"
+        "heavy = [m for m in ('torch', 'lossd.kernels', 'lossd.server.app') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    expected = float(F.cross_entropy(torch.from_numpy(arrays["logits"]), torch.from_numpy(arrays["labels"])))
+    assert json.loads(result.stdout)["results"]["cross_entropy"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import lossd.client
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"lossd-client {lossd.client.__version__}" in out and "lossd-server " in out and "lossd-kernels " in out
+
+
+def test_serve_without_lossd_server_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import lossd.client.cli
+
+    monkeypatch.setattr(lossd.client.cli, "entry_points", lambda group: [])  # as where only lossd-client is installed
+    assert main(["serve", "--grpc-port", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "lossd-server" in err[0] and err[0].startswith("lossd serve: ")
+
+
+BLOCK_SERVER_AND_KERNELS = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[:2] in (["lossd", "kernels"], ["lossd", "server"]):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Absent())
+from lossd.client.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_functions_without_kernels_asks_for_a_server(address: str) -> None:
+    result = subprocess.run([sys.executable, "-c", BLOCK_SERVER_AND_KERNELS, "functions"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "--server" in result.stderr and "lossd-kernels" in result.stderr, result.stderr
+    asked = subprocess.run(
+        [sys.executable, "-c", BLOCK_SERVER_AND_KERNELS, "functions", "--server", address, "--family", "regression"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert asked.returncode == 0 and "mse  (regression" in asked.stdout, asked.stderr
+
+
+# -- TLS and tokens ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A lossd server with TLS and a token file; yields its address and the certificates' folder."""
+    certs = tmp_path_factory.mktemp("certs")
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen_certs.py"), "--out", str(certs)], check=True, capture_output=True, timeout=60
+    )
+    (certs / "token").write_text(TOKEN + "\n")
+    (certs / "server-tokens").write_text(f"cli-test:{TOKEN}\n")
+    server = start_server(
+        tls_cert_file=certs / "server.pem", tls_key_file=certs / "server-key.pem", auth_tokens_file=certs / "server-tokens"
+    )
+    yield f"localhost:{server.address.rsplit(':', 1)[1]}", certs
+    server.stop()
+
+
+TOKEN = "cli-test-token-0123456789"
+
+
+def test_eval_finalize_functions_over_tls_with_a_token(secured: tuple[str, Path], address: str, npz: Path, arrays: dict) -> None:
+    tls_address, certs = secured
+    flags = ["--server", tls_address, "--tls-ca", str(certs / "ca.pem"), "--token-file", str(certs / "token")]
+    specs = ["--fn", "cross_entropy", "--fn", "ece:n_bins=5"]
+    secure = lossd("eval", *flags, "--inputs", str(npz), *specs, "--json")
+    plain = lossd("eval", "--server", address, "--inputs", str(npz), *specs, "--json")
+    assert secure.returncode == 0 and plain.returncode == 0, secure.stderr
+    assert json.loads(secure.stdout) == json.loads(plain.stdout)
+    functions = lossd("functions", *flags, "--family", "regression", "--json")
+    assert functions.returncode == 0 and {f["family"] for f in json.loads(functions.stdout)["functions"]} == {"regression"}
+    # the same through the environment, set once for the job
+    env = {**os.environ, "LOSSD_SERVER": tls_address, "LOSSD_TLS_CA_FILE": str(certs / "ca.pem"), "LOSSD_TOKEN": TOKEN}
+    from_env = lossd("eval", "--inputs", str(npz), *specs, "--json", env=env)
+    assert from_env.returncode == 0 and json.loads(from_env.stdout) == json.loads(plain.stdout), from_env.stderr
+
+
+def test_finalize_state_files_over_tls(secured: tuple[str, Path], address: str, arrays: dict, tmp_path: Path) -> None:
+    tls_address, certs = secured
+    with Client(tls_address, ca_file=certs / "ca.pem", token_file=certs / "token") as client:
+        paths = []
+        for rank, rows in enumerate((slice(0, 30), slice(30, N))):
+            run = client.run(["cross_entropy", "accuracy"])
+            run.update({k: v[rows] for k, v in arrays.items()})
+            paths.append(str(save_states(tmp_path / f"rank{rank}.lossd", run)))
+    with Client(address) as plain:
+        whole = plain.evaluate(arrays, ["cross_entropy", "accuracy"]).to_json()["results"]
+    flags = ["--server", tls_address, "--tls-ca", str(certs / "ca.pem"), "--token-file", str(certs / "token")]
+    result = lossd("finalize", *flags, *paths, "--json")
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)["results"]
+    assert got.keys() == whole.keys() and all(math.isclose(got[k], whole[k], rel_tol=1e-9) for k in whole), (got, whole)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message", "code"),
+    [
+        ([], "UNAVAILABLE", 1),  # plaintext against TLS
+        (["--tls-ca", "CA"], "UNAUTHENTICATED", 1),  # TLS without a token
+        (["--tls-ca", "CA", "--token-file", "/nonexistent/token"], "token_file: cannot read /nonexistent/token", 2),
+        (["--tls-cert", "CA"], "both cert_file and key_file", 2),
+    ],
+)
+def test_eval_security_failures_are_one_clear_line(secured: tuple[str, Path], npz: Path, extra: list[str], message: str, code: int) -> None:
+    tls_address, certs = secured
+    extra = [str(certs / "ca.pem") if x == "CA" else x for x in extra]
+    result = lossd("eval", "--server", tls_address, *extra, "--inputs", str(npz), "--fn", "cross_entropy", "--timeout", "5")
+    assert result.returncode == code and message in result.stderr and result.stderr.startswith("lossd eval: "), result.stderr
+    assert_no_traceback(result)

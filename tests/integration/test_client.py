@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
 
 import grpc
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from integration.conftest import ServerThread, start_server
 
 from helpers import assert_close, tol
 from lossd.client import (
@@ -23,7 +24,7 @@ from lossd.client import (
     InvalidArgumentError,
     UnavailableError,
 )
-from lossd.client import client as client_module
+from lossd.client import core as core_module
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
@@ -149,8 +150,8 @@ def test_stream_reraises_the_callers_error(client: Client, batch: dict) -> None:
 
 def test_stream_splits_only_splittable_functions(address: str, batch: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     splits: list[int] = []
-    original = client_module.split_rows
-    monkeypatch.setattr(client_module, "split_rows", lambda arrays, max_bytes: splits.append(1) or original(arrays, max_bytes))
+    original = core_module.split_rows
+    monkeypatch.setattr(core_module, "split_rows", lambda arrays, max_bytes: splits.append(1) or original(arrays, max_bytes))
     listed: list[int] = []
     with Client(address, timeout=30, chunk_bytes=256) as c:
         original_list = c.list_functions
@@ -280,3 +281,107 @@ def test_async_client(address: str, batch: dict) -> None:
                 assert_close(chunked["cross_entropy"].value, expected, rtol=1e-6, what="async chunked stream")
 
     asyncio.run(main())
+
+
+# -- the two clients share one core: split decision and families -------------------------------
+
+
+class MethodRecorder(grpc.aio.ServerInterceptor):
+    """Keeps the LossService methods the server is called with, in order."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        if details.method.startswith("/lossd.v1.LossService/"):
+            self.methods.append(details.method.rsplit("/", 1)[-1])
+        return await continuation(details)
+
+
+@pytest.fixture(scope="module")
+def recorded() -> Iterator[tuple[ServerThread, MethodRecorder]]:
+    recorder = MethodRecorder()
+    server = start_server(interceptors=[recorder])
+    yield server, recorder
+    server.stop()
+
+
+def embeddings() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "embeddings": rng.standard_normal((32, 8)).astype(np.float32),
+        "labels": np.arange(32) % 4,
+        "logits": rng.standard_normal((32, 4)).astype(np.float32),  # for a splittable function beside nt_xent
+    }
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_large_batch_is_split_only_when_every_function_is_splittable(
+    recorded: tuple[ServerThread, MethodRecorder], batch: dict, kind: str
+) -> None:
+    server, recorder = recorded
+    emb = embeddings()
+    with Client(server.address, chunk_bytes=None) as whole:
+        expected_nt_xent = whole.evaluate(emb, "nt_xent")["nt_xent"].value
+    recorder.methods.clear()
+
+    async def evaluate_all() -> tuple[float, float, float]:
+        if kind == "sync":
+            with Client(server.address, timeout=30, chunk_bytes=256) as c:
+                return (
+                    c.evaluate(emb, "nt_xent")["nt_xent"].value,
+                    c.evaluate(batch, "cross_entropy")["cross_entropy"].value,
+                    c.evaluate(emb, ["nt_xent", "accuracy"])["nt_xent"].value,
+                )
+        async with AsyncClient(server.address, timeout=30, chunk_bytes=256) as a:
+            return (
+                (await a.evaluate(emb, "nt_xent"))["nt_xent"].value,
+                (await a.evaluate(batch, "cross_entropy"))["cross_entropy"].value,
+                (await a.evaluate(emb, ["nt_xent", "accuracy"]))["nt_xent"].value,
+            )
+
+    nt_xent, ce, mixed = asyncio.run(evaluate_all())
+    # nt_xent depends on the whole batch: sent whole (unary), never in parts; cross_entropy goes in parts
+    assert recorder.methods == ["ListFunctions", "Evaluate", "EvaluateStream", "Evaluate"], recorder.methods
+    assert nt_xent == mixed == expected_nt_xent
+    assert_close(ce, reference_ce(batch["logits"], batch["labels"]), rtol=1e-6, what=f"{kind} chunked cross_entropy")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_list_functions_honours_family(recorded: tuple[ServerThread, MethodRecorder], batch: dict, kind: str) -> None:
+    server, recorder = recorded
+
+    async def catalogues() -> tuple[pb.ListFunctionsResponse, pb.ListFunctionsResponse, float]:
+        if kind == "sync":
+            with Client(server.address, timeout=30, chunk_bytes=256) as c:
+                regression = c.list_functions("regression")
+                return regression, c.list_functions(), c.evaluate(batch, "cross_entropy")["cross_entropy"].value
+        async with AsyncClient(server.address, timeout=30, chunk_bytes=256) as a:
+            regression = await a.list_functions("regression")
+            everything = await a.list_functions()
+            return regression, everything, (await a.evaluate(batch, "cross_entropy"))["cross_entropy"].value
+
+    recorder.methods.clear()
+    regression, everything, ce = asyncio.run(catalogues())
+    names = {f.name for f in regression.functions}
+    assert names and {f.family for f in regression.functions} == {"regression"}
+    assert names < {f.name for f in everything.functions} and "cross_entropy" not in names
+    # the full catalogue (not the family's) decided the split: cross_entropy went in parts
+    assert recorder.methods == ["ListFunctions", "ListFunctions", "EvaluateStream"], recorder.methods
+    assert_close(ce, reference_ce(batch["logits"], batch["labels"]), rtol=1e-6, what=f"{kind} cross_entropy after a family")
+
+
+def test_a_family_catalogue_does_not_decide_the_split(recorded: tuple[ServerThread, MethodRecorder], batch: dict) -> None:
+    """A family's catalogue lacks the other functions: it must not be cached as the splittability of all of them."""
+    server, recorder = recorded
+
+    async def main() -> None:
+        async with AsyncClient(server.address, timeout=30, chunk_bytes=256) as a:
+            await a.list_functions("regression")
+            await a.evaluate(batch, "cross_entropy")
+
+    recorder.methods.clear()
+    asyncio.run(main())
+    assert recorder.methods == ["ListFunctions", "ListFunctions", "EvaluateStream"], recorder.methods

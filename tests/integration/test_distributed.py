@@ -142,8 +142,8 @@ def test_merged_ranks_equal_one_process_over_the_same_batches(job: Path, same_ba
 
 def test_adaptive_ece_histogram_is_the_whole_data_one(job: Path, client: Client) -> None:
     (case,) = [c for c in CASES if c.alias == "adaptive_ece"]
-    batches = [{k: v for k, v in b.items() if k.startswith("cls_")} for b in all_batches()]
-    whole = client.evaluate(concat(batches, ["cls"], SEED), specs([case]))
+    batches = [{k: v for k, v in b.items() if k.startswith(f"{case.group}_")} for b in all_batches()]
+    whole = client.evaluate(concat(batches, [case.group], SEED), specs([case]))
     merged = response(job / "dst0.pb")["adaptive_ece"]
     assert_close(merged.values["histogram_value"], whole["adaptive_ece"].values["histogram_value"], rtol=RTOL, what="histogram_value")
     assert merged.values["exact"] == 0.0
@@ -212,3 +212,86 @@ def test_state_files_written_per_rank_merge_in_one_finalize(client: Client, addr
     from_files = finalize_files(address, paths)
     assert from_files.to_json()["results"].keys() == merged.to_json()["results"].keys()
     assert_same(from_files, merged, [c.alias for c in WHOLE])
+
+
+# -- over TLS with a token ---------------------------------------------------------------------
+
+TLS_TOKEN = "distributed-test-token-0123456789"
+TLS_FUNCTIONS = ["cross_entropy", "accuracy", "ece:n_bins=10"]
+
+
+def tls_shard(rank: int) -> list[dict[str, np.ndarray]]:
+    """Three batches of 5-class logits and labels of random sizes for ``rank``."""
+    rng = np.random.default_rng([SEED, rank])
+    sizes = rng.integers(4, 20, 3)
+    return [{"logits": rng.standard_normal((int(n), 5)).astype(np.float32), "labels": rng.integers(0, 5, int(n))} for n in sizes]
+
+
+def tls_rank(init: str, rank: int, world: int, address: str, certs: Path, out: Path) -> None:
+    """One rank of the TLS job: a run over its shard, ``merge_run(dst=None)``, and a state file (in a forked process)."""
+    import datetime
+    import os
+    import sys
+    import traceback
+
+    import torch.distributed as dist
+
+    from lossd.client.distributed import merge_run
+
+    try:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        try:
+            with Client(address, ca_file=certs / "ca.pem", token=TLS_TOKEN, timeout=60) as client:
+                run = client.run(TLS_FUNCTIONS)
+                for batch in tls_shard(rank):
+                    run.update(batch)
+                merged = merge_run(run, dst=None)
+                assert merged is not None
+                (out / f"tls-{rank}.pb").write_bytes(merged.response.SerializeToString(deterministic=True))
+                save_states(out / f"tls-rank{rank}.lossd", run)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        (out / f"error-{rank}.txt").write_text(traceback.format_exc())
+        sys.exit(1)
+
+
+def test_merge_run_and_state_files_over_tls(client: Client, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from integration.conftest import start_server
+
+    certs = tmp_path / "certs"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen_certs.py"), "--out", str(certs)], check=True, capture_output=True, timeout=60
+    )
+    (certs / "server-tokens").write_text(f"ranks:{TLS_TOKEN}\n")
+    server = start_server(
+        tls_cert_file=certs / "server.pem", tls_key_file=certs / "server-key.pem", auth_tokens_file=certs / "server-tokens"
+    )
+    try:
+        address = f"localhost:{server.address.rsplit(':', 1)[1]}"
+        ctx = multiprocessing.get_context("forkserver")
+        init = f"file://{tmp_path / 'rendezvous'}"
+        procs = [ctx.Process(target=tls_rank, args=(init, r, 2, address, certs, tmp_path)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(180)
+            if p.exitcode is None:
+                p.kill()
+        failed = [f"rank {r} exited {p.exitcode}:\n{_text(tmp_path / f'error-{r}.txt')}" for r, p in enumerate(procs) if p.exitcode != 0]
+        assert not failed, "\n\n".join(failed)
+        with Client(address, ca_file=certs / "ca.pem", token=TLS_TOKEN) as secured:
+            from_files = finalize_files(secured, sorted(tmp_path.glob("tls-rank*.lossd")))
+    finally:
+        server.stop()
+    batches = [b for rank in range(2) for b in tls_shard(rank)]
+    reference = client.evaluate_stream(iter(batches), TLS_FUNCTIONS)  # the plaintext session server, same batches in one process
+    merged = [response(tmp_path / f"tls-{r}.pb") for r in range(2)]
+    assert merged[0].response == merged[1].response
+    for result in (merged[0], from_files):
+        assert_same(result, reference, list(reference))

@@ -128,7 +128,7 @@ def test_tags_reach_monitoring_and_the_dashboard(http: httpx.Client, replica: Re
     metrics = http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
-    assert 'lossd_loss_count_total{dataset="gw-data",function="cross_entropy",model="gw-model",split="val"} 64.0' in text
+    assert 'lossd_loss_denominator_total{dataset="gw-data",function="cross_entropy",model="gw-model",split="val"} 64.0' in text
     assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Evaluate",grpc_service="lossd.v1.LossService",grpc_type="unary"}' in text
     assert 'lossd_http_requests_total{code="200",handler="/v1/evaluate",method="POST"}' in text
     history = http.get("/v1/history").json()
@@ -401,6 +401,6 @@ def test_a_stream_is_monitored_batch_by_batch() -> None:
     counts = [
         float(line.split()[-1])
         for line in text.splitlines()
-        if line.startswith("lossd_calibration_count_total") and 'model="streamed"' in line
+        if line.startswith("lossd_calibration_predictions_total") and 'model="streamed"' in line
     ]
     assert sum(counts) == 21

@@ -41,9 +41,10 @@ def test_sizes_are_wire_bytes_and_mapped_roles_are_calibrated(replica: Replica) 
     method = '{grpc_method="Evaluate",grpc_service="lossd.v1.LossService"}'
     assert _value(text, f"lossd_grpc_request_size_bytes_sum{method}") == request.ByteSize()
     assert _value(text, f"lossd_grpc_response_size_bytes_sum{method}") == response.ByteSize()
-    assert _value(text, "lossd_calibration_count_total{bin=") >= 300
+    assert _value(text, "lossd_calibration_predictions_total{bin_upper=") >= 300
     assert (
-        sum(float(line.split()[-1]) for line in text.splitlines() if "calibration_count_total" in line and 'model="sized"' in line) == 300
+        sum(float(line.split()[-1]) for line in text.splitlines() if "calibration_predictions_total" in line and 'model="sized"' in line)
+        == 300
     )
 
 

@@ -169,9 +169,10 @@ def test_functions_changing_inside_a_stream(address: str, batch: dict) -> None:
     assert_clean(exc)
 
 
-def test_finalize_errors(client: Client) -> None:
-    expect_invalid(lambda: client.finalize([("", pb.State(function="cross_entropy", version=1))]), "states[0].alias", "alias")
-    expect_invalid(lambda: client.finalize({"x": pb.State(function="no_such_loss", version=1)}), "states.x.name", "no_such_loss")
+def test_finalize_errors(client: Client, batch: dict) -> None:
+    state = client.evaluate(batch, "cross_entropy", return_state=True)["cross_entropy"].state
+    expect_invalid(lambda: client.finalize([("", state)]), "states[0].alias", "alias")
+    expect_invalid(lambda: client.finalize({"x": pb.State(function="no_such_loss", version=1)}), "states[0].state.function", "unknown")
 
 
 def test_unknown_family(client: Client) -> None:

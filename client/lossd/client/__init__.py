@@ -11,8 +11,12 @@
             run.update(batch)
         run.result()
 
-Failures raise the exceptions of :mod:`lossd.client.errors`.
+Failures raise the exceptions of :mod:`lossd.client.errors`. Where the server
+is and how to reach it (TLS, tokens) defaults to the ``LOSSD_*`` variables
+read by :class:`lossd.client.settings.ClientSettings`.
 """
+
+from importlib.metadata import version as _version
 
 from lossd.client.aio import AsyncClient
 from lossd.client.channel import DEFAULT_TIMEOUT, GRPC_OPTIONS
@@ -23,12 +27,14 @@ from lossd.client.errors import __all__ as _errors_all
 from lossd.client.evaluation import Diagnostic, EvaluationResult, FunctionResult
 from lossd.client.messages import DEFAULT_CHUNK_BYTES
 from lossd.client.run import AsyncRun, Run
+from lossd.client.settings import ClientSettings
 from lossd.client.specs import SpecError, parse_spec
 
 __all__ = [
     "AsyncClient",
     "AsyncRun",
     "Client",
+    "ClientSettings",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_TIMEOUT",
     "Diagnostic",
@@ -41,5 +47,8 @@ __all__ = [
     "decode_tensor",
     "encode_tensor",
     "parse_spec",
+    "__version__",
     *_errors_all,
 ]
+
+__version__: str = _version("lossd-client")  # the one version attribute: the installed distribution's

@@ -37,7 +37,7 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 
 
 def service_config(attempts: int = DEFAULT_ATTEMPTS) -> dict[str, Any]:
-    """Return the gRPC service config: retry UNAVAILABLE with exponential backoff, ``attempts`` tries in all."""
+    """Return the gRPC service config: retry UNAVAILABLE (and overloaded answers) with backoff, ``attempts`` tries in all."""
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
         raise ValueError(f"expected attempts to be an integer >= 1, got {attempts!r}")
     method: dict[str, Any] = {"name": [{"service": _SERVICE}]}
@@ -47,7 +47,9 @@ def service_config(attempts: int = DEFAULT_ATTEMPTS) -> dict[str, Any]:
             "initialBackoff": "0.1s",
             "maxBackoff": "2s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # RESOURCE_EXHAUSTED is retried only as the server's grpc-retry-pushback-ms says: after
+            # the jittered hint of an overloaded replica, never for a request over a budget.
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
         }
     return {"methodConfig": [method]}
 

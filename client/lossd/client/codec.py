@@ -33,7 +33,7 @@ _TO_NUMPY: dict[int, np.dtype] = {
     pb.UINT8: np.dtype("u1"),
     pb.BOOL: np.dtype("?"),
 }
-DTYPE_NAMES: dict[str, int] = {
+DTYPE_NAMES: dict[str, pb.DType] = {
     "float32": pb.FLOAT32,
     "float16": pb.FLOAT16,
     "bfloat16": pb.BFLOAT16,
@@ -43,7 +43,7 @@ DTYPE_NAMES: dict[str, int] = {
     "uint8": pb.UINT8,
     "bool": pb.BOOL,
 }
-_NAME_OF = {v: k for k, v in DTYPE_NAMES.items()}
+_NAME_OF: dict[int, str] = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 class TensorError(ValueError):
@@ -55,7 +55,7 @@ class TensorError(ValueError):
         super().__init__(f"{field}: {description}")
 
 
-def dtype_of(array: np.ndarray, field: str) -> int:
+def dtype_of(array: np.ndarray, field: str) -> pb.DType:
     """The wire dtype of a numpy array; unsupported dtypes are refused, not converted."""
     if array.dtype == _BF16:
         return pb.BFLOAT16
@@ -70,11 +70,14 @@ def _as_numpy(value: Any, field: str) -> np.ndarray:
         return value
     if type(value).__module__.split(".")[0] == "torch":  # a torch.Tensor, without importing torch
         t = value.detach().cpu()
+        array: np.ndarray
         if str(t.dtype) == "torch.bfloat16":
             import torch
 
-            return t.contiguous().view(torch.int16).numpy().view(_BF16)
-        return t.numpy()
+            array = t.contiguous().view(torch.int16).numpy().view(_BF16)
+        else:
+            array = t.numpy()
+        return array
     if isinstance(value, np.generic):  # a numpy scalar: a 0-d array
         return np.asarray(value)
     if isinstance(value, (list, tuple, int, float, bool)):
@@ -123,12 +126,15 @@ def decode_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
 
 
 def encode_tensors(tensors: Mapping[str, Any]) -> dict[str, pb.Tensor]:
+    """Encode every tensor of a mapping (name -> array-like)."""
     return {name: encode_tensor(value, name) for name, value in tensors.items()}
 
 
 def decode_tensors(tensors: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
+    """Decode every wire tensor of a mapping."""
     return {name: decode_tensor(t, name) for name, t in tensors.items()}
 
 
 def dtype_name(dtype: int) -> str:
+    """The numpy name of a wire dtype (its number when unknown)."""
     return _NAME_OF.get(dtype, str(dtype))

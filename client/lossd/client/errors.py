@@ -95,10 +95,14 @@ class LossdError(Exception):
 
 
 class CancelledError(LossdError):
+    """CANCELLED: the call was cancelled (by the caller, or the server going away)."""
+
     code = grpc.StatusCode.CANCELLED
 
 
 class UnknownError(LossdError):
+    """UNKNOWN: a failure without a status of its own."""
+
     code = grpc.StatusCode.UNKNOWN
 
 
@@ -115,18 +119,26 @@ class InvalidArgumentError(LossdError, ValueError):
 
 
 class DeadlineExceededError(LossdError, TimeoutError):
+    """DEADLINE_EXCEEDED: the call's timeout passed before the answer came."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class NotFoundError(LossdError):
+    """NOT_FOUND."""
+
     code = grpc.StatusCode.NOT_FOUND
 
 
 class AlreadyExistsError(LossdError):
+    """ALREADY_EXISTS."""
+
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class PermissionDeniedError(LossdError):
+    """PERMISSION_DENIED: the caller may not do this."""
+
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -143,34 +155,50 @@ class ResourceExhaustedError(LossdError):
 
 
 class FailedPreconditionError(LossdError):
+    """FAILED_PRECONDITION."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class AbortedError(LossdError):
+    """ABORTED."""
+
     code = grpc.StatusCode.ABORTED
 
 
 class OutOfRangeError(LossdError):
+    """OUT_OF_RANGE."""
+
     code = grpc.StatusCode.OUT_OF_RANGE
 
 
 class UnimplementedError(LossdError):
+    """UNIMPLEMENTED: e.g. a server of an older protocol version."""
+
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
 class InternalError(LossdError):
+    """INTERNAL: a server bug; the message carries the request id to find it in the server log."""
+
     code = grpc.StatusCode.INTERNAL
 
 
 class UnavailableError(LossdError):
+    """UNAVAILABLE: no server reachable, or it is draining (retried first)."""
+
     code = grpc.StatusCode.UNAVAILABLE
 
 
 class DataLossError(LossdError):
+    """DATA_LOSS."""
+
     code = grpc.StatusCode.DATA_LOSS
 
 
 class UnauthenticatedError(LossdError):
+    """UNAUTHENTICATED: no valid bearer token or client certificate."""
+
     code = grpc.StatusCode.UNAUTHENTICATED
 
 

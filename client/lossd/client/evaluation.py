@@ -7,33 +7,17 @@ An :class:`EvaluationResult` wraps the ``EvaluateResponse`` it came from, so
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from lossd.client.codec import decode_tensor
+from lossd.client.diagnostics import Diagnostic, merge_diagnostics
 from lossd.client.results import response_to_json
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["Diagnostic", "FunctionResult", "EvaluationResult", "merge_diagnostics"]
-
-
-@dataclass(frozen=True)
-class Diagnostic:
-    """A finding about the inputs (``code`` is stable; see ListFunctions for every code's meaning)."""
-
-    code: str
-    severity: str  # info | warning | error
-    message: str
-    function: str = ""  # alias of the function that raised it; "" for the request
-    count: int = 1  # batches that raised it
-
-    @classmethod
-    def from_proto(cls, d: pb.Diagnostic) -> Diagnostic:
-        severity = pb.Severity.Name(d.severity).lower() if d.severity in pb.Severity.values() else str(d.severity)
-        return cls(d.code, severity, d.message, d.function, max(1, d.count))
 
 
 class FunctionResult:
@@ -71,21 +55,6 @@ class FunctionResult:
         return f"FunctionResult({self.alias!r}, {self.function}: {', '.join(x for x in (values, tensors) if x)})"
 
 
-def merge_diagnostics(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
-    """One diagnostic per (code, severity, function), counts added up, the latest message kept."""
-    merged: dict[tuple[str, str, str], Diagnostic] = {}
-    for d in diagnostics:
-        key = (d.code, d.severity, d.function)
-        prior = merged.get(key)
-        merged[key] = d if prior is None else Diagnostic(d.code, d.severity, d.message, d.function, prior.count + d.count)
-    return list(merged.values())
-
-
-def _diagnostic_to_proto(d: Diagnostic) -> pb.Diagnostic:
-    severity = pb.Severity.Value(d.severity.upper()) if d.severity.upper() in pb.Severity.keys() else pb.SEVERITY_UNSPECIFIED
-    return pb.Diagnostic(code=d.code, severity=severity, message=d.message, function=d.function, count=d.count)
-
-
 class EvaluationResult(Mapping[str, FunctionResult]):
     """Results by alias (in request order) with the diagnostics of the request, stream or run.
 
@@ -98,7 +67,7 @@ class EvaluationResult(Mapping[str, FunctionResult]):
             copy = pb.EvaluateResponse()
             copy.CopyFrom(response)
             del copy.diagnostics[:]
-            copy.diagnostics.extend(_diagnostic_to_proto(d) for d in diagnostics)
+            copy.diagnostics.extend(d.to_proto() for d in diagnostics)
             response = copy
         self.response = response
         self.results: dict[str, FunctionResult] = {r.alias: FunctionResult(r) for r in response.results}

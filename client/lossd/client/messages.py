@@ -59,21 +59,27 @@ def function_specs(functions: Functions) -> list[pb.FunctionSpec]:
 
 
 def tags_proto(tags: TagsLike) -> pb.Tags | None:
-    """``{"model": ..., "dataset": ..., "split": ...}`` (any subset) -> Tags."""
+    """``{"model": ..., "dataset": ..., "split": ..., "step": 1200, ...}`` -> Tags.
+
+    Keys other than model/dataset/split are free-form tags (``Tags.extra``: the
+    dashboard's history, never Prometheus labels); numbers are sent as text."""
     if tags is None or isinstance(tags, pb.Tags):
         return tags
     if not isinstance(tags, Mapping):
-        raise TypeError(f"expected tags as a mapping with keys {', '.join(_TAG_KEYS)}, got {type(tags).__name__}")
-    unknown = set(tags) - set(_TAG_KEYS)
-    if unknown:
-        raise ValueError(f"expected tags among {', '.join(_TAG_KEYS)}, got {sorted(unknown)}")
+        raise TypeError(f"expected tags as a mapping with keys {', '.join(_TAG_KEYS)} and free-form ones, got {type(tags).__name__}")
+    extra: dict[str, str] = {}
     for key, value in tags.items():
+        if key not in _TAG_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
         if not isinstance(value, str):
             raise TypeError(f"expected tag {key!r} to be a string, got {type(value).__name__}")
-    return pb.Tags(**tags)
+        if key not in _TAG_KEYS:
+            extra[str(key)] = value
+    return pb.Tags(**{k: v for k, v in tags.items() if k in _TAG_KEYS}, extra=extra)
 
 
 def new_request_id() -> str:
+    """A fresh request id (16 hex digits), to find a call in the server log."""
     return uuid.uuid4().hex[:16]
 
 
@@ -85,6 +91,7 @@ def arrays_of(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def batch_bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """The bytes of every tensor of a batch."""
     return sum(a.nbytes for a in arrays.values())
 
 
@@ -121,6 +128,7 @@ def evaluate_request(
     prior_states: Mapping[str, pb.State] | None = None,
     batch_id: str = "",
 ) -> pb.EvaluateRequest:
+    """The EvaluateRequest of one batch (or one part of it, ``batch_id`` naming the batch)."""
     request = pb.EvaluateRequest(
         tensors={name: encode_tensor(a, name) for name, a in arrays.items()},
         functions=functions,
@@ -195,6 +203,7 @@ def named_states(states: StatesLike) -> list[pb.NamedState]:
 def finalize_request(
     states: StatesLike, *, tags: pb.Tags | None = None, return_state: bool = False, request_id: str = ""
 ) -> pb.FinalizeRequest:
+    """The FinalizeRequest merging ``states`` (see :func:`named_states`)."""
     request = pb.FinalizeRequest(states=named_states(states), return_state=return_state, request_id=request_id)
     if tags is not None:
         request.tags.CopyFrom(tags)

@@ -32,6 +32,7 @@ def _nested(array: Any) -> Any:
 
 
 def result_to_json(result: pb.FunctionResult) -> Any:
+    """One function's result: its number, or an object of its outputs (tensors as nested lists)."""
     values = dict(result.values)
     tensors = {name: decode_tensor(t, name) for name, t in result.tensors.items()}
     if set(values) == {"value"} and not tensors:
@@ -49,6 +50,7 @@ def result_to_json(result: pb.FunctionResult) -> Any:
 
 
 def diagnostic_to_json(d: pb.Diagnostic) -> dict[str, Any]:
+    """One diagnostic as a JSON object."""
     out: dict[str, Any] = {"code": d.code, "severity": pb.Severity.Name(d.severity).lower(), "message": d.message}
     if d.function:
         out["function"] = d.function
@@ -58,6 +60,7 @@ def diagnostic_to_json(d: pb.Diagnostic) -> dict[str, Any]:
 
 
 def response_to_json(response: pb.EvaluateResponse) -> dict[str, Any]:
+    """``{"results": ..., "diagnostics": [...]}`` of a response."""
     return {
         "results": {r.alias: result_to_json(r) for r in response.results},
         "diagnostics": [diagnostic_to_json(d) for d in response.diagnostics],
@@ -71,7 +74,7 @@ def catalogue_to_json(response: pb.ListFunctionsResponse) -> dict[str, Any]:
     print as integers (``"n_bins": 15``, not ``15.0``)."""
     from google.protobuf import json_format
 
-    obj = json_format.MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    obj: dict[str, Any] = json_format.MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     for function in obj.get("functions", []):
         for param in function.get("params", []):
             default = param.get("default")

@@ -5,22 +5,34 @@ Each ``update`` sends the batch with the run's merged states so far
 replace the old ones only when the call succeeds. So the client holds one
 state per function (memory bounded however many batches), and a failed or
 retried call never counts a batch twice.
+
+A run needs only a way to send one request (:class:`Evaluator` or
+:class:`AsyncEvaluator`), not a particular client.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from lossd.client.evaluation import Diagnostic, EvaluationResult, merge_diagnostics
+from lossd.client.diagnostics import Diagnostic, merge_diagnostics
+from lossd.client.evaluation import EvaluationResult
 from lossd.client.messages import arrays_of, new_request_id, serialized_evaluate, wants_per_element
 from lossd.v1 import lossd_pb2 as pb
 
-if TYPE_CHECKING:
-    from lossd.client.aio import AsyncClient
-    from lossd.client.client import Client
+__all__ = ["Evaluator", "AsyncEvaluator", "Run", "AsyncRun"]
 
-__all__ = ["Run", "AsyncRun"]
+
+class Evaluator(Protocol):
+    """What a :class:`Run` calls: ``Client.evaluate_request``."""
+
+    def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult: ...
+
+
+class AsyncEvaluator(Protocol):
+    """What an :class:`AsyncRun` awaits: ``AsyncClient.evaluate_request``."""
+
+    async def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult: ...
 
 
 class _RunState:
@@ -74,7 +86,7 @@ class Run(_RunState):
     """A run on a :class:`~lossd.client.Client`: ``run.update(tensors)`` per batch, then ``run.result()``."""
 
     def __init__(
-        self, client: Client, functions: Sequence[pb.FunctionSpec], *, tags: pb.Tags | None = None, timeout: float | None = None
+        self, client: Evaluator, functions: Sequence[pb.FunctionSpec], *, tags: pb.Tags | None = None, timeout: float | None = None
     ) -> None:
         super().__init__(functions, tags, timeout)
         self.client = client
@@ -88,7 +100,7 @@ class AsyncRun(_RunState):
     """A run on an :class:`~lossd.client.AsyncClient`: ``await run.update(tensors)`` per batch."""
 
     def __init__(
-        self, client: AsyncClient, functions: Sequence[pb.FunctionSpec], *, tags: pb.Tags | None = None, timeout: float | None = None
+        self, client: AsyncEvaluator, functions: Sequence[pb.FunctionSpec], *, tags: pb.Tags | None = None, timeout: float | None = None
     ) -> None:
         super().__init__(functions, tags, timeout)
         self.client = client

@@ -94,6 +94,7 @@ def _split_params(text: str) -> list[str]:
 
 
 def spec_to_proto(spec: str | Mapping[str, Any]) -> pb.FunctionSpec:
+    """A spec (``"ece:n_bins=15"``, a JSON object string or a mapping) as a FunctionSpec."""
     obj = parse_spec(spec)
     params = struct_pb2.Struct()
     params.update(obj["params"])
@@ -101,10 +102,12 @@ def spec_to_proto(spec: str | Mapping[str, Any]) -> pb.FunctionSpec:
 
 
 def specs_to_proto(specs: list[str | Mapping[str, Any]] | tuple[str | Mapping[str, Any], ...]) -> list[pb.FunctionSpec]:
+    """Several specs as FunctionSpecs."""
     return [spec_to_proto(s) for s in specs]
 
 
 def spec_from_proto(spec: pb.FunctionSpec) -> dict[str, Any]:
+    """A FunctionSpec as ``{"name": ..., "alias": ..., "params": {...}}``."""
     from google.protobuf import json_format
 
     return {

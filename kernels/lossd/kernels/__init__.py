@@ -7,6 +7,7 @@ In-process use gives bit-for-bit the numbers the lossd service returns::
     out["cross_entropy"].value
 """
 
+from lossd.kernels.declarations import FunctionDef
 from lossd.kernels.device import select_device
 from lossd.kernels.diagnostics import CODES, Diagnostic
 from lossd.kernels.errors import FieldViolation, InvalidInput, StateLimitExceeded
@@ -20,7 +21,7 @@ from lossd.kernels.evaluate import (
     finalize_states,
     to_torch,
 )
-from lossd.kernels.registry import FunctionDef, all_functions, get_function
+from lossd.kernels.registry import all_functions, get_function
 from lossd.kernels.state import MergeOp, State
 
 __all__ = [

@@ -10,12 +10,10 @@ callers get an ordinary ``ValueError`` subclass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lossd.kernels.diagnostics import Diagnostic
+from lossd.kernels.diagnostics import Diagnostic
 
-__all__ = ["FieldViolation", "InvalidInput", "StateLimitExceeded"]
+__all__ = ["FieldViolation", "InvalidInput", "StateLimitExceeded", "RequestBudgetExceeded"]
 
 
 @dataclass(frozen=True)
@@ -49,8 +47,21 @@ class InvalidInput(ValueError):
 class StateLimitExceeded(RuntimeError):
     """A bounded state (the exact AUROC score buffer) grew past its limit.
 
-    ``setting`` names the server setting that raises the limit."""
+    ``setting`` names the server setting that raises the limit; ``reason`` is
+    the google.rpc.ErrorInfo reason; ``retry_after`` (seconds) is set only
+    where the same request may succeed later (an overloaded server)."""
+
+    reason = "STATE_LIMIT_EXCEEDED"
+    retry_after: float | None = None
 
     def __init__(self, message: str, setting: str) -> None:
         self.setting = setting
         super().__init__(message)
+
+
+class RequestBudgetExceeded(StateLimitExceeded):
+    """A request whose estimated memory (intermediates, states, response) is over the server's budget.
+
+    Refused before anything is allocated; retrying it elsewhere would fail the same way."""
+
+    reason = "REQUEST_BUDGET_EXCEEDED"

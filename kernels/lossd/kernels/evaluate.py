@@ -17,11 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from lossd.kernels.batch import Batch
+from lossd.kernels.budget import Budget
+from lossd.kernels.declarations import FunctionDef, Result
 from lossd.kernels.diagnostics import Diagnostic, Diagnostics
 from lossd.kernels.errors import FieldViolation, InvalidInput
 from lossd.kernels.params import resolve_params
-from lossd.kernels.plan import Batch
-from lossd.kernels.registry import FunctionDef, Result, get_function
+from lossd.kernels.registry import get_function
+from lossd.kernels.spans import function_span
 from lossd.kernels.state import State, canonical_params, merge_fields
 
 __all__ = [
@@ -68,6 +71,8 @@ class Prepared:
 
 @dataclass
 class FunctionResult:
+    """The values of one requested function (by alias), with its denominator and, when asked for, its state."""
+
     alias: str
     function: str
     values: dict[str, float]
@@ -75,7 +80,7 @@ class FunctionResult:
     denominator: float | None
     denominator_kind: str
     state: State | None = None
-    # See :class:`lossd.kernels.registry.Result`: set only when ``value`` is an additive mean.
+    # See :class:`lossd.kernels.declarations.Result`: set only when ``value`` is an additive mean.
     numerator: float | None = None
 
     @property
@@ -85,6 +90,8 @@ class FunctionResult:
 
 @dataclass
 class Evaluation:
+    """The results of one evaluation by alias, its diagnostics and how many batches it covers."""
+
     results: dict[str, FunctionResult]
     diagnostics: list[Diagnostic]
     batches: int = 1
@@ -172,7 +179,8 @@ def _to_device(tensors: Mapping[str, Any], device: torch.device) -> dict[str, to
 
 
 def _result_of(p: Prepared, fields: Mapping[str, torch.Tensor], diagnostics: Diagnostics) -> Result:
-    result = p.fdef.finalize(fields, p.params)
+    with function_span("finalize", p.fdef.name, p.alias):
+        result = p.fdef.finalize(fields, p.params)
     if p.fdef.finalize_diagnostics is not None:
         for code, message in p.fdef.finalize_diagnostics(fields, p.params):
             diagnostics.add(code, message, function=p.alias)
@@ -207,8 +215,9 @@ def _diagnostics_on_error(batch: Batch) -> Iterator[None]:
 
 
 def _update(p: Prepared, batch: Batch) -> State:
-    view = batch.view(p.fdef, p.index, p.alias, p.inputs)
-    fields = p.fdef.update(view, p.params)
+    with function_span("update", p.fdef.name, p.alias):
+        view = p.fdef.view(batch, p.index, p.alias, p.inputs)
+        fields = p.fdef.update(view, p.params)
     missing = set(p.fdef.fields) - set(fields)
     if missing:  # a programming error in a function, never the caller's
         raise RuntimeError(f"{p.fdef.name}.update returned no field(s) {sorted(missing)}")
@@ -224,14 +233,20 @@ def evaluate(
     return_state: bool = False,
     prior_states: Mapping[str, State] | None = None,
     exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT,
+    budget: Budget | None = None,
 ) -> Evaluation:
     """Evaluate ``functions`` on one batch of ``tensors``.
+
+    ``budget`` refuses the request before computing when the functions'
+    estimated memory or response tensors exceed it (RequestBudgetExceeded).
 
     ``prior_states`` (alias -> State) are merged into this batch's states
     before finalizing: that is how a client run accumulates exact totals with
     one call per batch and no merge logic of its own."""
     prepared = prepare(functions)
     device = torch.device(device)
+    if budget is not None:
+        budget.check(prepared, tensors)
     batch = Batch(_to_device(tensors, device), device)
     results: dict[str, FunctionResult] = {}
     batches = 1
@@ -240,7 +255,7 @@ def evaluate(
             if p.fdef.has_reduction and p.params["reduction"] == "none":
                 if prior_states and p.alias in prior_states:
                     raise _none_reduction_error(p, "merged with a prior state")
-                view = batch.view(p.fdef, p.index, p.alias, p.inputs)
+                view = p.fdef.view(batch, p.index, p.alias, p.inputs)
                 values = p.fdef.per_element(view, p.params)  # type: ignore[misc]
                 results[p.alias] = FunctionResult(
                     p.alias, p.fdef.name, {}, {"value": values.detach().to("cpu", torch.float64).numpy()}, None, "elements", None
@@ -277,8 +292,10 @@ class Accumulator:
         *,
         device: torch.device | str = "cpu",
         exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT,
+        budget: Budget | None = None,
     ) -> None:
         self.prepared = prepare(functions)
+        self.budget = budget  # checked on every batch, before its update
         for p in self.prepared:
             if p.fdef.has_reduction and p.params["reduction"] == "none":
                 raise _none_reduction_error(p, "accumulated over a stream")
@@ -305,6 +322,8 @@ class Accumulator:
                     f"{p.fdef.name} is not splittable (its value depends on the whole batch), but batch {batch_id!r} arrived in several parts; send it whole",
                 )
         self._last_batch_id = batch_id
+        if self.budget is not None:
+            self.budget.check(self.prepared, tensors)
         batch = Batch(_to_device(tensors, self.device), self.device)
         with _diagnostics_on_error(batch):
             # Every update first, then every merge: a batch that fails for one

@@ -21,6 +21,21 @@ __all__ = ["Param", "resolve_params", "REDUCTION", "IGNORE_INDEX"]
 # quantiles); "float_or_list" accepts a scalar or an array (focal alpha,
 # pos_weight).
 KINDS = ("float", "int", "bool", "str", "float_list", "float_or_list")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Client text quoted in error messages is cut to this many characters: an
+# error must never be larger than what fits in a status (gRPC trailers).
+QUOTE_LIMIT = 80
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 1] + "…"
+
+
+def _quote(value: Any) -> str:
+    """``repr(value)`` cut to QUOTE_LIMIT (integers of thousands of digits have no repr)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    return _short(repr(value))
 
 
 @dataclass(frozen=True)
@@ -77,11 +92,11 @@ class Param:
             if spelled is not None:
                 return spelled
             if _is_number(value) and self.choices and any(_is_number_text(c) for c in self.choices):
-                raise InvalidInput.single(path, f"expected {self.range_text()}, got {value!r}")
+                raise InvalidInput.single(path, f"expected {self.range_text()}, got {_quote(value)}")
             if not isinstance(value, str):
                 raise InvalidInput.single(path, f"expected a string, got {_describe(value)}")
             if self.choices and value not in self.choices:
-                raise InvalidInput.single(path, f"expected {self.range_text()}, got {value!r}")
+                raise InvalidInput.single(path, f"expected {self.range_text()}, got {_quote(value)}")
             return value
         if self.kind == "float_list" or (self.kind == "float_or_list" and _is_sequence(value)):
             if not _is_sequence(value) or len(value) == 0:
@@ -102,19 +117,25 @@ class Param:
     def _check_number(self, value: Any, path: str, kind: type) -> float | int:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidInput.single(path, f"expected {'an integer' if kind is int else 'a number'}, got {_describe(value)}")
+        number: float | int
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
-                raise InvalidInput.single(path, f"expected an integer, got {value!r}")
-            value = int(value)
+                raise InvalidInput.single(path, f"expected an integer, got {_quote(value)}")
+            number = int(value)
+            if not INT64_MIN <= number <= INT64_MAX:  # kernels hand integers to torch as int64
+                raise InvalidInput.single(path, f"expected an integer in [-2^63, 2^63 - 1], got {_quote(number)}")
         else:
-            value = float(value)
-            if not math.isfinite(value):
-                raise InvalidInput.single(path, f"expected a finite number, got {value!r}")
-        too_low = self.minimum is not None and (value <= self.minimum if self.exclusive_minimum else value < self.minimum)
-        too_high = self.maximum is not None and (value >= self.maximum if self.exclusive_maximum else value > self.maximum)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond the float range
+                raise InvalidInput.single(path, f"expected a finite number, got {_quote(value)}") from None
+            if not math.isfinite(number):
+                raise InvalidInput.single(path, f"expected a finite number, got {number!r}")
+        too_low = self.minimum is not None and (number <= self.minimum if self.exclusive_minimum else number < self.minimum)
+        too_high = self.maximum is not None and (number >= self.maximum if self.exclusive_maximum else number > self.maximum)
         if too_low or too_high:
-            raise InvalidInput.single(path, f"expected a value in {self.range_text()}, got {value!r}")
-        return value
+            raise InvalidInput.single(path, f"expected a value in {self.range_text()}, got {_quote(number)}")
+        return number
 
 
 def _number_choice(value: Any, choices: tuple[str, ...] | None) -> str | None:
@@ -149,12 +170,12 @@ def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"boolean {value!r}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {_quote(value)}"
     if _is_sequence(value):
         return f"a list of length {len(value)}"
     if isinstance(value, Mapping):
         return "an object"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {_quote(value)}"
 
 
 def resolve_params(declared: Sequence[Param], given: Mapping[str, Any], path: str) -> dict[str, Any]:
@@ -167,7 +188,7 @@ def resolve_params(declared: Sequence[Param], given: Mapping[str, Any], path: st
     for name in given:
         if name not in by_name:
             known = ", ".join(sorted(by_name)) or "none"
-            violations.append(FieldViolation(f"{path}.{name}", f"unknown parameter {name!r}; expected one of: {known}"))
+            violations.append(FieldViolation(f"{path}.{_short(name)}", f"unknown parameter {_quote(name)}; expected one of: {known}"))
     if violations:
         raise InvalidInput(violations)
     resolved: dict[str, Any] = {}

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
+from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role, no_valid_element
 from lossd.kernels.params import REDUCTION, Param
-from lossd.kernels.plan import View
-from lossd.kernels.registry import FunctionDef, Output, Result, Role
 from lossd.kernels.state import MergeOp
+from lossd.kernels.view import View
 
-__all__ = ["Terms", "mean_loss", "batch_loss", "MEAN_FIELDS", "weighted_sums", "finalize_mean", "WEIGHTS_ROLE"]
+__all__ = ["Terms", "mean_loss", "batch_loss", "MEAN_FIELDS", "weighted_sums", "finalize_mean", "all_ignored_check", "WEIGHTS_ROLE"]
 
 MEAN_FIELDS = {"total": MergeOp.SUM, "weight": MergeOp.SUM, "count": MergeOp.SUM}
 
@@ -50,7 +50,7 @@ class Terms:
 
 def _weights(view: View, terms: Terms) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(effective weight, sample weight or None) for the terms' elements."""
-    sw = view.sample_weights(terms.loss.shape, terms.loss.dtype) if any(r.name == "weights" for r in view.fdef.roles) else None
+    sw = view.sample_weights(terms.loss.shape, terms.loss.dtype) if "weights" in view.role_shapes else None
     w = torch.ones_like(terms.loss) if terms.weight is None else terms.weight.to(terms.loss.dtype)
     if sw is not None:
         w = w * sw
@@ -76,9 +76,12 @@ def finalize_mean(fields: Mapping[str, torch.Tensor], reduction: str, denominato
 
 
 def all_ignored_check(fields: Mapping[str, Any], params: Mapping[str, Any]) -> list[tuple[str, str]]:
-    if float(fields["weight"]) == 0 and params.get("reduction", "mean") == "mean":
-        return [("all_ignored", "no element had non-zero weight (all ignored or zero-weighted); the mean is NaN with denominator 0")]
-    return []
+    """all_ignored for a mean of no element of non-zero weight (a sum of none is 0, not a finding)."""
+    if params.get("reduction", "mean") != "mean":
+        return []
+    return no_valid_element(
+        float(fields["weight"]), "no element had non-zero weight (all ignored or zero-weighted); the mean is NaN with denominator 0"
+    )
 
 
 def mean_loss(
@@ -90,12 +93,18 @@ def mean_loss(
     params: tuple[Param, ...],
     terms: Callable[[View, Mapping[str, Any]], Terms],
     reference: str,
+    example: Example,
     denominator_kind: str = "samples",
     aliases: tuple[str, ...] = (),
     sample_weights: bool = True,
     splittable: bool = True,
+    reduction: bool = True,
+    doc: str = "the reduced loss",
 ) -> FunctionDef:
-    """Declare a loss whose value is Σ w·ℓ / Σ w (or Σ w·ℓ, or per-element ℓ·w)."""
+    """Declare a function whose value is Σ w·ℓ / Σ w (or Σ w·ℓ, or per-element ℓ·w).
+
+    ``reduction=False`` declares a metric: no ``reduction`` parameter (always
+    the mean) and no per-element values.  ``doc`` describes the value."""
 
     def update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         t = terms(view, p)
@@ -104,7 +113,7 @@ def mean_loss(
 
     def finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Result:
         kind = "weights" if denominator_kind == "samples" and float(fields["weight"]) != float(fields["count"]) else denominator_kind
-        return finalize_mean(fields, p["reduction"], kind)
+        return finalize_mean(fields, p["reduction"] if reduction else "mean", kind)
 
     def per_element(view: View, p: Mapping[str, Any]) -> torch.Tensor:
         t = terms(view, p)
@@ -116,13 +125,14 @@ def mean_loss(
         family=family,
         summary=summary,
         roles=roles + ((WEIGHTS_ROLE,) if sample_weights else ()),
-        params=params + (REDUCTION,),
-        outputs=(Output("value", "the reduced loss"),),
+        params=params + ((REDUCTION,) if reduction else ()),
+        outputs=(Output("value", doc),),
         fields=MEAN_FIELDS,
         update=update,
         finalize=finalize,
-        per_element=per_element,
+        per_element=per_element if reduction else None,
         reference=reference,
+        example=example,
         aliases=aliases,
         splittable=splittable,
         finalize_diagnostics=all_ignored_check,
@@ -138,6 +148,7 @@ def batch_loss(
     params: tuple[Param, ...],
     value: Callable[[View, Mapping[str, Any]], torch.Tensor],
     reference: str,
+    example: Example,
     aliases: tuple[str, ...] = (),
 ) -> FunctionDef:
     """Declare a non-splittable loss: its value depends on the whole batch (in-batch negatives).
@@ -165,6 +176,7 @@ def batch_loss(
         update=update,
         finalize=finalize,
         reference=reference,
+        example=example,
         aliases=aliases,
         splittable=False,
     )

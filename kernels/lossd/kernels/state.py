@@ -21,7 +21,7 @@ import torch
 
 from lossd.kernels.errors import InvalidInput, StateLimitExceeded
 
-__all__ = ["MergeOp", "State", "merge_fields", "canonical_params", "chan_merge", "moments_of"]
+__all__ = ["MergeOp", "State", "merge_fields", "canonical_params", "chan_merge", "moments_of", "check_state"]
 
 
 class MergeOp(enum.Enum):
@@ -107,6 +107,8 @@ def merge_fields(
         if name not in a.fields or name not in b.fields:
             raise InvalidInput.single(f"{path}.fields.{name}", f"state of {a.function!r} lacks field {name!r}")
         x, y = a.fields[name], b.fields[name]
+        if x.dtype != y.dtype:
+            raise InvalidInput.single(f"{path}.fields.{name}", f"expected matching dtypes, got {x.dtype} and {y.dtype}")
         if op is MergeOp.CONCAT:
             if x.shape[1:] != y.shape[1:]:
                 raise InvalidInput.single(
@@ -130,4 +132,178 @@ def merge_fields(
             merged[name] = torch.minimum(x, y)
         else:
             merged[name] = chan_merge(x, y)
+    if a.batches + b.batches > MAX_MERGED_BATCHES:
+        raise InvalidInput.single(f"{path}.batches", f"expected at most {MAX_MERGED_BATCHES} batches in all, got {a.batches + b.batches}")
     return State(a.function, a.version, a.params, merged, a.batches + b.batches)
+
+
+# -- validation of states that come from outside (prior_states, Finalize) -------------------------
+#
+# A state from a client is data, not a promise: it is checked against what its
+# function declares (field names and merge ops) and against the layout the
+# catalogue's updates produce, before anything merges or finalizes it.  The
+# layout rules are keyed by field name because the catalogue shares its field
+# names (``total``/``weight``/``count`` in every mean, ``matrix`` in every
+# confusion state, ``bins`` in every calibration state); a function whose
+# field has a name below gets its rule.
+
+# Fields that hold one number in every function that has them (and every ``sum_*``).
+SCALAR_FIELDS = frozenset(
+    {
+        "total",
+        "weight",
+        "count",
+        "rows",
+        "elements",
+        "tokens",
+        "sequences",
+        "sequence_total",
+        "empty_sequences",
+        "nll_at_1",
+        "exact",
+        "nonempty_updates",
+        "nan_rows",
+        "weight_kl",
+    }
+)
+# Numbers of elements, rows or items: finite and >= 0.
+COUNT_FIELDS = frozenset(
+    {"count", "rows", "elements", "tokens", "sequences", "empty_sequences", "nonempty_updates", "nan_rows", "positives", "negatives"}
+)
+# Sums of non-negative terms (weights, probabilities, weighted counts, indicator sums): >= 0.
+# NaN stays allowed: a NaN input propagates into these sums (and into the values) by design.
+NONNEGATIVE_FIELDS = frozenset(
+    {"weight", "weight_kl", "matrix", "bins", "histogram", "routed", "router_prob", "sum_clip_fraction", "sum_reward_accuracy", "exact"}
+)
+# The confusion state is K×K; the updates refuse K over this (see metrics.classification).
+MAX_STATE_CLASSES = 4096
+MAX_STATE_NDIM = 4
+MAX_STATE_BATCHES = 2**40  # one state's batches; merged ones add up and travel as uint64
+MAX_MERGED_BATCHES = 2**62
+
+
+def check_state(state: State, declared: Mapping[str, MergeOp], params: Mapping[str, Any], path: str) -> None:
+    """Refuse a state whose fields disagree with its function's declaration or with its parameters.
+
+    ``declared`` is the function's field -> MergeOp mapping and ``params`` the
+    state's resolved parameters; ``path`` prefixes field names in errors
+    (``prior_states.ce``, ``states[0].state``)."""
+    names, expected = set(state.fields), set(declared)
+    if names != expected:
+        missing, extra = sorted(expected - names), sorted(names - expected)
+        parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+        raise InvalidInput.single(
+            f"{path}.fields", f"expected the fields {sorted(expected)} of a {state.function} state, got {', '.join(parts)}"
+        )
+    if not 1 <= state.batches <= MAX_STATE_BATCHES:
+        raise InvalidInput.single(f"{path}.batches", f"expected a batch count in [1, 2^40], got {state.batches}")
+    for name, op in declared.items():
+        _check_field(state.fields[name], name, op, f"{path}.fields.{name}")
+    _check_layout(state.fields, declared, params, path)
+
+
+def _check_field(t: torch.Tensor, name: str, op: MergeOp, field: str) -> None:
+    allowed = (torch.float64, torch.int64) if op is MergeOp.CONCAT else (torch.float64,)
+    if t.dtype not in allowed:
+        wanted = " or ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise InvalidInput.single(field, f"expected dtype {wanted}, got {str(t.dtype).removeprefix('torch.')}")
+    if t.ndim > MAX_STATE_NDIM:
+        raise InvalidInput.single(field, f"expected at most {MAX_STATE_NDIM} dimensions, got shape {list(t.shape)}")
+    if (name in SCALAR_FIELDS or name.startswith("sum_")) and t.ndim != 0:
+        raise InvalidInput.single(field, f"expected a scalar, got shape {list(t.shape)}")
+    if op is MergeOp.MOMENTS:
+        if t.ndim == 0 or t.shape[-1] != 3:
+            raise InvalidInput.single(field, f"expected moments of shape [..., 3] = (n, mean, M2), got shape {list(t.shape)}")
+        n, m2 = t[..., 0], t[..., 2]
+        if not bool(torch.isfinite(n).all()) or bool((n < 0).any()):
+            raise InvalidInput.single(field, "expected finite, non-negative counts n in moments[..., 0]")
+        if bool((m2 < 0).any()):
+            raise InvalidInput.single(field, "expected non-negative sums of squares M2 in moments[..., 2]")
+    if name in COUNT_FIELDS and (not bool(torch.isfinite(t).all()) or bool((t < 0).any())):
+        raise InvalidInput.single(field, f"expected finite, non-negative counts, got {_extreme(t)}")
+    if name in NONNEGATIVE_FIELDS and bool((t < 0).any()):
+        raise InvalidInput.single(field, f"expected non-negative sums, got {_extreme(t)}")
+
+
+def _extreme(t: torch.Tensor) -> str:
+    """The value that breaks a count rule, for the message (never the whole tensor)."""
+    flat = t.reshape(-1).to(torch.float64)
+    bad = flat[~torch.isfinite(flat) | (flat < 0)]
+    return f"{float(bad[0])!r}" if bad.numel() else "none"
+
+
+def _expect_shape(fields: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], path: str, what: str) -> None:
+    if name in fields and tuple(fields[name].shape) != shape:
+        raise InvalidInput.single(f"{path}.fields.{name}", f"expected shape {list(shape)} ({what}), got {list(fields[name].shape)}")
+
+
+def _check_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str, MergeOp], params: Mapping[str, Any], path: str) -> None:
+    """Shapes that must agree with the parameters and with each other."""
+    if "matrix" in fields:
+        m = fields["matrix"]
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or not 1 <= m.shape[0] <= MAX_STATE_CLASSES:
+            raise InvalidInput.single(
+                f"{path}.fields.matrix", f"expected a K×K confusion matrix with 1 <= K <= {MAX_STATE_CLASSES}, got shape {list(m.shape)}"
+            )
+    n_bins = params.get("n_bins")
+    if "bins" in fields and isinstance(n_bins, int):
+        b = fields["bins"]
+        classwise = params.get("scope") == "classwise"
+        want = "[K, n_bins, 3] (scope='classwise')" if classwise else "[n_bins, 3]"
+        if b.ndim != (3 if classwise else 2) or tuple(b.shape[-2:]) != (n_bins, 3):
+            raise InvalidInput.single(f"{path}.fields.bins", f"expected shape {want} with n_bins={n_bins}, got {list(b.shape)}")
+    if "histogram" in fields and (fields["histogram"].ndim != 2 or fields["histogram"].shape[-1] != 3):
+        raise InvalidInput.single(f"{path}.fields.histogram", f"expected shape [H, 3], got {list(fields['histogram'].shape)}")
+    grid = params.get("grid_points")
+    if isinstance(grid, int):
+        _expect_shape(fields, "nll", (grid,), path, f"grid_points={grid}")
+    top_k = params.get("top_k")
+    if "routed" in fields and isinstance(top_k, int):
+        r = fields["routed"]
+        if r.ndim != 2 or r.shape[0] != top_k:
+            raise InvalidInput.single(f"{path}.fields.routed", f"expected shape [top_k={top_k}, E], got {list(r.shape)}")
+        _expect_shape(fields, "router_prob", (r.shape[1],), path, "one per expert of routed")
+    _check_moments_layout(fields, declared, path)
+    _check_rank_layout(fields, declared, params, path)
+
+
+def _check_moments_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str, MergeOp], path: str) -> None:
+    """Per-column statistics (r2, rmse): every non-scalar field has the columns of the moments."""
+    moments = [name for name, op in declared.items() if op is MergeOp.MOMENTS]
+    if not moments:
+        return
+    columns = tuple(fields[moments[0]].shape[:-1])
+    for name in moments:
+        _expect_shape(fields, name, (*columns, 3), path, f"the columns of {moments[0]}")
+    for name, op in declared.items():
+        if op is not MergeOp.MOMENTS and name not in SCALAR_FIELDS:
+            _expect_shape(fields, name, columns, path, f"one per column of {moments[0]}")
+
+
+def _check_rank_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str, MergeOp], params: Mapping[str, Any], path: str) -> None:
+    """Exact score buffers (CONCAT) agree in rows; binned histograms have the declared bins."""
+    concat = [name for name, op in declared.items() if op is MergeOp.CONCAT]
+    if not concat:
+        return
+    rows = {name: int(fields[name].shape[0]) if fields[name].ndim else -1 for name in concat}
+    if len(set(rows.values())) != 1 or -1 in rows.values():
+        raise InvalidInput.single(f"{path}.fields", f"expected exact-state buffers with one row per score each, got rows {rows}")
+    scores = fields.get("scores")
+    if scores is not None and scores.ndim not in (1, 2):
+        raise InvalidInput.single(f"{path}.fields.scores", f"expected shape [N] or [N, K], got {list(scores.shape)}")
+    if "labels" in fields and fields["labels"].ndim != 1:
+        raise InvalidInput.single(f"{path}.fields.labels", f"expected shape [N], got {list(fields['labels'].shape)}")
+    if "positives" not in fields or "negatives" not in fields:
+        return
+    pos, neg = fields["positives"], fields["negatives"]
+    bins = params.get("bins")
+    if bins is None:
+        _expect_shape(fields, "positives", (0,), path, "empty for an exact state (bins=None)")
+        _expect_shape(fields, "negatives", (0,), path, "empty for an exact state (bins=None)")
+        return
+    if pos.shape != neg.shape or pos.ndim not in (1, 2) or pos.shape[-1] != bins or any(rows.values()):
+        raise InvalidInput.single(
+            f"{path}.fields.positives",
+            f"expected positives and negatives of shape [bins={bins}] or [K, bins] and empty score buffers, "
+            f"got {list(pos.shape)}, {list(neg.shape)} and rows {rows}",
+        )

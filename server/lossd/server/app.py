@@ -8,20 +8,30 @@ same event loop and shuts both down gracefully on SIGINT/SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lossd.kernels import select_device
+from lossd.kernels.budget import Budget
+from lossd.server.admission import Admission, AdmissionLimits
 from lossd.server.allocator import reuse_large_buffers
+from lossd.server.errors import DecodeErrors
 from lossd.server.monitoring.events import Subscriber
+from lossd.server.observability.logging import configure_logging, uvicorn_log_options
+from lossd.server.observability.tracing import Tracing
+from lossd.server.observability.wiring import instrument_gateway, server_interceptors
 from lossd.server.security import (
     Authenticator,
     AuthInterceptor,
@@ -36,7 +46,7 @@ from lossd.server.settings import GRPC_OPTIONS, Settings
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-__all__ = ["RunningServer", "create_server", "serve", "SERVICE_NAME"]
+__all__ = ["RunningServer", "create_server", "serve", "SERVICE_NAME", "bind_http_socket", "check_port_free"]
 
 log = logging.getLogger("lossd.server")
 
@@ -57,6 +67,20 @@ class RunningServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    async def drain(self, seconds: float, interrupt: asyncio.Event | None = None) -> None:
+        """Report NOT_SERVING at once, then keep serving for ``seconds`` (or until ``interrupt`` is set).
+
+        Load balancers and Kubernetes readiness probes see NOT_SERVING (and the
+        gateway's /readyz 503) and stop sending; calls and streams in flight,
+        and those still arriving, are served meanwhile."""
+        await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining for %.1fs: health NOT_SERVING, still serving calls in flight", seconds)
+        waiter = asyncio.Event() if interrupt is None else interrupt
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace``, then stop."""
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -69,6 +93,36 @@ async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
         await servicer.set(name, status)
 
 
+def _bound_socket(host: str, port: int, what: str, setting: str) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise OSError(f"cannot bind {what} to {host}:{port} (setting host, LOSSD_HOST): {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and uvicorn bind: TIME_WAIT is no conflict
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        env = f"LOSSD_{setting.upper()}"
+        raise OSError(f"cannot bind {what} to {host}:{port} (setting {setting}, {env}): {exc.strerror or exc}") from None
+    return sock
+
+
+def check_port_free(host: str, port: int, what: str, setting: str) -> None:
+    """Raise OSError naming ``setting`` when ``host:port`` cannot be bound (port 0 always can)."""
+    if port != 0:
+        _bound_socket(host, port, what, setting).close()
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket, bound now: a port in use fails start-up before anything is announced."""
+    sock = _bound_socket(host, port, "HTTP", "http_port")
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 async def create_server(
     settings: Settings,
     *,
@@ -76,13 +130,14 @@ async def create_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     authenticator: Authenticator | None = None,
     private_socket: Path | None = None,
+    tracing: Tracing | None = None,
 ) -> RunningServer:
     """Build, bind and start the gRPC server described by ``settings``.
 
     TLS, tokens and reflection follow ``settings`` (README "Security");
     ``authenticator`` shares one token store and refusal counter with the
     gateway. ``private_socket`` adds a plaintext Unix socket for the in-process
-    gateway (tokens still apply there).
+    gateway (tokens still apply there). ``tracing`` adds a span per call (README "Logs and traces").
     """
     check_bind(settings)
     tls = TlsFiles.from_settings(settings)
@@ -91,9 +146,13 @@ async def create_server(
         from prometheus_client import CollectorRegistry
 
         authenticator = Authenticator.from_settings(settings, CollectorRegistry())
+    interceptors = server_interceptors(settings, tracing, interceptors)  # trace span outermost, request log inside
+    interceptors = [DecodeErrors(), *interceptors]  # first: its handler (bytes that do not parse -> INVALID_ARGUMENT) is the one run
     if authenticator is not None:
         interceptors = [*interceptors, AuthInterceptor(authenticator)]  # innermost: monitoring counts refusals too
     device = select_device(settings.device)
+    bind = f"{settings.host}:{settings.grpc_port}"
+    check_port_free(settings.host, settings.grpc_port, "gRPC", "grpc_port")  # gRPC core would print its own error lines
     if settings.reuse_large_buffers:
         reuse_large_buffers(settings.max_message_bytes)
     server = grpc.aio.server(
@@ -108,22 +167,35 @@ async def create_server(
     service = LossService(
         device,
         exact_state_limit=settings.exact_state_limit,
-        compute_threads=settings.compute_threads,
+        admission=Admission(
+            AdmissionLimits(
+                max_concurrent_requests=settings.max_concurrent_requests,
+                max_queued_requests=settings.max_queued_requests,
+                max_queued_bytes=settings.max_queued_bytes,
+                large_request_bytes=settings.large_request_bytes,
+                compute_threads=settings.compute_threads,
+                retry_after_seconds=settings.retry_after_seconds,
+            )
+        ),
+        budget=Budget(settings.max_request_memory_bytes, settings.max_message_bytes),
         subscribers=subscribers,
     )
-    pb_grpc.add_LossServiceServicer_to_server(service, server)
+    pb_grpc.add_LossServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]  # generated, untyped
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled(settings):
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
-    bind = f"{settings.host}:{settings.grpc_port}"
-    port = server.add_secure_port(bind, credentials) if credentials is not None else server.add_insecure_port(bind)
-    if private_socket is not None:
-        server.add_insecure_port(f"unix:{private_socket}")
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials is not None else server.add_insecure_port(bind)
+        if private_socket is not None:
+            server.add_insecure_port(f"unix:{private_socket}")
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind gRPC to {settings.host}:{settings.grpc_port}")
+        service.close()
+        raise OSError(f"cannot bind gRPC to {bind} (setting grpc_port, LOSSD_GRPC_PORT)")
     await server.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("lossd gRPC serving on %s:%d (%s, device %s)", settings.host, port, "TLS" if tls else "plaintext", device)
@@ -131,61 +203,106 @@ async def create_server(
 
 
 async def serve(settings: Settings) -> None:
-    """Run gRPC, the HTTP gateway (with /metrics and the dashboard) until SIGINT/SIGTERM."""
-    import uvicorn
+    """Run gRPC, the HTTP gateway (with /metrics and the dashboard) until SIGINT/SIGTERM, then drain and stop.
 
+    Both ports are bound before "lossd serving" is printed, so a port in use
+    fails start-up with an OSError naming the setting and nothing announced.
+    On the first SIGINT/SIGTERM: NOT_SERVING at once, ``drain_seconds`` of
+    service, then ``grace_seconds`` for calls still running; a second signal
+    ends the drain early. Compute threads stuck past the grace do not keep the
+    process alive: it exits after a last log line.
+    """
     from lossd.server.gateway import create_app
     from lossd.server.monitoring import Monitoring
 
     check_bind(settings)  # before anything heavy starts
-    monitoring = Monitoring(settings)
-    authenticator = Authenticator.from_settings(settings, monitoring.registry)
-    tls = TlsFiles.from_settings(settings)
-    # Under TLS the in-process gateway reaches gRPC over a private Unix socket: the
-    # certificate need not name the bind address, and nothing else can connect there.
-    private_dir = tempfile.TemporaryDirectory(prefix="lossd-") if tls is not None else None
-    private_socket = Path(private_dir.name) / "grpc.sock" if private_dir is not None else None
-    running = await create_server(settings, **monitoring.server_hooks(), authenticator=authenticator, private_socket=private_socket)
+    configure_logging(settings)
+    tracing = Tracing.from_settings(settings, os.environ)
+    http_socket = bind_http_socket(settings.host, settings.http_port)
+    try:
+        monitoring = Monitoring(settings)
+        authenticator = Authenticator.from_settings(settings, monitoring.registry)
+        tls = TlsFiles.from_settings(settings)
+        # Under TLS the in-process gateway reaches gRPC over a private Unix socket: the
+        # certificate need not name the bind address, and nothing else can connect there.
+        private_dir = tempfile.TemporaryDirectory(prefix="lossd-") if tls is not None else None
+        private_socket = Path(private_dir.name) / "grpc.sock" if private_dir is not None else None
+        if tracing is not None:
+            tracing.install()
+        running = await create_server(
+            settings, **monitoring.server_hooks(), authenticator=authenticator, private_socket=private_socket, tracing=tracing
+        )
+    except BaseException:
+        http_socket.close()
+        raise
     local = f"unix:{private_socket}" if private_socket is not None else running.address
     app = create_app(settings, backends=settings.backends or [local], monitoring=monitoring, authenticator=authenticator)
+    instrument_gateway(app, settings, tracing)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.http_port,
         log_level=settings.log_level,
+        **uvicorn_log_options(settings),
         lifespan="on",
+        timeout_graceful_shutdown=max(1, round(settings.grace_seconds)),
         **(tls.uvicorn_options() if tls is not None else {}),
     )
     config.load()  # builds the SSLContext now, so that rotation can reload it in place
-    http = uvicorn.Server(config)
+    http = _HttpServer(config)
     reloader = HttpsReloader(tls, config.ssl) if tls is not None and config.ssl is not None else None
 
-    # uvicorn captures SIGINT/SIGTERM itself while it serves (and re-raises them
-    # after); whichever notices first, uvicorn finishing or our own handler, starts
-    # the shutdown: in-flight gRPC calls get `grace_seconds` to finish.
-    stop = asyncio.Event()
+    # Signals are ours alone (uvicorn's capture is off): the first starts the drain, a second ends it.
+    signals = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _second_signal_ends_drain, signals)
     loop.add_signal_handler(signal.SIGHUP, _reload, authenticator, reloader, True)
     rotation = asyncio.create_task(_watch_rotation(reloader)) if reloader is not None else None
-    http_task = asyncio.create_task(http.serve())
-    stop_task = asyncio.create_task(stop.wait())
+    http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
+    while not http.started and not http_task.done():
+        await asyncio.sleep(0.01)
+    http_port = http_socket.getsockname()[1]
     print(
-        f"lossd serving gRPC on {running.address}{' (TLS)' if tls else ''}, HTTP on {'https' if tls else 'http'}://{settings.host}:{settings.http_port}"
+        f"lossd serving gRPC on {running.address}{' (TLS)' if tls else ''}, HTTP on {'https' if tls else 'http'}://{settings.host}:{http_port}"
         f" (device {running.service.device})",
         flush=True,
     )
-    await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    log.info("shutting down (grace %.1fs)", settings.grace_seconds)
+    signal_task = asyncio.create_task(signals.wait())
+    await asyncio.wait({http_task, signal_task}, return_when=asyncio.FIRST_COMPLETED)
+    signals.clear()  # a signal from here on ends the drain
+    if not http_task.done():
+        await running.drain(settings.drain_seconds, signals)
+    log.info("stopping (grace %.1fs)", settings.grace_seconds)
     http.should_exit = True
     await running.stop(settings.grace_seconds)
     await http_task
-    stop_task.cancel()
+    signal_task.cancel()
     if rotation is not None:
         rotation.cancel()
     if private_dir is not None:
         private_dir.cleanup()
+    if tracing is not None:
+        tracing.shutdown()  # flush the spans not exported yet
+    busy = running.service.admission.running()
+    if busy:
+        # A thread cannot be interrupted; waiting for it is how a 100,000-degree sphereface
+        # kept a stopped server alive for an hour. Its call has already been answered.
+        log.warning("%d compute thread(s) still busy after the grace period; exiting without them", busy)
+        logging.shutdown()
+        os._exit(0)
+
+
+def _second_signal_ends_drain(signals: asyncio.Event) -> None:
+    if signals.is_set():
+        log.info("second signal: stopping now")
+    signals.set()
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn's server without its own signal handling (serve() drains on SIGTERM first)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 ROTATION_CHECK_SECONDS = 5.0

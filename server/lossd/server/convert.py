@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from google.protobuf import json_format, struct_pb2
 
 from lossd.client.codec import TensorError, decode_tensor, encode_tensor
-from lossd.client.specs import spec_from_proto
-from lossd.kernels import CODES, Evaluation, FunctionDef, FunctionSpec, State, to_torch
+from lossd.kernels import CODES, Evaluation, FunctionDef, FunctionSpec, State, get_function, to_torch
 from lossd.kernels.diagnostics import Diagnostic
 from lossd.kernels.errors import InvalidInput
+from lossd.kernels.params import resolve_params
+from lossd.kernels.state import check_state
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = [
@@ -27,43 +31,123 @@ __all__ = [
 
 _SEVERITY = {"info": pb.INFO, "warning": pb.WARNING, "error": pb.ERROR}
 
+# Bounds on what a wire tensor may declare, checked before numpy sees the shape:
+# numpy stops at 64 dimensions, and a zero-size tensor may claim any other
+# dimension (its byte length matches whatever they are).
+MAX_TENSOR_NDIM = 32
+MAX_TENSOR_DIM = 2**31 - 1
+MAX_PARAMS_JSON_BYTES = 64 * 1024
+
+
+def _check_wire_shape(t: pb.Tensor, field: str) -> None:
+    shape = list(t.shape)
+    if len(shape) > MAX_TENSOR_NDIM:
+        raise InvalidInput.single(field, f"expected at most {MAX_TENSOR_NDIM} dimensions, got {len(shape)}")
+    if any(d < 0 or d > MAX_TENSOR_DIM for d in shape):
+        bad = next(d for d in shape if d < 0 or d > MAX_TENSOR_DIM)
+        raise InvalidInput.single(field, f"expected dimensions in [0, 2^31 - 1], got {bad} in shape of {len(shape)} dimensions")
+    if math.prod(d for d in shape if d) > MAX_TENSOR_DIM * 64:
+        raise InvalidInput.single(field, "expected a shape whose non-zero dimensions multiply to at most 2^37 elements")
+
+
+def _decode(t: pb.Tensor, name: str, field: str) -> np.ndarray:
+    _check_wire_shape(t, field)
+    try:
+        array: np.ndarray = decode_tensor(t, name)
+    except TensorError as exc:
+        raise InvalidInput.single(field, exc.description) from None
+    return array
+
 
 def decode_request_tensors(tensors: Mapping[str, pb.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Wire tensors -> torch tensors on ``device`` (zero-copy on the CPU)."""
     out = {}
     for name, t in tensors.items():
-        try:
-            array = decode_tensor(t, name)
-        except TensorError as exc:
-            raise InvalidInput.single(exc.field, exc.description) from None
-        tensor = to_torch(array, name)
+        if not name:
+            raise InvalidInput.single("tensors", "expected tensor names, got an empty name")
+        tensor = to_torch(_decode(t, name, f"tensors.{name}"), name)
         out[name] = tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
     return out
 
 
+def _python_value(v: struct_pb2.Value, path: str) -> Any:
+    """A JSON value of a protobuf Value; a non-finite number is refused here, where its path is known.
+
+    (json_format would raise on NaN/Infinity, which JSON cannot spell.)"""
+    kind = v.WhichOneof("kind")
+    if kind == "number_value":
+        if not math.isfinite(v.number_value):
+            raise InvalidInput.single(path, f"expected a finite number, got {v.number_value!r}")
+        return v.number_value
+    if kind == "string_value":
+        return v.string_value
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "null_value":
+        return None
+    if kind == "list_value":
+        return [_python_value(item, f"{path}[{i}]") for i, item in enumerate(v.list_value.values)]
+    if kind == "struct_value":
+        return {k: _python_value(item, f"{path}.{k}") for k, item in v.struct_value.fields.items()}
+    raise InvalidInput.single(path, "expected a JSON value, got an empty google.protobuf.Value")
+
+
 def specs_from_request(functions: list[pb.FunctionSpec]) -> list[FunctionSpec]:
+    """Wire function specs -> kernel specs (validated later by lossd.kernels.evaluate.prepare)."""
     specs = []
     for i, f in enumerate(functions):
-        obj = spec_from_proto(f)
-        if not obj["name"]:
+        if not f.name:
             raise InvalidInput.single(f"functions[{i}].name", "expected a function name, got an empty string")
-        specs.append(FunctionSpec(obj["name"], obj["params"], obj["inputs"], obj["alias"]))
+        params = {k: _python_value(v, f"functions[{i}].params.{k}") for k, v in f.params.fields.items()}
+        specs.append(FunctionSpec(f.name, params, dict(f.inputs), f.alias))
     return specs
 
 
+def _state_params(state: pb.State, fdef: FunctionDef, path: str) -> dict[str, Any]:
+    """The resolved parameters a state's params_json declares, checked like a request's."""
+    field = f"{path}.params_json"
+    if len(state.params_json) > MAX_PARAMS_JSON_BYTES:
+        raise InvalidInput.single(field, f"expected at most {MAX_PARAMS_JSON_BYTES} bytes, got {len(state.params_json)}")
+    try:
+        params = json.loads(state.params_json) if state.params_json else {}
+    except (ValueError, RecursionError):
+        raise InvalidInput.single(field, "expected the JSON object of the state's parameters, got invalid JSON") from None
+    if not isinstance(params, dict):
+        raise InvalidInput.single(field, f"expected a JSON object, got {type(params).__name__}")
+    resolved: dict[str, Any] = resolve_params(fdef.params, params, field)
+    return resolved
+
+
 def state_from_proto(state: pb.State, path: str) -> State:
-    arrays: dict[str, np.ndarray] = {}
-    for name, t in state.fields.items():
-        try:
-            arrays[name] = decode_tensor(t, name)
-        except TensorError as exc:
-            raise InvalidInput.single(f"{path}.fields.{name}", exc.description) from None
+    """A client's state, validated against its function's declaration before anything merges it."""
     if not state.function:
         raise InvalidInput.single(f"{path}.function", "expected the function name of the state, got an empty string")
-    return State.from_arrays(state.function, state.version, state.params_json, arrays, batches=max(1, state.batches))
+    try:
+        fdef = get_function(state.function, path)
+    except InvalidInput:
+        raise InvalidInput.single(f"{path}.function", "unknown function; `lossd functions` lists the available ones") from None
+    if fdef.name != state.function:
+        raise InvalidInput.single(f"{path}.function", f"expected the canonical function name {fdef.name!r}, got an alias")
+    if state.version != fdef.state_version:
+        raise InvalidInput.single(
+            f"{path}.version", f"this server reads version {fdef.state_version} states of {fdef.name}, got {state.version}"
+        )
+    params = _state_params(state, fdef, path)
+    arrays: dict[str, np.ndarray] = {}
+    for name, t in state.fields.items():
+        field = f"{path}.fields.{name}"
+        if t.dtype not in (pb.FLOAT64, pb.INT64):  # what every update produces; torch reads no other numpy dtype here
+            raise InvalidInput.single(
+                field, f"expected dtype float64 or int64, got {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}"
+            )
+        arrays[name] = _decode(t, name, field)
+    decoded = State.from_arrays(state.function, state.version, state.params_json, arrays, batches=max(1, state.batches))
+    check_state(decoded, fdef.fields, params, path)
+    return decoded
 
 
 def state_to_proto(state: State) -> pb.State:
+    """A state as it travels back to the client."""
     return pb.State(
         function=state.function,
         version=state.version,
@@ -78,6 +162,7 @@ def diagnostic_to_proto(d: Diagnostic) -> pb.Diagnostic:
 
 
 def evaluation_to_proto(evaluation: Evaluation, request_id: str = "") -> pb.EvaluateResponse:
+    """The response of an evaluation: results in request order, diagnostics, batches."""
     results = []
     for r in evaluation.results.values():
         msg = pb.FunctionResult(
@@ -107,6 +192,7 @@ def _value(v: object) -> struct_pb2.Value:
 
 
 def function_info(f: FunctionDef) -> pb.FunctionInfo:
+    """ListFunctions' description of one function."""
     return pb.FunctionInfo(
         name=f.name,
         family=f.family,
@@ -134,6 +220,7 @@ def function_info(f: FunctionDef) -> pb.FunctionInfo:
 
 
 def list_functions_response(functions: list[FunctionDef]) -> pb.ListFunctionsResponse:
+    """ListFunctions' answer: the functions and every diagnostic code."""
     return pb.ListFunctionsResponse(
         functions=[function_info(f) for f in functions],
         diagnostics=[pb.DiagnosticInfo(code=c, severity=_SEVERITY[s], meaning=m) for c, (s, m) in CODES.items()],

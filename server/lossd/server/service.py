@@ -7,19 +7,22 @@ contract); the servicer only hands them to its subscribers.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import itertools
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TypeVar
 
 import grpc
 import torch
 
-from lossd.kernels import Accumulator, all_functions, evaluate, finalize_states
+from lossd.kernels import Accumulator, Evaluation, State, all_functions, evaluate, finalize_states
+from lossd.kernels.batch import Batch
+from lossd.kernels.budget import Budget
 from lossd.kernels.errors import InvalidInput
+from lossd.server.admission import Admission, AdmissionLimits, deadline_of
 from lossd.server.convert import (
     decode_request_tensors,
     evaluation_to_proto,
@@ -29,10 +32,25 @@ from lossd.server.convert import (
 )
 from lossd.server.errors import rpc_errors
 from lossd.server.monitoring.events import EvaluationEvent, Subscriber
+from lossd.server.monitoring.tags import check_tags
+from lossd.server.observability.tracing import span
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-__all__ = ["LossService"]
+__all__ = ["LossService", "wire_bytes"]
+
+T = TypeVar("T")
+
+# Bytes per element by wire dtype; an unknown dtype (refused when decoded) counts as the widest.
+_ITEMSIZE = {pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.FLOAT32: 4, pb.FLOAT64: 8, pb.INT64: 8, pb.INT32: 4, pb.UINT8: 1, pb.BOOL: 1}
+
+
+def wire_bytes(tensors: Mapping[str, pb.Tensor]) -> int:
+    """The bytes the tensors declare (shape × dtype), without touching their data.
+
+    Reading ``data`` would copy it on the event loop; a declaration that
+    does not match the data is refused when the tensors are decoded."""
+    return sum(math.prod(max(0, d) for d in t.shape) * _ITEMSIZE.get(t.dtype, 8) for t in tensors.values())
 
 
 class Stopwatch:
@@ -41,15 +59,47 @@ class Stopwatch:
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.decode_seconds = 0.0
+        self.queue_seconds = 0.0  # waiting for a compute thread
+        self.compute_seconds = 0.0  # on the compute thread
+        self.encode_seconds = 0.0
 
     @contextmanager
     def decoding(self) -> Iterator[None]:
-        """Count the time spent in the block as decoding."""
+        """Count the time spent in the block as decoding (a ``lossd.decode`` span when tracing is on)."""
+        t0 = time.perf_counter()
+        try:
+            with span("lossd.decode"):
+                yield
+        finally:
+            self.decode_seconds += time.perf_counter() - t0
+
+    @contextmanager
+    def encoding(self) -> Iterator[None]:
+        """Count the time spent in the block as encoding the response."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.decode_seconds += time.perf_counter() - t0
+            self.encode_seconds += time.perf_counter() - t0
+
+    def timed(self, fn: Callable[[], T]) -> Callable[[], T]:
+        """``fn`` timed: the wait before it starts is queue time; its own decoding and encoding are not compute."""
+        submitted = time.perf_counter()
+
+        def timed() -> T:
+            started = time.perf_counter()
+            self.queue_seconds += started - submitted
+            coding = self.decode_seconds + self.encode_seconds
+            try:
+                return fn()
+            finally:
+                self.compute_seconds += time.perf_counter() - started - (self.decode_seconds + self.encode_seconds - coding)
+
+        return timed
+
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase, for monitoring's phase histograms."""
+        return {"queue": self.queue_seconds, "decode": self.decode_seconds, "compute": self.compute_seconds, "encode": self.encode_seconds}
 
     def timing(self) -> pb.Timing:
         """The Timing so far."""
@@ -57,7 +107,7 @@ class Stopwatch:
         return pb.Timing(decode_seconds=self.decode_seconds, compute_seconds=total - self.decode_seconds, total_seconds=total)
 
 
-class LossService(pb_grpc.LossServiceServicer):  # type: ignore[misc]  # generated base, untyped
+class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, untyped)
     """Implements lossd.v1.LossService on top of :mod:`lossd.kernels`."""
 
     def __init__(
@@ -65,50 +115,68 @@ class LossService(pb_grpc.LossServiceServicer):  # type: ignore[misc]  # generat
         device: torch.device,
         *,
         exact_state_limit: int,
+        admission: Admission | None = None,
+        budget: Budget | None = None,
         compute_threads: int = 2,
         subscribers: Sequence[Subscriber] = (),
     ) -> None:
         self.device = device
         self.exact_state_limit = exact_state_limit
+        self.budget = budget  # estimated memory and response bytes per request, checked before computing
         self.subscribers = list(subscribers)
-        self._pool = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="lossd-compute")
+        self.admission = admission if admission is not None else Admission(AdmissionLimits(compute_threads=compute_threads))
         self._calls = itertools.count(1)
 
-    async def _compute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        # Evaluations (and a stream's finalize) are CPU/GPU bound and release the GIL: keep them off the event loop.
-        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+    async def _compute(self, fn: Callable[[], T], *, nbytes: int, watch: Stopwatch, context: grpc.aio.ServicerContext) -> T:
+        # Decoding, evaluating and encoding run on a compute lane, never on the event loop:
+        # health checks, other calls and SIGTERM are answered whatever the load.
+        return await self.admission.run(watch.timed(fn), nbytes=nbytes, deadline=deadline_of(context.time_remaining()))
 
     def _publish(self, event: EvaluationEvent) -> None:
         for subscriber in self.subscribers:
             subscriber(event)  # returns at once: subscribers queue their work (the response is not delayed)
 
-    @rpc_errors  # type: ignore[untyped-decorator]
+    @rpc_errors
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         watch = Stopwatch()
-        with watch.decoding():
-            specs = specs_from_request(list(request.functions))
-            tensors = decode_request_tensors(request.tensors, self.device)
-            prior = {alias: state_from_proto(s, f"prior_states.{alias}") for alias, s in request.prior_states.items()}
-        evaluation = await self._compute(
-            evaluate,
-            tensors,
-            specs,
-            device=self.device,
-            return_state=request.return_state,
-            prior_states=prior or None,
-            exact_state_limit=self.exact_state_limit,
-        )
-        response = evaluation_to_proto(evaluation, request.request_id)
+        async with self.admission.call():
+
+            def run() -> tuple[Evaluation, dict[str, State], pb.EvaluateResponse]:
+                with watch.decoding():
+                    check_tags(request.tags)
+                    specs = specs_from_request(list(request.functions))
+                    tensors = decode_request_tensors(request.tensors, self.device)
+                    prior = {alias: state_from_proto(s, f"prior_states.{alias}") for alias, s in request.prior_states.items()}
+                evaluation = evaluate(
+                    tensors,
+                    specs,
+                    device=self.device,
+                    return_state=request.return_state,
+                    prior_states=prior or None,
+                    exact_state_limit=self.exact_state_limit,
+                    budget=self.budget,
+                )
+                with watch.encoding():
+                    return evaluation, prior, evaluation_to_proto(evaluation, request.request_id)
+
+            nbytes = wire_bytes(request.tensors) + sum(wire_bytes(s.fields) for s in request.prior_states.values())
+            evaluation, prior, response = await self._compute(run, nbytes=nbytes, watch=watch, context=context)
         response.timing.CopyFrom(watch.timing())
         self._publish(
-            EvaluationEvent("Evaluate", next(self._calls), request.tags, evaluation, evaluation.batch, evaluation.prepared, prior)
+            EvaluationEvent(
+                "Evaluate", next(self._calls), request.tags, evaluation, evaluation.batch, evaluation.prepared, prior, phases=watch.phases()
+            )
         )
         return response
 
-    @rpc_errors  # type: ignore[untyped-decorator]
+    @rpc_errors
     async def EvaluateStream(
         self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
+        async with self.admission.call():  # one slot for the stream's whole life
+            return await self._stream(request_iterator, context)
+
+    async def _stream(self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         watch = Stopwatch()
         call = next(self._calls)
         acc: Accumulator | None = None
@@ -117,46 +185,58 @@ class LossService(pb_grpc.LossServiceServicer):  # type: ignore[misc]  # generat
         try:
             index = 0
             async for message in request_iterator:
-                with watch.decoding():
-                    if first is None:
+                if acc is None:
+                    with watch.decoding():
+                        check_tags(message.tags)
                         acc = Accumulator(
-                            specs_from_request(list(message.functions)), device=self.device, exact_state_limit=self.exact_state_limit
+                            specs_from_request(list(message.functions)),
+                            device=self.device,
+                            exact_state_limit=self.exact_state_limit,
+                            budget=self.budget,
                         )
-                        first = message
-                    _check_stream_message(message, first, index)
-                    tensors = decode_request_tensors(message.tensors, self.device)
-                batch = await self._compute(acc.add, tensors, message.batch_id)  # type: ignore[union-attr]
-                self._publish(EvaluationEvent("EvaluateStream", call, first.tags, None, batch, tuple(acc.prepared)))  # type: ignore[union-attr]
+                first = first if first is not None else message
+                add = functools.partial(_add_stream_message, acc, message, first, index, watch, self.device)
+                batch = await self._compute(add, nbytes=wire_bytes(message.tensors), watch=watch, context=context)
+                self._publish(EvaluationEvent("EvaluateStream", call, first.tags, None, batch, tuple(acc.prepared)))
                 index += 1
             if acc is None or first is None:
                 raise InvalidInput.single("messages", "expected at least one message in the stream, got none")
-            evaluation = await self._compute(acc.result, return_state=first.return_state)
-            response = evaluation_to_proto(evaluation, first.request_id)
+            done, request_id, return_state = acc, first.request_id, first.return_state
+
+            def result() -> tuple[Evaluation, pb.EvaluateResponse]:
+                evaluation = done.result(return_state=return_state)
+                with watch.encoding():
+                    return evaluation, evaluation_to_proto(evaluation, request_id)
+
+            evaluation, response = await self._compute(result, nbytes=0, watch=watch, context=context)
             response.timing.CopyFrom(watch.timing())
-            self._publish(EvaluationEvent("EvaluateStream", call, first.tags, evaluation, None, tuple(acc.prepared)))
+            self._publish(EvaluationEvent("EvaluateStream", call, first.tags, evaluation, None, tuple(acc.prepared), phases=watch.phases()))
             finished = True
             return response
         finally:
             if first is not None and not finished:  # subscribers forget the messages of a failed stream
                 self._publish(EvaluationEvent("EvaluateStream", call, first.tags, None, aborted=True))
 
-    @rpc_errors  # type: ignore[untyped-decorator]
+    @rpc_errors
     async def Finalize(self, request: pb.FinalizeRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         watch = Stopwatch()
-        with watch.decoding():
-            states = [(s.alias, state_from_proto(s.state, f"states[{i}].state")) for i, s in enumerate(request.states)]
-            for i, (alias, _) in enumerate(states):
-                if not alias:
-                    raise InvalidInput.single(f"states[{i}].alias", "expected the alias the state was computed under, got an empty string")
-        evaluation = await self._compute(
-            finalize_states, states, exact_state_limit=self.exact_state_limit, return_state=request.return_state
-        )
-        response = evaluation_to_proto(evaluation, request.request_id)
+        async with self.admission.call():
+
+            def run() -> tuple[Evaluation, pb.EvaluateResponse]:
+                with watch.decoding():
+                    check_tags(request.tags)
+                    states = _named_states(request)
+                evaluation = finalize_states(states, exact_state_limit=self.exact_state_limit, return_state=request.return_state)
+                with watch.encoding():
+                    return evaluation, evaluation_to_proto(evaluation, request.request_id)
+
+            nbytes = sum(wire_bytes(s.state.fields) for s in request.states)
+            evaluation, response = await self._compute(run, nbytes=nbytes, watch=watch, context=context)
         response.timing.CopyFrom(watch.timing())
-        self._publish(EvaluationEvent("Finalize", next(self._calls), request.tags, evaluation))
+        self._publish(EvaluationEvent("Finalize", next(self._calls), request.tags, evaluation, phases=watch.phases()))
         return response
 
-    @rpc_errors  # type: ignore[untyped-decorator]
+    @rpc_errors
     async def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.aio.ServicerContext) -> pb.ListFunctionsResponse:
         functions = all_functions()
         if request.family:
@@ -167,8 +247,27 @@ class LossService(pb_grpc.LossServiceServicer):  # type: ignore[misc]  # generat
         return list_functions_response(functions)
 
     def close(self) -> None:
-        """Stop the compute threads (queued work is cancelled)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the compute threads (queued work is cancelled; running work is not waited for)."""
+        self.admission.close()
+
+
+def _add_stream_message(
+    acc: Accumulator, message: pb.EvaluateRequest, first: pb.EvaluateRequest, index: int, watch: Stopwatch, device: torch.device
+) -> Batch:
+    """One stream message checked, decoded and added to the stream's accumulator (on a compute thread)."""
+    with watch.decoding():
+        _check_stream_message(message, first, index)
+        tensors = decode_request_tensors(message.tensors, device)
+    return acc.add(tensors, message.batch_id)
+
+
+def _named_states(request: pb.FinalizeRequest) -> list[tuple[str, State]]:
+    """The (alias, State) pairs of a Finalize request, every alias non-empty."""
+    states = [(s.alias, state_from_proto(s.state, f"states[{i}].state")) for i, s in enumerate(request.states)]
+    for i, (alias, _) in enumerate(states):
+        if not alias:
+            raise InvalidInput.single(f"states[{i}].alias", "expected the alias the state was computed under, got an empty string")
+    return states
 
 
 def _check_stream_message(message: pb.EvaluateRequest, first: pb.EvaluateRequest, index: int) -> None:

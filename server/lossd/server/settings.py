@@ -6,14 +6,30 @@ environment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lossd.client.channel import GRPC_OPTIONS, MiB  # one definition of the HTTP/2 tuning, shared with the client
 
-__all__ = ["Settings", "GRPC_OPTIONS"]
+__all__ = ["Settings", "GRPC_OPTIONS", "physical_memory_bytes"]
+
+
+def physical_memory_bytes() -> int:
+    """The memory this process may use: physical RAM, or the cgroup (container) limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max" means none
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def _default_request_memory() -> int:
+    return physical_memory_bytes() // 4
 
 
 class Settings(BaseSettings):
@@ -28,13 +44,34 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(512 * MiB, gt=0, description="largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED")
     max_body_bytes: int = Field(64 * MiB, gt=0, description="largest gateway request body; larger ones get HTTP 413")
     exact_state_limit: int = Field(10_000_000, gt=0, description="scores an exact AUROC/AP state may hold across a stream or run")
-    compute_threads: int = Field(2, ge=1, description="threads running evaluations (torch releases the GIL)")
-    grace_seconds: float = Field(5.0, ge=0, description="graceful-shutdown grace period")
+    compute_threads: int = Field(
+        2, ge=1, description="threads running evaluations, per lane (small and large requests; torch releases the GIL)"
+    )
+    grace_seconds: float = Field(5.0, ge=0, description="after the drain, how long calls still running get before the process stops")
+    drain_seconds: float = Field(
+        5.0, ge=0, description="on SIGTERM: report NOT_SERVING and /readyz 503, and keep serving this long before stopping"
+    )
+    # -- admission control and budgets (README "Admission control") --
+    max_concurrent_requests: int = Field(
+        64, ge=1, description="RPCs in progress at once (a stream counts once); more get RESOURCE_EXHAUSTED"
+    )
+    max_queued_requests: int = Field(32, ge=0, description="requests waiting for a compute thread, per lane; more get RESOURCE_EXHAUSTED")
+    max_queued_bytes: int = Field(1 << 30, gt=0, description="request bytes waiting for a compute thread, per lane")
+    large_request_bytes: int = Field(1 << 20, gt=0, description="requests this large or larger run on their own compute threads")
+    retry_after_seconds: float = Field(1.0, gt=0, description="retry-after hint of an overloaded answer (jittered ±50%)")
+    max_request_memory_bytes: int = Field(
+        default_factory=_default_request_memory,
+        gt=0,
+        description="estimated intermediates and state one request may allocate (default: 25% of RAM); more get RESOURCE_EXHAUSTED",
+    )
     backends: list[str] = Field(
         default_factory=list, description="gateway only: gRPC addresses to forward to (default: the in-process server)"
     )
     request_timeout_seconds: float = Field(60.0, gt=0, description="gateway deadline on backend calls")
-    label_max_values: int = Field(100, ge=1, description="distinct values per monitoring label before folding into __other__")
+    max_series_per_family: int = Field(
+        10_000, ge=1, description="series with client-chosen labels per metric family before new label sets fold into __other__"
+    )
+    max_series_total: int = Field(50_000, ge=1, description="series with client-chosen labels over all families before folding")
     label_max_length: int = Field(64, ge=1, description="longest monitoring label value kept")
     label_allowlist: list[str] = Field(
         default_factory=list, description="if set, only these label values are kept (others fold into __other__)"
@@ -42,7 +79,17 @@ class Settings(BaseSettings):
     calibration_bins: int = Field(15, ge=1, le=100, description="equal-width bins of the exported calibration counters")
     history_seconds: int = Field(3600, gt=0, description="dashboard history kept in memory")
     history_interval_seconds: float = Field(10.0, gt=0, description="dashboard history resolution")
-    log_level: str = Field("info", description="debug | info | warning | error")
+    data_dir: Path | None = Field(
+        None, description="directory of the dashboard's history (SQLite, survives restarts); default: in memory only"
+    )
+    prometheus_url: str | None = Field(
+        None, description="Prometheus scraping every replica: the dashboard draws the whole fleet from it instead of this process"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug | info | warning | error")
+    log_format: Literal["text", "json"] = Field("text", description="text | json: one JSON object per line, plus one line per request")
+    tracing: Literal["off", "console", "otlp"] | None = Field(
+        None, description="OpenTelemetry traces: off | console | otlp; default otlp when OTEL_EXPORTER_OTLP_ENDPOINT is set, else off"
+    )
     reuse_large_buffers: bool = Field(
         True, description="keep freed message buffers for the next request (glibc): fewer page faults, RSS stays at its high-water mark"
     )
@@ -59,3 +106,8 @@ class Settings(BaseSettings):
     allow_insecure: bool = Field(False, description="allow binding a non-loopback address without TLS and tokens")
     reflection: bool | None = Field(None, description="gRPC server reflection; default: on when bound to loopback, off otherwise")
     cors_allow_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS on the gateway (default: none)")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value

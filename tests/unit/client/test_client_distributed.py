@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lossd.client.codec import encode_tensor
+from lossd.client.diagnostics import merge_final_diagnostics as merged_diagnostics
 from lossd.client.distributed import (
     STATE_FILE_MAGIC,
     StateFileError,
@@ -24,7 +25,6 @@ from lossd.client.distributed import (
     read_state_file,
     save_states,
 )
-from lossd.client.distributed import _merged_diagnostics as merged_diagnostics
 from lossd.client.evaluation import Diagnostic
 from lossd.client.run import Run
 from lossd.v1 import lossd_pb2 as pb

@@ -18,3 +18,23 @@ def test_public_api() -> None:
 
     for name in ("Client", "AsyncClient", "Run", "AsyncRun", "EvaluationResult", "LossdError", "InvalidArgumentError", "GRPC_OPTIONS"):
         assert name in lossd.client.__all__ and hasattr(lossd.client, name)
+
+
+def test_the_lossd_command_parses_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "from lossd.client.cli import build_parser\n"
+        "args = build_parser().parse_args(['eval', '--inputs', 'a.npz', '--fn', 'cross_entropy', '--tls-ca', 'ca.pem'])\n"
+        "assert args.handler.__module__ == 'lossd.client.cli.eval'\n"
+        "heavy = [m for m in ('torch', 'lossd.kernels', 'lossd.server.app', 'lossd.server.settings') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_one_version_attribute() -> None:
+    from importlib.metadata import version
+
+    import lossd.client
+
+    assert lossd.client.__version__ == version("lossd-client")

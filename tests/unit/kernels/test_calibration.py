@@ -19,8 +19,10 @@ from scipy.optimize import minimize_scalar
 from sklearn.calibration import calibration_curve
 
 from helpers import DTYPES, assert_close, assert_merge_exact, random_splits, split_tensors, tol
-from lossd.kernels import Accumulator, InvalidInput, calibration, evaluate
-from lossd.kernels.calibration import ADAPTIVE_HISTOGRAM_BINS, bin_edges, bin_index, bin_sums
+from lossd.kernels import Accumulator, InvalidInput, evaluate
+from lossd.kernels.calibration import ece as ece_module
+from lossd.kernels.calibration import temperature as temperature_module
+from lossd.kernels.calibration.bins import ADAPTIVE_HISTOGRAM_BINS, bin_edges, bin_index, bin_sums
 
 BINNED = ("ece", "mce", "debiased_ece", "adaptive_ece", "reliability_diagram")
 
@@ -518,8 +520,8 @@ def test_temperature_at_grid_edge_is_flagged():
 @pytest.mark.parametrize("block", [1 << 22, 3000, 10])
 def test_temperature_and_classwise_blocks(monkeypatch, block):
     # K · G above one block (a large vocabulary): rows and the grid are processed in pieces, same result.
-    monkeypatch.setattr(calibration, "_TEMPERATURE_BLOCK", block)
-    monkeypatch.setattr(calibration, "_CLASSWISE_BLOCK", block)
+    monkeypatch.setattr(temperature_module, "TEMPERATURE_BLOCK", block)
+    monkeypatch.setattr(ece_module, "CLASSWISE_BLOCK", block)
     z, y = data(37, 50, scale=1.0)
     y[3] = -100
     got, _ = run({"logits": z, "labels": y}, "temperature", grid_points=90)

@@ -378,13 +378,13 @@ def test_softmax_losses_share_one_pass_and_agree_with_each_other():
 
 def test_blocked_passes_match_with_tiny_chunks(monkeypatch):
     """Margins, the runner-up and the tempered softmax are computed block by block; tiny blocks change nothing."""
-    import lossd.kernels.plan as plan
+    from lossd.kernels import chunks
 
     z, y = logits_labels((9, 6, 5))
     t = torch.randn(9, 6, 5, dtype=torch.float64)
     specs = ["multi_margin", "multiclass_hinge", {"name": "distillation_kl", "params": {"temperature": 3.0}}, "focal"]
     whole = evaluate({"logits": z, "labels": y, "teacher_logits": t}, specs)
-    monkeypatch.setattr(plan, "CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 7)
     blocked = evaluate({"logits": z, "labels": y, "teacher_logits": t}, specs)
     for alias, r in whole.results.items():
         assert_close(blocked[alias].value, r.value, rtol=1e-12, what=alias)

@@ -12,7 +12,7 @@ from pytorch_metric_learning import losses as pml
 
 from helpers import DTYPES, assert_close, tol
 from lossd.kernels import Accumulator, InvalidInput, evaluate, get_function
-from lossd.kernels.losses import embedding
+from lossd.kernels.losses import embedding_inputs
 
 NAMES = ("info_nce", "nt_xent", "supcon", "triplet", "contrastive_pair", "multi_similarity", "circle", "arcface", "cosface", "sphereface")
 
@@ -96,7 +96,7 @@ def test_info_nce_negative_keys_match_info_nce_pytorch(dtype, m):
 def test_info_nce_blocks_give_the_same_value(monkeypatch, symmetric):
     q, k = torch.randn(50, 4, dtype=torch.float64), torch.randn(50, 4, dtype=torch.float64)
     whole, _ = run("info_nce", {"query": q, "keys": k}, symmetric=symmetric)
-    monkeypatch.setattr(embedding, "CHUNK_ELEMENTS", 7 * 50)  # 8 blocks of 7 rows, the last one short
+    monkeypatch.setattr(embedding_inputs, "CHUNK_ELEMENTS", 7 * 50)  # 8 blocks of 7 rows, the last one short
     blocked, _ = run("info_nce", {"query": q, "keys": k}, symmetric=symmetric)
     assert_close(blocked, whole, rtol=1e-12)
 
@@ -207,7 +207,7 @@ def test_circle_singletons_and_blocks(monkeypatch):
     ref = pml.CircleLoss()(x, y).item()
     got, _ = run("circle", {"embeddings": x, "labels": y})
     assert_close(got, ref, rtol=1e-12)
-    monkeypatch.setattr(embedding, "CHUNK_ELEMENTS", 3 * 11)
+    monkeypatch.setattr(embedding_inputs, "CHUNK_ELEMENTS", 3 * 11)
     for name, oracle in [("circle", ref), ("supcon", pml.SupConLoss()(x, y).item()), ("nt_xent", pml.NTXentLoss()(x, y).item())]:
         got, _ = run(name, {"embeddings": x, "labels": y})
         assert_close(got, oracle, rtol=1e-12, what=name)
@@ -251,7 +251,7 @@ def test_margin_softmax_dtypes(dtype, name, cls, monkeypatch):
     x, x64 = low((40, 5), dtype)
     w, w64 = low((5, 7), dtype)
     y = torch.randint(0, 7, (40,))
-    monkeypatch.setattr(embedding, "CHUNK_ELEMENTS", 9 * 7)  # several row blocks
+    monkeypatch.setattr(embedding_inputs, "CHUNK_ELEMENTS", 9 * 7)  # several row blocks
     got, _ = run(name, {"embeddings": x, "labels": y, "class_weights": w}, scale=16.0)
     ref = pml_margin_loss(cls, w64, x64, y, scale=16.0)
     assert_close(got, ref, **tol(dtype))

@@ -371,11 +371,11 @@ def test_moe_merge_is_the_whole_data_value():
 
 
 def test_moe_blocks_give_the_same_value(monkeypatch):
-    from lossd.kernels.losses import preference
+    from lossd.kernels.losses import auxiliary
 
     z = torch.randn(100, 4, dtype=torch.float64)
     whole, _ = run("moe_load_balancing", {"router_logits": z})
-    monkeypatch.setattr(preference, "CHUNK_ELEMENTS", 4 * 7)
+    monkeypatch.setattr(auxiliary, "CHUNK_ELEMENTS", 4 * 7)
     assert_close(run("moe_load_balancing", {"router_logits": z})[0], whole, **TIGHT)
 
 

@@ -1,4 +1,4 @@
-"""The shared row statistics (lossd.kernels.plan) against float64 torch, and what each request pays for.
+"""The shared row statistics (lossd.kernels.row_stats) against float64 torch, and what each request pays for.
 
 row_statistics computes lse and max in cache-sized blocks, leaves argmax and
 Σz to their first use and the entropy to whoever asks; these tests pin the
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from helpers import DTYPES, assert_close, tol
-from lossd.kernels import evaluate, plan
+from lossd.kernels import chunks, evaluate, input_diagnostics, row_stats
+from lossd.kernels.batch import Batch
+from lossd.kernels.dtypes import compute_dtype
 
 INF, NAN = float("inf"), float("nan")
 
@@ -30,11 +32,11 @@ def reference(x: torch.Tensor, class_dim: int) -> dict[str, torch.Tensor]:
     }
 
 
-def assert_stats(stats: plan.RowStats, x: torch.Tensor, class_dim: int, dtype: torch.dtype) -> None:
+def assert_stats(stats: row_stats.RowStats, x: torch.Tensor, class_dim: int, dtype: torch.dtype) -> None:
     ref = reference(x, class_dim)
     t = tol(dtype)
     finite = torch.isfinite(ref["lse"])
-    assert stats.lse.dtype == plan.compute_dtype(x.dtype) and stats.lse.shape == ref["lse"].shape
+    assert stats.lse.dtype == compute_dtype(x.dtype) and stats.lse.shape == ref["lse"].shape
     assert_close(stats.lse[finite], ref["lse"][finite], **t, what="lse")
     assert torch.equal(stats.lse[~finite].isnan(), ref["lse"][~finite].isnan()), "lse: NaN rows differ"
     assert torch.equal(stats.max.to(torch.float64).nan_to_num(), ref["max"].nan_to_num()), "max"
@@ -50,9 +52,9 @@ def assert_stats(stats: plan.RowStats, x: torch.Tensor, class_dim: int, dtype: t
 @pytest.mark.parametrize("scale", [3.0, 300.0])  # within and beyond the unshifted range (|max| <= 60)
 @pytest.mark.parametrize(("shape", "class_dim"), [((37, 11), 1), ((5, 7, 3), 1), ((2, 6, 129), 2), ((3, 1), 1)])
 def test_values_match_float64_across_blocks(monkeypatch, dtype, scale, shape, class_dim):
-    monkeypatch.setattr(plan, "CACHE_BLOCK_ELEMENTS", 40)  # several rows per block, several blocks per chunk
+    monkeypatch.setattr(chunks, "CACHE_BLOCK_ELEMENTS", 40)  # several rows per block, several blocks per chunk
     x = (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
-    assert_stats(plan.row_statistics(x, class_dim, True), x, class_dim, dtype)
+    assert_stats(row_stats.row_statistics(x, class_dim, True), x, class_dim, dtype)
 
 
 def test_edge_rows():
@@ -63,7 +65,7 @@ def test_edge_rows():
     x[3, ::2] = 1e4  # ties: the first index
     x[4, :5] = -INF
     x[5] = -1e4
-    stats = plan.row_statistics(x, 1, True)
+    stats = row_stats.row_statistics(x, 1, True)
     assert stats.lse[0] == -INF and stats.max[0] == -INF and stats.argmax[0] == 0
     assert stats.lse[1] == INF and stats.argmax[1] == 4
     assert stats.lse[2].isnan() and stats.max[2].isnan() and stats.argmax[2] == 3
@@ -75,21 +77,21 @@ def test_edge_rows():
 
 def test_lazy_fields_are_computed_on_first_use_only(monkeypatch):
     calls = []
-    real = plan._row_reduce
-    monkeypatch.setattr(plan, "_row_reduce", lambda *a: calls.append(1) or real(*a))
+    real = row_stats._row_reduce
+    monkeypatch.setattr(row_stats, "_row_reduce", lambda *a: calls.append(1) or real(*a))
     z, y = torch.randn(64, 10) * 3, torch.randint(0, 10, (64,))
     evaluate({"logits": z, "labels": y}, ["cross_entropy"])
     assert calls == []  # neither argmax nor Σz: cross-entropy reads lse and one score per row
     evaluate({"logits": z, "labels": y}, ["cross_entropy", "accuracy", "ece"])
     assert len(calls) == 1  # argmax, once, shared by accuracy and ece
-    stats = plan.row_statistics(z, 1, False)
+    stats = row_stats.row_statistics(z, 1, False)
     assert stats.sum is stats.sum and stats.argmax is stats.argmax
     assert len(calls) == 3
 
 
 def test_entropy_asked_later_reuses_the_stats(monkeypatch):
     z = torch.randn(16, 5)
-    batch = plan.Batch({"logits": z}, torch.device("cpu"))
+    batch = Batch({"logits": z}, torch.device("cpu"))
     first = batch.row_stats("logits", 1)
     assert first.entropy is None
     again = batch.row_stats("logits", 1, with_entropy=True)
@@ -99,7 +101,7 @@ def test_entropy_asked_later_reuses_the_stats(monkeypatch):
 
 def test_row_stats_needs_values_or_a_source():
     with pytest.raises(ValueError, match="needs argmax and sum, or the source"):
-        plan.RowStats(torch.zeros(2), torch.zeros(2))
+        row_stats.RowStats(torch.zeros(2), torch.zeros(2))
 
 
 @pytest.mark.parametrize(
@@ -109,8 +111,8 @@ def test_row_stats_needs_values_or_a_source():
 def test_score_kind_diagnostics_read_the_shared_stats(monkeypatch, kind, code):
     """Log-probabilities and logits are told apart from lse and max alone; only probability-like rows pay for Σz."""
     calls = []
-    real = plan._row_reduce
-    monkeypatch.setattr(plan, "_row_reduce", lambda *a: calls.append(1) or real(*a))
+    real = row_stats._row_reduce
+    monkeypatch.setattr(row_stats, "_row_reduce", lambda *a: calls.append(1) or real(*a))
     z = torch.randn(200, 7) * 3
     scores = {"logits": z, "log_probs": torch.log_softmax(z, 1), "probs": torch.softmax(z, 1)}[kind]
     out = evaluate({"logits": scores, "labels": torch.randint(0, 7, (200,))}, ["cross_entropy"])
@@ -123,18 +125,18 @@ def test_score_kind_diagnostics_read_the_shared_stats(monkeypatch, kind, code):
 def test_the_lse_band_holds_for_every_distribution(k):
     """The necessary condition on lse holds for one-hot, uniform and random probability rows."""
     rows = torch.cat([torch.eye(k)[:2], torch.full((1, k), 1 / k), torch.softmax(torch.randn(20, k) * 5, 1)])
-    stats = plan.row_statistics(rows, 1, False)
-    assert plan._lse_allows_probabilities(stats.lse, k)
-    assert not plan._lse_allows_probabilities(torch.log_softmax(torch.randn(5, k), 1).logsumexp(1), k)
+    stats = row_stats.row_statistics(rows, 1, False)
+    assert input_diagnostics._lse_allows_probabilities(stats.lse, k)
+    assert not input_diagnostics._lse_allows_probabilities(torch.log_softmax(torch.randn(5, k), 1).logsumexp(1), k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_count_nonfinite(dtype):
     x = torch.randn(1000).to(dtype)
-    assert plan.count_nonfinite(x) == (0, False)
+    assert input_diagnostics.count_nonfinite(x) == (0, False)
     x[[3, 500, 999]] = torch.tensor([NAN, INF, -INF], dtype=dtype)
-    assert plan.count_nonfinite(x)[0] == 3  # the float16 limit flag only matters when all values are finite
+    assert input_diagnostics.count_nonfinite(x)[0] == 3  # the float16 limit flag only matters when all values are finite
     if dtype == torch.float16:
         y = torch.randn(1000).to(dtype)
         y[7] = -65504
-        assert plan.count_nonfinite(y) == (0, True)
+        assert input_diagnostics.count_nonfinite(y) == (0, True)

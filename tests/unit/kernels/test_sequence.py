@@ -150,11 +150,11 @@ def test_merge_over_batches_split_on_b(params):
 
 def test_shared_row_statistics_with_tiny_blocks(monkeypatch):
     """The logsumexp pass runs a few tokens at a time; the loss is unchanged."""
-    import lossd.kernels.plan as plan
+    from lossd.kernels import chunks
 
     z, y = lm_batch(3, 10, 17, pad=0.2)
     whole, _ = lm({"logits": z, "labels": y})
-    monkeypatch.setattr(plan, "CHUNK_ELEMENTS", 40)  # two rows of 17 per block
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 40)  # two rows of 17 per block
     blocked, _ = lm({"logits": z, "labels": y})
     assert_close(blocked.value, whole.value, rtol=1e-13)
     assert_close(blocked.value, torch_lm(z, y).item(), rtol=1e-12)
@@ -183,9 +183,9 @@ def test_evaluation_never_copies_the_logits(monkeypatch, dtype):
     Freed heap pages are returned to the kernel first, so a temporary that
     reuses them still shows up as RSS growth.  Half-precision logits are
     upcast one block at a time, never as a whole."""
-    import lossd.kernels.plan as plan
+    from lossd.kernels import chunks
 
-    monkeypatch.setattr(plan, "CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 1 << 16)
     specs = [
         "lm_cross_entropy",
         {"name": "lm_cross_entropy", "alias": "seq", "params": {"normalization": "sequence", "label_smoothing": 0.1}},

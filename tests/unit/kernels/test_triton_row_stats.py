@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from lossd.kernels import plan
+from lossd.kernels import row_stats as shared_row_stats
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the lossd-kernels[triton] extra)")
 
@@ -133,7 +133,7 @@ def test_kernel_matches_reference(kernel_outputs, case):
 def test_any_layout_matches_the_torch_path(kernel_outputs, case):
     x, dim = LAYOUTS[case]
     lse, mx, argmax, total = kernel_outputs[case]
-    ref = plan.row_statistics(x, dim, False)
+    ref = shared_row_stats.row_statistics(x, dim, False)
     assert lse.shape == ref.lse.shape == x.shape[:dim] + x.shape[dim + 1 :]
     assert_close(lse, ref.lse, rtol=2e-6, atol=2e-6, what="lse")
     assert_close(mx, ref.max, rtol=0, atol=0, what="max")
@@ -161,30 +161,30 @@ def test_launcher_refuses_what_it_cannot_take(x, kwargs, error, match):
 
 @pytest.fixture
 def fresh_kernel_lookup(monkeypatch: pytest.MonkeyPatch):
-    """plan._row_stats_kernel memoizes its import; forget it around the test, and the kernel module too."""
+    """shared_row_stats._row_stats_kernel memoizes its import; forget it around the test, and the kernel module too."""
     import lossd.kernels.triton as package
 
-    plan._row_stats_kernel.cache_clear()
+    shared_row_stats._row_stats_kernel.cache_clear()
     monkeypatch.delitem(sys.modules, "lossd.kernels.triton.row_stats")
     monkeypatch.delattr(package, "row_stats")  # else `from package import row_stats` finds it there
     yield monkeypatch
-    plan._row_stats_kernel.cache_clear()
+    shared_row_stats._row_stats_kernel.cache_clear()
 
 
 def test_missing_triton_means_the_torch_path(fresh_kernel_lookup):
     fresh_kernel_lookup.setitem(sys.modules, "triton", None)  # `import triton` now raises ModuleNotFoundError
-    assert plan._row_stats_kernel() is None
+    assert shared_row_stats._row_stats_kernel() is None
 
 
 def test_a_broken_kernel_module_is_raised_not_skipped(fresh_kernel_lookup):
     fresh_kernel_lookup.setitem(sys.modules, "lossd.kernels.triton.row_stats", None)
     with pytest.raises(ModuleNotFoundError, match="row_stats"):
-        plan._row_stats_kernel()
+        shared_row_stats._row_stats_kernel()
 
 
 def test_the_kernel_module_is_found_when_triton_is_installed():
-    plan._row_stats_kernel.cache_clear()
+    shared_row_stats._row_stats_kernel.cache_clear()
     try:
-        assert plan._row_stats_kernel() is row_stats
+        assert shared_row_stats._row_stats_kernel() is row_stats
     finally:
-        plan._row_stats_kernel.cache_clear()
+        shared_row_stats._row_stats_kernel.cache_clear()

@@ -18,6 +18,7 @@ from lossd.server.monitoring import (
     History,
     LabelGuard,
     Monitoring,
+    SeriesBudget,
     calibration_counts,
     expected_calibration_error,
     loss_sums,
@@ -60,47 +61,77 @@ def _samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, st
 # -- the cardinality guard ---------------------------------------------------------------------
 
 
-def test_guard_caps_10000_distinct_models_and_counts_the_overflow() -> None:
-    settings = Settings(label_max_values=50, device="cpu")
+def _series(registry: CollectorRegistry, *, budgeted: bool) -> int:
+    """Samples of the families with client-chosen labels (budgeted) or of all families."""
+    return sum(len(f.samples) for f in registry.collect() if not budgeted or any("model" in s.labels for s in f.samples))
+
+
+def test_10000_distinct_tag_sets_stay_under_the_series_caps() -> None:
+    settings = Settings(max_series_per_family=600, device="cpu")
     monitoring = Monitoring(settings)
-    tensors = {"predictions": torch.zeros(8), "targets": torch.ones(8)}  # no logits: no per-row work, a fast loop
-    evaluation = evaluate(tensors, ["mse"])
+    tensors = {"logits": torch.randn(8, 3), "labels": torch.arange(8) % 3}  # calibration bins too: 15 series per tag set
+    evaluation = evaluate(tensors, ["cross_entropy", "accuracy"])
     for i in range(10_000):
-        tags = pb.Tags(model=f"model-{i}", dataset="d", split="s")
+        tags = pb.Tags(model=f"model-{i}", dataset=f"data-{i % 7}", split=f"split-{i % 3}")
         monitoring.observe(EvaluationEvent("Evaluate", i, tags, evaluation, evaluation.batch, evaluation.prepared))
-    models = {dict(k)["model"] for k in _samples(monitoring.registry, "lossd_loss_sum_total")}
-    assert len(models) == settings.label_max_values + 1 and OTHER in models
-    cal_series = _samples(monitoring.registry, "lossd_calibration_count_total")
-    assert len(cal_series) == (settings.label_max_values + 1) * settings.calibration_bins
-    total_series = sum(len(f.samples) for f in monitoring.registry.collect())
-    assert total_series < 5_000, f"{total_series} series for 10,000 model names"
-    overflow = _samples(monitoring.registry, "lossd_label_overflow_total")
-    assert overflow == {(("label", "model"), ("reason", "cap")): 10_000 - 50}
-    # Nothing is lost: the folded evaluations are counted under __other__.
-    counts = _samples(monitoring.registry, "lossd_loss_count_total")
+    r = monitoring.registry
+    budgeted = _series(r, budgeted=True)
+    counted = _samples(r, "lossd_monitoring_series")
+    assert budgeted <= sum(counted.values()) < 3_000, f"{budgeted} series with client labels for 10,000 tag sets"
+    for family in r.collect():
+        if any("model" in s.labels for s in family.samples):
+            assert len(family.samples) <= settings.max_series_per_family, family.name
+    assert _series(r, budgeted=False) < 3_500  # the rest is bounded by construction
+    # The calibration families (15 series per tag set) hit their cap first: 600 // 15 − 1 reserved for __other__.
+    models = {dict(k)["model"] for k in _samples(r, "lossd_calibration_predictions_total")}
+    admitted = settings.max_series_per_family // settings.calibration_bins - 1
+    assert len(models) == admitted + 1 and OTHER in models
+    folded = _samples(r, "lossd_monitoring_folded_total")
+    assert folded == {(("reason", "family_cap"),): float(10_000 - admitted)}
+    # Nothing is lost: the folded evaluations are counted under __other__, and the totals are exact.
+    counts = _samples(r, "lossd_loss_denominator_total")
     assert sum(counts.values()) == 10_000 * 8
-    assert counts[(("dataset", "d"), ("function", "mse"), ("model", OTHER), ("split", "s"))] == (10_000 - 50) * 8
+    assert counts[(("dataset", OTHER), ("function", "cross_entropy"), ("model", OTHER), ("split", OTHER))] == (10_000 - admitted) * 8
+    assert sum(_samples(r, "lossd_calibration_predictions_total").values()) == 10_000 * 8
+    limits = _samples(r, "lossd_monitoring_series_limit")
+    assert limits == {(("scope", "per_family"),): 600.0, (("scope", "total"),): 50_000.0}
+    assert counted[(("family", "lossd_calibration_predictions"),)] == (admitted + 1) * 15 <= 600
+
+
+def test_the_total_cap_binds_across_families() -> None:
+    settings = Settings(max_series_per_family=10_000, max_series_total=300, calibration_bins=10, device="cpu")
+    monitoring = Monitoring(settings)
+    evaluation = evaluate({"logits": torch.randn(4, 3), "labels": torch.arange(4) % 3}, ["cross_entropy"])
+    for i in range(500):
+        monitoring.observe(EvaluationEvent("Evaluate", i, pb.Tags(model=f"m{i}"), evaluation, evaluation.batch, evaluation.prepared))
+    assert _series(monitoring.registry, budgeted=True) <= 300
+    assert set(_samples(monitoring.registry, "lossd_monitoring_folded_total")) == {(("reason", "total_cap"),)}
 
 
 def test_guard_length_allowlist_and_unset() -> None:
-    folds: list[tuple[str, str]] = []
-    guard = LabelGuard(
-        max_values=2, max_length=8, allowlist=["resnet", "vit"], on_overflow=lambda label, reason: folds.append((label, reason))
-    )
-    assert guard.admit("model", "resnet") == "resnet"
-    assert guard.admit("model", "llama") == OTHER
-    assert guard.admit("model", "a-very-long-name") == OTHER
-    assert guard.admit("model", "") == ""
-    assert guard.admit("model", OTHER) == OTHER
-    assert guard.admit("function", "cross_entropy_x") == OTHER  # too long; the allowlist is for tags only
-    assert guard.admit("function", "ce") == "ce"
-    assert folds == [("model", "not_allowlisted"), ("model", "too_long"), ("function", "too_long")]
-    assert guard.admitted("model") == {"resnet"}
+    guard = LabelGuard(max_length=8, allowlist=["resnet", "vit"])
+    assert guard.refusal("model", "resnet") is None
+    assert guard.refusal("model", "llama") == "not_allowlisted"
+    assert guard.refusal("model", "a-very-long-name") == "too_long"
+    assert guard.refusal("model", "") is None and guard.refusal("model", OTHER) is None
+    assert guard.refusal("function", "cross_entropy_x") == "too_long"  # the allowlist is for tags only
+    assert guard.refusal("function", "ce") is None
 
 
-def test_guard_refuses_bad_settings() -> None:
-    with pytest.raises(ValueError, match="max_values: expected >= 1, got 0"):
-        LabelGuard(max_values=0, max_length=4)
+def test_a_too_long_tag_folds_that_tag_and_is_counted() -> None:
+    monitoring = Monitoring(Settings(device="cpu", label_max_length=8))
+    evaluation = evaluate({"predictions": torch.zeros(3), "targets": torch.ones(3)}, ["mse"])
+    tags = pb.Tags(model="a-very-long-model-name", dataset="d", split="s")
+    monitoring.observe(EvaluationEvent("Evaluate", 1, tags, evaluation, evaluation.batch, evaluation.prepared))
+    assert _samples(monitoring.registry, "lossd_loss_denominator_total") == {
+        (("dataset", "d"), ("function", "mse"), ("model", OTHER), ("split", "s")): 3.0
+    }
+    assert _samples(monitoring.registry, "lossd_monitoring_folded_total") == {(("reason", "too_long"),): 1.0}
+
+
+def test_budget_refuses_bad_settings() -> None:
+    with pytest.raises(ValueError, match="expected >= 1, got 0 and 5"):
+        SeriesBudget(max_per_family=0, max_total=5)
 
 
 # -- sufficient statistics -----------------------------------------------------------------------
@@ -182,17 +213,19 @@ def test_observe_exports_exact_sums_and_initialises_every_bin() -> None:
         monitoring.observe(_observe({k: v[half] for k, v in tensors.items()}, ["cross_entropy", {"name": "ece", "params": {"n_bins": 10}}]))
     whole = evaluate(tensors, ["cross_entropy", {"name": "ece", "params": {"n_bins": 10}}])
     r = monitoring.registry
-    loss = _samples(r, "lossd_loss_sum_total")
-    count = _samples(r, "lossd_loss_count_total")
+    loss = _samples(r, "lossd_loss_numerator_total")
+    count = _samples(r, "lossd_loss_denominator_total")
     key = (("dataset", "d"), ("function", "cross_entropy"), ("model", "m"), ("split", "s"))
     assert_close(loss[key] / count[key], whole.results["cross_entropy"].value, rtol=1e-12, what="mean loss from counters")
     bins = {
-        name: np.array([_samples(r, name)[(("bin", str(b)), ("dataset", "d"), ("model", "m"), ("split", "s"))] for b in range(10)])
-        for name in ("lossd_calibration_count_total", "lossd_calibration_confidence_sum_total", "lossd_calibration_correct_sum_total")
+        name: np.array(
+            [_samples(r, name)[(("bin_upper", f"{(b + 1) / 10:.4f}"), ("dataset", "d"), ("model", "m"), ("split", "s"))] for b in range(10)]
+        )
+        for name in ("lossd_calibration_predictions_total", "lossd_calibration_confidence_total", "lossd_calibration_correct_total")
     }
     ece = expected_calibration_error(*bins.values())
     assert_close(ece, whole.results["ece"].value, rtol=1e-12, what="ECE from counters")
-    assert len(bins["lossd_calibration_count_total"]) == 10
+    assert len(bins["lossd_calibration_predictions_total"]) == 10
     assert _samples(r, "lossd_evaluated_rows_total") == {(("dataset", "d"), ("model", "m"), ("split", "s")): 500.0}
     snapshot = monitoring.history.snapshot()
     (series,) = snapshot["series"]
@@ -205,7 +238,7 @@ def test_observe_skips_finalize_and_sums_a_stream_once_it_succeeds() -> None:
     tensors = _classification(n=10)
     evaluation = evaluate(tensors, ["cross_entropy"])
     monitoring.observe(EvaluationEvent("Finalize", 1, pb.Tags(model="m"), evaluation))
-    assert _samples(monitoring.registry, "lossd_loss_count_total") == {}
+    assert _samples(monitoring.registry, "lossd_loss_denominator_total") == {}
     assert (
         _samples(monitoring.registry, "lossd_evaluations_total")[(("dataset", ""), ("method", "Finalize"), ("model", "m"), ("split", ""))]
         == 1
@@ -218,9 +251,9 @@ def test_observe_skips_finalize_and_sums_a_stream_once_it_succeeds() -> None:
     monitoring.observe(EvaluationEvent("EvaluateStream", 3, tags, None, aborted=True))
     evaluation.batches = 3  # the stream's loss totals are its evaluation's; its rows come from the messages
     monitoring.observe(EvaluationEvent("EvaluateStream", 2, tags, evaluation, None, evaluation.prepared))
-    assert sum(_samples(monitoring.registry, "lossd_calibration_count_total").values()) == 30
+    assert sum(_samples(monitoring.registry, "lossd_calibration_predictions_total").values()) == 30
     assert sum(_samples(monitoring.registry, "lossd_evaluated_rows_total").values()) == 30
-    assert sum(_samples(monitoring.registry, "lossd_loss_count_total").values()) == 10
+    assert sum(_samples(monitoring.registry, "lossd_loss_denominator_total").values()) == 10
     assert len(monitoring._streams) == 0
 
 
@@ -233,8 +266,8 @@ def test_observe_never_raises() -> None:
 def test_registries_are_independent() -> None:
     a, b = Monitoring(Settings(device="cpu")), Monitoring(Settings(device="cpu"))
     a.observe(_observe(_classification(n=4), ["cross_entropy"]))
-    assert sum(_samples(a.registry, "lossd_loss_count_total").values()) == 4
-    assert _samples(b.registry, "lossd_loss_count_total") == {}
+    assert sum(_samples(a.registry, "lossd_loss_denominator_total").values()) == 4
+    assert _samples(b.registry, "lossd_loss_denominator_total") == {}
 
 
 # -- history ---------------------------------------------------------------------------------------

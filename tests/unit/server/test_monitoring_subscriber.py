@@ -31,7 +31,7 @@ def _bins(monitoring: Monitoring, name: str) -> np.ndarray:
     for family in monitoring.registry.collect():
         for s in family.samples:
             if s.name == name and s.labels.get("model") == "m":
-                values[int(s.labels["bin"])] = s.value
+                values[round(float(s.labels["bin_upper"]) * BINS) - 1] = s.value
     return np.array([values[b] for b in range(BINS)])
 
 
@@ -57,9 +57,9 @@ def _softmax_top1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _assert_counters(monitoring: Monitoring, expected: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     count, confidence, correct = expected
-    assert_close(_bins(monitoring, "lossd_calibration_count_total"), count, rtol=0, atol=0, what="per-bin counts")
-    assert_close(_bins(monitoring, "lossd_calibration_confidence_sum_total"), confidence, rtol=1e-6, what="Σ confidence")
-    assert_close(_bins(monitoring, "lossd_calibration_correct_sum_total"), correct, rtol=0, atol=0, what="Σ correct")
+    assert_close(_bins(monitoring, "lossd_calibration_predictions_total"), count, rtol=0, atol=0, what="per-bin counts")
+    assert_close(_bins(monitoring, "lossd_calibration_confidence_total"), confidence, rtol=1e-6, what="Σ confidence")
+    assert_close(_bins(monitoring, "lossd_calibration_correct_total"), correct, rtol=0, atol=0, what="Σ correct")
 
 
 def test_role_mapped_logits_export_the_float64_reference() -> None:
@@ -85,7 +85,7 @@ def test_token_level_logits_export_per_token_counters_shifted_and_ignored() -> N
     confidence, argmax, target = confidence[:, :-1], argmax[:, :-1], labels.numpy()[:, 1:]  # shift: t predicts t + 1
     keep = target != -100
     _assert_counters(monitoring, _reference(confidence[keep], argmax[keep] == target[keep]))
-    assert _bins(monitoring, "lossd_calibration_count_total").sum() == 3 * 10 - 3
+    assert _bins(monitoring, "lossd_calibration_predictions_total").sum() == 3 * 10 - 3
 
 
 def test_binary_logits_export_the_ece_functions_rule() -> None:
@@ -118,7 +118,7 @@ def test_a_request_without_class_scores_is_counted_with_its_reason(
     monitoring.observe(_event(tensors, functions))
     monitoring.observe(_event(tensors, functions, call=2))
     assert _skipped(monitoring) == {reason: 2.0}
-    assert _bins(monitoring, "lossd_calibration_count_total").sum() == 0
+    assert _bins(monitoring, "lossd_calibration_predictions_total").sum() == 0
 
 
 def test_monitoring_reads_the_memo_and_never_computes_row_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +134,7 @@ def test_monitoring_reads_the_memo_and_never_computes_row_statistics(monkeypatch
     monitoring = Monitoring(Settings(device="cpu", calibration_bins=BINS))
     monitoring.observe(event)
     assert calls == []
-    assert _bins(monitoring, "lossd_calibration_count_total").sum() == 64
+    assert _bins(monitoring, "lossd_calibration_predictions_total").sum() == 64
 
 
 def test_the_queue_runs_off_the_caller_drops_when_full_and_flushes() -> None:
@@ -162,7 +162,7 @@ def test_submitted_events_are_observed_after_flush() -> None:
     for call in range(5):
         monitoring.submit(_event(tensors, ["cross_entropy"], call=call))
     assert asyncio.run(monitoring.flush(timeout=30))
-    assert _bins(monitoring, "lossd_calibration_count_total").sum() == 5 * 32
+    assert _bins(monitoring, "lossd_calibration_predictions_total").sum() == 5 * 32
     text = asyncio.run(monitoring.exposition()).decode()
     assert 'lossd_evaluations_total{dataset="",method="Evaluate",model="m",split=""} 5.0' in text
     monitoring.close()

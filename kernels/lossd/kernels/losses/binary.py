@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
+from lossd.kernels.declarations import Example, Role
+from lossd.kernels.examples import binary_targets, normal
 from lossd.kernels.params import Param
-from lossd.kernels.plan import View, first_index
 from lossd.kernels.reduce import Terms, mean_loss
-from lossd.kernels.registry import Role, register
+from lossd.kernels.view import View, first_index
 
-__all__ = ["LOGITS", "TARGETS", "SEGMENTATION_LOGITS", "bce_terms", "logits_and_targets"]
+__all__ = ["FUNCTIONS", "LOGITS", "TARGETS", "SEGMENTATION_LOGITS", "bce_terms", "logits_and_targets"]
 
 LOGITS = Role("logits", "[N], [N, C] or [B, C, *spatial]", "float", "one logit per element")
 TARGETS = Role("targets", "same shape as logits", "binary", "targets in {0, 1} (float; soft targets in [0, 1] where the loss allows them)")
@@ -185,17 +186,16 @@ def _tversky_terms(view: View, p: Mapping[str, Any]) -> Terms:
     return Terms(1 - (tp + s) / (tp + p["alpha"] * fp + p["beta"] * fn + s))
 
 
-def _declare(name: str, summary: str, terms: Any, reference: str, params: tuple[Param, ...] = (), *, segmentation: bool = False) -> None:
-    roles = (SEGMENTATION_LOGITS, SEGMENTATION_TARGETS) if segmentation else (LOGITS, TARGETS)
-    register(mean_loss(name=name, family="binary", summary=summary, roles=roles, params=params, terms=terms, reference=reference))
+_EXAMPLE = Example(lambda rng, n: {"logits": normal(rng, n, 3), "targets": binary_targets(rng, n, 3)})
+_SEGMENTATION_EXAMPLE = Example(lambda rng, n: {"logits": normal(rng, 2, 3, 5, 5), "targets": binary_targets(rng, 2, 3, 5, 5)})
 
 
-_declare(
-    "bce_with_logits",
-    "binary cross-entropy on logits, soft targets allowed: max(z, 0) − z·y + log(1 + e^(−|z|)), pos_weight on the y term",
-    _bce_terms,
-    "torch.nn.functional.binary_cross_entropy_with_logits (pos_weight [C] reshaped to the channel dim 1)",
-    (
+bce_with_logits = mean_loss(
+    name="bce_with_logits",
+    family="binary",
+    summary="binary cross-entropy on logits, soft targets allowed: max(z, 0) − z·y + log(1 + e^(−|z|)), pos_weight on the y term",
+    roles=(LOGITS, TARGETS),
+    params=(
         Param(
             "pos_weight",
             "float_or_list",
@@ -205,16 +205,46 @@ _declare(
             nullable=True,
         ),
     ),
+    terms=_bce_terms,
+    reference="torch.nn.functional.binary_cross_entropy_with_logits (pos_weight [C] reshaped to the channel dim 1)",
+    example=_EXAMPLE,
 )
-_declare("hinge", "max(0, m − t·z), t = 2y − 1", _hinge_terms, "sklearn.metrics.hinge_loss (binary, margin 1); float64 formula", (MARGIN,))
-_declare("squared_hinge", "max(0, m − t·z)², t = 2y − 1", _squared_hinge_terms, "float64 formula", (MARGIN,))
-_declare("exponential", "e^(−t·z), t = 2y − 1 (AdaBoost); float64 overflow is inf and diagnosed", _exponential_terms, "float64 formula")
-_declare(
-    "sigmoid_focal",
-    "α_t (1 − p_t)^γ · BCE with p_t = p·y + (1 − p)(1 − y) (RetinaNet)",
-    _sigmoid_focal_terms,
-    "torchvision.ops.sigmoid_focal_loss formula (monai FocalLoss equal)",
-    (
+hinge = mean_loss(
+    name="hinge",
+    family="binary",
+    summary="max(0, m − t·z), t = 2y − 1",
+    roles=(LOGITS, TARGETS),
+    params=(MARGIN,),
+    terms=_hinge_terms,
+    reference="sklearn.metrics.hinge_loss (binary, margin 1); float64 formula",
+    example=_EXAMPLE,
+)
+squared_hinge = mean_loss(
+    name="squared_hinge",
+    family="binary",
+    summary="max(0, m − t·z)², t = 2y − 1",
+    roles=(LOGITS, TARGETS),
+    params=(MARGIN,),
+    terms=_squared_hinge_terms,
+    reference="float64 formula",
+    example=_EXAMPLE,
+)
+exponential = mean_loss(
+    name="exponential",
+    family="binary",
+    summary="e^(−t·z), t = 2y − 1 (AdaBoost); float64 overflow is inf and diagnosed",
+    roles=(LOGITS, TARGETS),
+    params=(),
+    terms=_exponential_terms,
+    reference="float64 formula",
+    example=_EXAMPLE,
+)
+sigmoid_focal = mean_loss(
+    name="sigmoid_focal",
+    family="binary",
+    summary="α_t (1 − p_t)^γ · BCE with p_t = p·y + (1 − p)(1 − y) (RetinaNet)",
+    roles=(LOGITS, TARGETS),
+    params=(
         Param(
             "alpha",
             "float",
@@ -226,38 +256,58 @@ _declare(
         ),
         Param("gamma", "float", 2.0, "γ: focusing exponent; 0 gives α-weighted BCE", minimum=0.0),
     ),
+    terms=_sigmoid_focal_terms,
+    reference="torchvision.ops.sigmoid_focal_loss formula (monai FocalLoss equal)",
+    example=_EXAMPLE,
 )
-_declare(
-    "dice",
-    "1 − (2Σpy + s)/(Σp + Σy + s) per (sample, channel) over the spatial dims, averaged",
-    _dice_terms,
-    "monai.losses.DiceLoss(sigmoid=True)",
-    (SMOOTH, INPUT_KIND),
-    segmentation=True,
+dice = mean_loss(
+    name="dice",
+    family="binary",
+    summary="1 − (2Σpy + s)/(Σp + Σy + s) per (sample, channel) over the spatial dims, averaged",
+    roles=(SEGMENTATION_LOGITS, SEGMENTATION_TARGETS),
+    params=(SMOOTH, INPUT_KIND),
+    terms=_dice_terms,
+    reference="monai.losses.DiceLoss(sigmoid=True)",
+    example=_SEGMENTATION_EXAMPLE,
 )
-_declare(
-    "dice_bce",
-    "dice_weight · dice + bce_weight · BCE, per (sample, channel) entry (BCE averaged over the entry's spatial elements)",
-    _dice_bce_terms,
-    "monai.losses.DiceCELoss(sigmoid=True) (C = 1; monai switches to softmax CE for C > 1) / DiceLoss + binary_cross_entropy_with_logits",
-    (
+dice_bce = mean_loss(
+    name="dice_bce",
+    family="binary",
+    summary="dice_weight · dice + bce_weight · BCE, per (sample, channel) entry (BCE averaged over the entry's spatial elements)",
+    roles=(SEGMENTATION_LOGITS, SEGMENTATION_TARGETS),
+    params=(
         Param("dice_weight", "float", 1.0, "weight of the dice term (monai lambda_dice)", minimum=0.0),
         Param("bce_weight", "float", 1.0, "weight of the BCE term (monai lambda_ce)", minimum=0.0),
         SMOOTH,
         INPUT_KIND,
     ),
-    segmentation=True,
+    terms=_dice_bce_terms,
+    reference="monai.losses.DiceCELoss(sigmoid=True) (C = 1; monai switches to softmax CE for C > 1) / DiceLoss + binary_cross_entropy_with_logits",
+    example=_SEGMENTATION_EXAMPLE,
 )
-_declare(
-    "tversky",
-    "1 − (TP + s)/(TP + α·FP + β·FN + s) per (sample, channel) over the spatial dims, averaged",
-    _tversky_terms,
-    "monai.losses.TverskyLoss(sigmoid=True)",
-    (
+tversky = mean_loss(
+    name="tversky",
+    family="binary",
+    summary="1 − (TP + s)/(TP + α·FP + β·FN + s) per (sample, channel) over the spatial dims, averaged",
+    roles=(SEGMENTATION_LOGITS, SEGMENTATION_TARGETS),
+    params=(
         Param("alpha", "float", 0.5, "α: weight of false positives", minimum=0.0),
         Param("beta", "float", 0.5, "β: weight of false negatives", minimum=0.0),
         SMOOTH,
         INPUT_KIND,
     ),
-    segmentation=True,
+    terms=_tversky_terms,
+    reference="monai.losses.TverskyLoss(sigmoid=True)",
+    example=_SEGMENTATION_EXAMPLE,
+)
+
+FUNCTIONS = (
+    bce_with_logits,
+    hinge,
+    squared_hinge,
+    exponential,
+    sigmoid_focal,
+    dice,
+    dice_bce,
+    tversky,
 )

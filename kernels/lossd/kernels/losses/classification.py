@@ -1,7 +1,7 @@
 """Multiclass losses on logits [N, K] or [N, K, d1, ...] (torch layout, classes on dim 1).
 
 Every softmax loss here reads the request's shared per-row statistics
-(logsumexp, max, Σz) from the evaluation plan, so several of them on the same
+(logsumexp, max, Σz) from the batch memo, so several of them on the same
 logits cost one pass over the logits.  Losses that need more than those
 statistics (margins, the runner-up score, a tempered softmax) walk the scores
 block by block (:func:`per_row_blocks`), never building a second tensor of the
@@ -15,22 +15,46 @@ from typing import Any
 
 import torch
 
+from lossd.kernels.chunks import iter_class_last_chunks, iter_row_chunks
+from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role, no_valid_element
+from lossd.kernels.dtypes import compute_dtype
+from lossd.kernels.examples import K, log_softmax, normal, softmax
+from lossd.kernels.examples import class_labels as example_labels
 from lossd.kernels.params import IGNORE_INDEX, Param
-from lossd.kernels.plan import View, compute_dtype, iter_class_last_chunks, iter_row_chunks
 from lossd.kernels.reduce import Terms, mean_loss
-from lossd.kernels.registry import FunctionDef, Output, Result, Role, register
 from lossd.kernels.state import MergeOp
+from lossd.kernels.view import View
 
-__all__ = ["LOGITS", "LABELS", "TARGET_PROBS", "INPUT_KIND", "class_labels", "class_weight_vector", "gather_class", "per_row_blocks"]
+__all__ = [
+    "FUNCTIONS",
+    "LOGITS",
+    "LABELS",
+    "TARGET_PROBS",
+    "INPUT_KIND",
+    "class_labels",
+    "class_weight_vector",
+    "gather_class",
+    "per_row_blocks",
+    "check_logits",
+    "need_two_classes",
+    "label_log_prob",
+    "SCORES",
+    "CLASS_LABELS",
+    "MULTICLASS_EXAMPLE",
+    "SCORES_EXAMPLE",
+]
 
 LOGITS = Role("logits", "[N, K] or [N, K, d1, ...]", "float", "unnormalized scores (or log-probabilities / probabilities per input_kind)")
-LABELS = Role("labels", "[N] or [N, d1, ...]", "index", "class indices in [0, K) or ignore_index", optional=True)
-TARGET_PROBS = Role("target_probs", "same shape as logits", "float", "soft targets: a distribution over classes per row", optional=True)
+LABELS = Role("labels", "[N] or [N, d1, ...]", "index", "class indices in [0, K) or ignore_index", optional=True, one_of="truth")
+TARGET_PROBS = Role(
+    "target_probs", "same shape as logits", "float", "soft targets: a distribution over classes per row", optional=True, one_of="truth"
+)
 INPUT_KIND = Param("input_kind", "str", "logits", "how the scores are given", choices=("logits", "log_probs", "probs"))
 CLASS_WEIGHT = Param("weight", "float_list", None, "per-class weights [K] (torch semantics: weighted mean divides by Σ w_y)", nullable=True)
 
 
 def check_logits(view: View, role: str = "logits") -> torch.Tensor:
+    """The role's class scores [N, K] or [N, K, d1, ...] as sent (floating point)."""
     z = view.scores(role)
     view.expect_ndim(role, z, range(2, 9), "[N, K] or [N, K, d1, ...]")
     return z
@@ -53,6 +77,7 @@ def class_labels(view: View, z: torch.Tensor, ignore_index: int | None, role: st
 
 
 def class_weight_vector(view: View, p: Mapping[str, Any], k: int, dtype: torch.dtype, name: str = "weight") -> torch.Tensor | None:
+    """The per-class weight parameter ``name`` as a [k] tensor (None when not given); its length must be k."""
     w = p.get(name)
     if w is None:
         return None
@@ -75,7 +100,7 @@ def _rowwise_class_sum(z: torch.Tensor, vec: torch.Tensor | None, soft: torch.Te
     chunks_q = iter_class_last_chunks(soft, 1) if soft is not None else None
     for _, _, rows in iter_class_last_chunks(z, 1):
         rows = rows.to(dtype)
-        c = next(chunks_q)[2].to(dtype) if chunks_q is not None else None  # type: ignore[call-overload]
+        c = next(chunks_q)[2].to(dtype) if chunks_q is not None else None
         if vec is not None:
             c = vec if c is None else c * vec
         # −inf scores with zero coefficient contribute 0, not NaN.
@@ -143,28 +168,34 @@ def _cross_entropy_terms(view: View, p: Mapping[str, Any]) -> Terms:
     return Terms(nll, wy, weighted=weighted * valid)
 
 
-cross_entropy = register(
-    mean_loss(
-        name="cross_entropy",
-        family="classification",
-        summary="softmax cross-entropy with class weights, ignore_index, label smoothing (uniform or others) and soft targets",
-        roles=(LOGITS, LABELS, TARGET_PROBS),
-        params=(
-            CLASS_WEIGHT,
-            IGNORE_INDEX,
-            Param("label_smoothing", "float", 0.0, "ε: mass moved from the label to the other classes", minimum=0.0, maximum=1.0),
-            Param(
-                "smoothing_mode",
-                "str",
-                "uniform",
-                "uniform: q_y = 1−ε+ε/K (torch); others: q_y = 1−ε, ε/(K−1) elsewhere (fairseq)",
-                choices=("uniform", "others"),
-            ),
-            INPUT_KIND,
+MULTICLASS_EXAMPLE = Example(lambda rng, n: {"logits": normal(rng, n, K), "labels": example_labels(n)})
+_LOG_PROBS_EXAMPLE = Example(lambda rng, n: {"log_probs": log_softmax(normal(rng, n, K)), "labels": example_labels(n)})
+_KL_EXAMPLE = Example(lambda rng, n: {"log_probs": log_softmax(normal(rng, n, K)), "target": softmax(normal(rng, n, K))})
+_DISTILLATION_EXAMPLE = Example(lambda rng, n: {"logits": normal(rng, n, K), "teacher_logits": normal(rng, n, K)})
+SCORES_EXAMPLE = Example(lambda rng, n: {"logits": normal(rng, n, K)})
+
+
+cross_entropy = mean_loss(
+    name="cross_entropy",
+    family="classification",
+    summary="softmax cross-entropy with class weights, ignore_index, label smoothing (uniform or others) and soft targets",
+    roles=(LOGITS, LABELS, TARGET_PROBS),
+    params=(
+        CLASS_WEIGHT,
+        IGNORE_INDEX,
+        Param("label_smoothing", "float", 0.0, "ε: mass moved from the label to the other classes", minimum=0.0, maximum=1.0),
+        Param(
+            "smoothing_mode",
+            "str",
+            "uniform",
+            "uniform: q_y = 1−ε+ε/K (torch); others: q_y = 1−ε, ε/(K−1) elsewhere (fairseq)",
+            choices=("uniform", "others"),
         ),
-        terms=_cross_entropy_terms,
-        reference="torch.nn.functional.cross_entropy; float64 formula for smoothing_mode='others'",
-    )
+        INPUT_KIND,
+    ),
+    terms=_cross_entropy_terms,
+    reference="torch.nn.functional.cross_entropy; float64 formula for smoothing_mode='others'",
+    example=MULTICLASS_EXAMPLE,
 )
 
 
@@ -197,12 +228,13 @@ def per_row_blocks(
     return out.reshape(shape)
 
 
-def _need_two_classes(view: View, z: torch.Tensor, why: str) -> None:
+def need_two_classes(view: View, z: torch.Tensor, why: str) -> None:
+    """Refuse scores with fewer than two classes on dim 1 (``why`` names what needs them)."""
     if z.shape[1] < 2:
         raise view.error("logits", f"{why} needs at least 2 classes on dim 1, got K={z.shape[1]} (shape {list(z.shape)})")
 
 
-def _label_log_prob(view: View, z: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def label_log_prob(view: View, z: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """log p_y = z_y − logsumexp(z), from the request's shared row statistics."""
     return gather_class(z, y, dtype) - view.row_stats("logits", 1).lse
 
@@ -216,16 +248,15 @@ def _nll_terms(view: View, p: Mapping[str, Any]) -> Terms:
     return Terms(-gather_class(lp, y, dtype), wy)
 
 
-nll = register(
-    mean_loss(
-        name="nll",
-        family="classification",
-        summary="negative log-likelihood of log-probabilities, with class weights and ignore_index",
-        roles=(Role("log_probs", "[N, K] or [N, K, d1, ...]", "float", "log-probabilities, classes on dim 1"), CLASS_LABELS),
-        params=(CLASS_WEIGHT, IGNORE_INDEX),
-        terms=_nll_terms,
-        reference="torch.nn.functional.nll_loss",
-    )
+nll = mean_loss(
+    name="nll",
+    family="classification",
+    summary="negative log-likelihood of log-probabilities, with class weights and ignore_index",
+    roles=(Role("log_probs", "[N, K] or [N, K, d1, ...]", "float", "log-probabilities, classes on dim 1"), CLASS_LABELS),
+    params=(CLASS_WEIGHT, IGNORE_INDEX),
+    terms=_nll_terms,
+    reference="torch.nn.functional.nll_loss",
+    example=_LOG_PROBS_EXAMPLE,
 )
 
 
@@ -277,29 +308,28 @@ def _kl_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Re
 
 
 def _empty_check(fields: Mapping[str, Any], params: Mapping[str, Any]) -> list[tuple[str, str]]:
-    if float(fields["rows"]) == 0 and params.get("reduction", "batchmean") != "sum":
-        return [("all_ignored", "no rows were sent; the mean is NaN with denominator 0")]
-    return []
+    if params.get("reduction", "batchmean") == "sum":
+        return []
+    return no_valid_element(float(fields["rows"]), "no rows were sent; the mean is NaN with denominator 0")
 
 
-kl_div = register(
-    FunctionDef(
-        name="kl_div",
-        family="classification",
-        summary="KL divergence Σ target·(log target − log_probs) with torch's reductions (batchmean is the true KL per sample)",
-        roles=(
-            Role("log_probs", "[N, ...]", "float", "log-probabilities of the approximating distribution"),
-            Role("target", "same shape as log_probs", "float", "target probabilities (or log-probabilities with log_target=true)"),
-        ),
-        params=(Param("log_target", "bool", False, "the target is given as log-probabilities"), KL_REDUCTION),
-        outputs=(Output("value", "the reduced divergence"),),
-        fields=KL_FIELDS,
-        update=_kl_update,
-        finalize=_kl_finalize,
-        per_element=_kl_pointwise,
-        reference="torch.nn.functional.kl_div (a zero target contributes 0 where torch gives 0·(−inf) = NaN)",
-        finalize_diagnostics=_empty_check,
-    )
+kl_div = FunctionDef(
+    name="kl_div",
+    family="classification",
+    summary="KL divergence Σ target·(log target − log_probs) with torch's reductions (batchmean is the true KL per sample)",
+    roles=(
+        Role("log_probs", "[N, ...]", "float", "log-probabilities of the approximating distribution"),
+        Role("target", "same shape as log_probs", "float", "target probabilities (or log-probabilities with log_target=true)"),
+    ),
+    params=(Param("log_target", "bool", False, "the target is given as log-probabilities"), KL_REDUCTION),
+    outputs=(Output("value", "the reduced divergence"),),
+    fields=KL_FIELDS,
+    update=_kl_update,
+    finalize=_kl_finalize,
+    per_element=_kl_pointwise,
+    reference="torch.nn.functional.kl_div (a zero target contributes 0 where torch gives 0·(−inf) = NaN)",
+    finalize_diagnostics=_empty_check,
+    example=_KL_EXAMPLE,
 )
 
 
@@ -334,190 +364,31 @@ def _distillation_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, A
     return Result({"value": total / rows if rows else float("nan")}, denominator=rows, denominator_kind="samples", numerator=total)
 
 
-distillation_kl = register(
-    FunctionDef(
-        name="distillation_kl",
-        family="classification",
-        summary="knowledge distillation: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), summed over classes (and d...) and divided by N",
-        roles=(
-            Role("logits", "[N, K] or [N, K, d1, ...]", "float", "student logits, classes on dim 1"),
-            Role("teacher_logits", "same shape as logits", "float", "teacher logits"),
+distillation_kl = FunctionDef(
+    name="distillation_kl",
+    family="classification",
+    summary="knowledge distillation: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), summed over classes (and d...) and divided by N",
+    roles=(
+        Role("logits", "[N, K] or [N, K, d1, ...]", "float", "student logits, classes on dim 1"),
+        Role("teacher_logits", "same shape as logits", "float", "teacher logits"),
+    ),
+    params=(
+        Param(
+            "temperature",
+            "float",
+            1.0,
+            "T: both distributions are softened by T; the loss is scaled by T²",
+            minimum=0.0,
+            exclusive_minimum=True,
         ),
-        params=(
-            Param(
-                "temperature",
-                "float",
-                1.0,
-                "T: both distributions are softened by T; the loss is scaled by T²",
-                minimum=0.0,
-                exclusive_minimum=True,
-            ),
-        ),
-        outputs=(Output("value", "T² · KL per sample (batchmean)"),),
-        fields={"total": MergeOp.SUM, "rows": MergeOp.SUM},
-        update=_distillation_update,
-        finalize=_distillation_finalize,
-        reference="T² · torch.nn.functional.kl_div(log_softmax(s/T), softmax(t/T), reduction='batchmean')",
-        finalize_diagnostics=_empty_check,
-    )
+    ),
+    outputs=(Output("value", "T² · KL per sample (batchmean)"),),
+    fields={"total": MergeOp.SUM, "rows": MergeOp.SUM},
+    update=_distillation_update,
+    finalize=_distillation_finalize,
+    reference="T² · torch.nn.functional.kl_div(log_softmax(s/T), softmax(t/T), reduction='batchmean')",
+    finalize_diagnostics=_empty_check,
+    example=_DISTILLATION_EXAMPLE,
 )
 
-
-def _multi_margin_terms(view: View, p: Mapping[str, Any]) -> Terms:
-    z = check_logits(view)
-    k, dtype = z.shape[1], compute_dtype(z.dtype)
-    y, valid = class_labels(view, z, p["ignore_index"])
-    margin, power = p["margin"], p["p"]
-    classes = torch.arange(k, device=z.device)
-
-    def hinge_rows(rows: torch.Tensor, zy: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        h = (margin - zy[:, None] + rows).clamp_min(0)
-        h = h * h if power == 2 else h
-        return h.masked_fill(classes == yb[:, None], 0).sum(1)
-
-    loss = per_row_blocks((z,), (gather_class(z, y, dtype), y), dtype, hinge_rows) / k
-    w = class_weight_vector(view, p, k, dtype)
-    # torch weighs each term by w_y but divides the mean by N, not by Σ w_y.
-    return Terms(loss if w is None else loss * w[y], valid.to(dtype))
-
-
-multi_margin = register(
-    mean_loss(
-        name="multi_margin",
-        family="classification",
-        summary="multiclass margin loss Σ_{j≠y} max(0, margin − z_y + z_j)^p / K (torch multi_margin_loss)",
-        roles=(SCORES, CLASS_LABELS),
-        params=(
-            Param("margin", "float", 1.0, "required gap between the label's score and every other score"),
-            Param("p", "int", 1, "exponent of the hinge: 1 or 2", minimum=1, maximum=2),
-            Param(
-                "weight",
-                "float_list",
-                None,
-                "per-class weights [K] multiplying the terms of rows of that label (torch: the mean still divides by N)",
-                nullable=True,
-            ),
-            IGNORE_INDEX,
-        ),
-        terms=_multi_margin_terms,
-        reference="torch.nn.functional.multi_margin_loss",
-    )
-)
-
-
-def _crammer_singer_terms(view: View, p: Mapping[str, Any]) -> Terms:
-    z = check_logits(view)
-    _need_two_classes(view, z, "multiclass_hinge")
-    dtype = compute_dtype(z.dtype)
-    y, valid = class_labels(view, z, p["ignore_index"])
-
-    def best_other(rows: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        values, index = rows.topk(2, dim=1)
-        return torch.where(index[:, 0] == yb, values[:, 1], values[:, 0])
-
-    runner_up = per_row_blocks((z,), (y,), dtype, best_other)
-    return Terms((p["margin"] + runner_up - gather_class(z, y, dtype)).clamp_min(0), valid.to(dtype))
-
-
-multiclass_hinge = register(
-    mean_loss(
-        name="multiclass_hinge",
-        family="classification",
-        summary="Crammer–Singer multiclass hinge max(0, margin + max_{j≠y} z_j − z_y)",
-        roles=(SCORES, CLASS_LABELS),
-        params=(Param("margin", "float", 1.0, "required gap between the label's score and the best other score"), IGNORE_INDEX),
-        terms=_crammer_singer_terms,
-        reference="sklearn.metrics.hinge_loss (multiclass, margin 1); float64 formula otherwise",
-    )
-)
-
-
-def _focal_terms(view: View, p: Mapping[str, Any]) -> Terms:
-    z = check_logits(view)
-    k, dtype = z.shape[1], compute_dtype(z.dtype)
-    y, valid = class_labels(view, z, p["ignore_index"])
-    log_py = _label_log_prob(view, z, y, dtype)
-    # (1 − p_y)^γ as (−expm1(log p_y))^γ: exact for confident rows where 1 − p_y underflows in p_y's precision.
-    loss = -(-torch.expm1(log_py)).pow(p["gamma"]) * log_py
-    alpha = p["alpha"]
-    if isinstance(alpha, tuple):
-        if len(alpha) != k:
-            raise view.param_error("alpha", f"expected a scalar or {k} per-class values (one per class), got {len(alpha)}")
-        loss = torch.tensor(alpha, dtype=dtype, device=z.device)[y] * loss
-    elif alpha is not None:
-        loss = alpha * loss
-    # α is part of the loss, not a weight: the mean divides by the number of valid elements.
-    return Terms(loss, valid.to(dtype))
-
-
-focal = register(
-    mean_loss(
-        name="focal",
-        family="classification",
-        summary="softmax focal loss −α_y (1 − p_y)^γ log p_y (modulating term not detached)",
-        roles=(SCORES, CLASS_LABELS),
-        params=(
-            Param("gamma", "float", 2.0, "focusing exponent γ; 0 gives cross-entropy", minimum=0.0),
-            Param(
-                "alpha",
-                "float_or_list",
-                None,
-                "α: a scalar or per-class values [K] scaling each element's loss (not a weight of the mean); null for none",
-                minimum=0.0,
-                nullable=True,
-            ),
-            IGNORE_INDEX,
-        ),
-        terms=_focal_terms,
-        reference="float64 formula",
-    )
-)
-
-
-def _adaptive_smoothing_terms(view: View, p: Mapping[str, Any]) -> Terms:
-    z = check_logits(view)
-    _need_two_classes(view, z, "adaptive_label_smoothing (ε spread over the K−1 other classes)")
-    k, dtype = z.shape[1], compute_dtype(z.dtype)
-    y, valid = class_labels(view, z, p["ignore_index"])
-    stats = view.row_stats("logits", 1)
-    log_py = gather_class(z, y, dtype) - stats.lse
-    eps = (p["base_smoothing"] * (-torch.expm1(log_py))).clamp_min(p["min_smoothing"])
-    nll = -log_py
-    others = k * stats.lse - stats.sum - nll  # Σ_{j≠y} −log p_j
-    return Terms((1 - eps) * nll + eps / (k - 1) * others, valid.to(dtype))
-
-
-adaptive_label_smoothing = register(
-    mean_loss(
-        name="adaptive_label_smoothing",
-        family="classification",
-        summary="cross-entropy with per-row smoothing ε_i = max(min, base·(1 − p_y)) (p_y detached): q_y = 1 − ε_i, ε_i/(K−1) elsewhere",
-        roles=(SCORES, CLASS_LABELS),
-        params=(
-            Param("base_smoothing", "float", 0.1, "ε scale: ε_i = base·(1 − p_y) before the floor", minimum=0.0, maximum=1.0),
-            Param("min_smoothing", "float", 0.01, "floor of ε_i", minimum=0.0, maximum=1.0),
-            IGNORE_INDEX,
-        ),
-        terms=_adaptive_smoothing_terms,
-        reference="float64 formula (seed 001 AdaptiveLabelSmoothing)",
-    )
-)
-
-
-def _z_loss_terms(view: View, p: Mapping[str, Any]) -> Terms:
-    check_logits(view)
-    lse = view.row_stats("logits", 1).lse
-    return Terms(lse * lse)
-
-
-z_loss = register(
-    mean_loss(
-        name="z_loss",
-        family="classification",
-        summary="PaLM auxiliary z-loss: mean of logsumexp(z)² per element",
-        roles=(SCORES,),
-        params=(),
-        terms=_z_loss_terms,
-        reference="float64 formula",
-    )
-)
+FUNCTIONS = (cross_entropy, nll, kl_div, distillation_kl)

@@ -1,4 +1,4 @@
-"""Preference and reinforcement-learning losses: Bradley-Terry, DPO, PPO, MoE load balancing, task weighting.
+"""Preference and reinforcement-learning losses: Bradley-Terry, DPO, PPO.
 
 These read small tensors (one value per pair, token or task), and the DPO and
 PPO terms are differences of summed log-probabilities that cancel badly in
@@ -7,10 +7,8 @@ float32, so the family computes in float64 whatever the input dtype.
 DPO and PPO report several means (reward accuracy and margin, clip fraction,
 approximate KL) next to the loss; their states keep one weighted sum per
 output besides Σ w·ℓ, Σ w and the count, so every output merges exactly over
-streams.  The MoE load-balancing loss is a product of two whole-data means; its
-state keeps their numerators (per-slot expert counts, summed router
-probabilities) and the token count, so merged batches give the whole-data
-value exactly.
+streams.  The auxiliary losses of training (MoE load balancing, task
+weighting) live in :mod:`lossd.kernels.losses.auxiliary`.
 """
 
 from __future__ import annotations
@@ -19,32 +17,35 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role
+from lossd.kernels.examples import normal
 from lossd.kernels.params import REDUCTION, Param
-from lossd.kernels.plan import CHUNK_ELEMENTS, View, compute_dtype
-from lossd.kernels.reduce import MEAN_FIELDS, WEIGHTS_ROLE, Terms, all_ignored_check, batch_loss, finalize_mean, mean_loss, weighted_sums
-from lossd.kernels.registry import FunctionDef, Output, Result, Role, register
+from lossd.kernels.reduce import MEAN_FIELDS, WEIGHTS_ROLE, Terms, all_ignored_check, finalize_mean, mean_loss, weighted_sums
 from lossd.kernels.state import MergeOp
+from lossd.kernels.view import View
 
-__all__ = ["KL_ESTIMATORS", "kl_estimate"]
+__all__ = ["FUNCTIONS", "KL_ESTIMATORS", "kl_estimate", "f64", "same_shape", "binary_mask"]
 
 F64 = torch.float64
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def _f64(view: View, role: str) -> torch.Tensor:
+def f64(view: View, role: str) -> torch.Tensor:
     """A float role (as sent: any float dtype) in float64."""
     return view.scores(role).to(F64)
 
 
-def _same_shape(view: View, role: str, t: torch.Tensor, like: torch.Tensor, like_role: str) -> None:
+def same_shape(view: View, role: str, t: torch.Tensor, like: torch.Tensor, like_role: str) -> None:
+    """Refuse a role whose shape differs from ``like_role``'s."""
     if tuple(t.shape) != tuple(like.shape):
         raise view.error(role, f"expected the shape of {view.tensor_name(like_role)} {list(like.shape)}, got {list(t.shape)}")
 
 
-def _mask(view: View, role: str, shape: torch.Size) -> torch.Tensor:
+def binary_mask(view: View, role: str, shape: torch.Size) -> torch.Tensor:
     """A 0/1 mask of ``shape`` (bool, integer or float) as float64."""
     m = view.tensor(role)
     if tuple(m.shape) != tuple(shape):
@@ -68,6 +69,23 @@ def kl_estimate(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
+def _logps(rng: np.random.Generator, n: int) -> np.ndarray:
+    logps: np.ndarray = -np.abs(normal(rng, n)) - 1
+    return logps
+
+
+_PAIRS_EXAMPLE = Example(lambda rng, n: {"chosen_scores": normal(rng, n), "rejected_scores": normal(rng, n)})
+_DPO_EXAMPLE = Example(
+    lambda rng, n: {
+        role: _logps(rng, n)
+        for role in ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
+    }
+)
+_PPO_EXAMPLE = Example(
+    lambda rng, n: {"logp_new": -np.abs(normal(rng, n)), "logp_old": -np.abs(normal(rng, n)), "advantages": normal(rng, n)}
+)
+
+
 # -- a mean loss with extra mean outputs -------------------------------------------------
 @dataclass
 class _Parts:
@@ -88,7 +106,7 @@ def _masked(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(weight != 0, weight * x, torch.zeros_like(x))
 
 
-def _multi_mean(
+def _mean_with_extras(
     *,
     name: str,
     summary: str,
@@ -97,11 +115,12 @@ def _multi_mean(
     outputs: tuple[Output, ...],
     parts: Callable[[View, Mapping[str, Any]], _Parts],
     reference: str,
+    example: Example,
     denominator_kind: str,
     own_weight: tuple[str, ...] = (),
     splittable_if: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> FunctionDef:
-    """A mean loss (with ``reduction``) whose extra outputs are weighted means too.
+    """A mean loss (with ``reduction``) whose extra outputs are weighted means too: a :class:`FunctionDef` of dpo, ppo_clip.
 
     Extras named in ``own_weight`` keep their own Σ weight and are left out
     of the result when it is 0."""
@@ -144,6 +163,7 @@ def _multi_mean(
         update=update,
         finalize=finalize,
         reference=reference,
+        example=example,
         per_element=per_element,
         finalize_diagnostics=all_ignored_check,
         splittable_if=splittable_if,
@@ -152,26 +172,25 @@ def _multi_mean(
 
 # -- pairwise_logistic --------------------------------------------------------------------
 def _pairwise_logistic(view: View, p: Mapping[str, Any]) -> Terms:
-    chosen = _f64(view, "chosen_scores")
-    rejected = _f64(view, "rejected_scores")
-    _same_shape(view, "rejected_scores", rejected, chosen, "chosen_scores")
+    chosen = f64(view, "chosen_scores")
+    rejected = f64(view, "rejected_scores")
+    same_shape(view, "rejected_scores", rejected, chosen, "chosen_scores")
     return Terms(F.softplus(-(chosen - rejected - p["margin"])))  # −log σ(s⁺ − s⁻ − m), stable for any sign
 
 
-pairwise_logistic = register(
-    mean_loss(
-        name="pairwise_logistic",
-        family="preference",
-        summary="Bradley-Terry pairwise logistic loss −log σ(s⁺ − s⁻ − margin) (reward models, reranking)",
-        roles=(
-            Role("chosen_scores", "[N] (any shape)", "float", "score of the preferred item of each pair"),
-            Role("rejected_scores", "same shape as chosen_scores", "float", "score of the dispreferred item"),
-        ),
-        params=(Param("margin", "float", 0.0, "score gap m the preferred item must exceed"),),
-        terms=_pairwise_logistic,
-        reference="float64 formula −log σ(s⁺ − s⁻ − m)",
-        aliases=("bradley_terry",),
-    )
+pairwise_logistic = mean_loss(
+    name="pairwise_logistic",
+    family="preference",
+    summary="Bradley-Terry pairwise logistic loss −log σ(s⁺ − s⁻ − margin) (reward models, reranking)",
+    roles=(
+        Role("chosen_scores", "[N] (any shape)", "float", "score of the preferred item of each pair"),
+        Role("rejected_scores", "same shape as chosen_scores", "float", "score of the dispreferred item"),
+    ),
+    params=(Param("margin", "float", 0.0, "score gap m the preferred item must exceed"),),
+    terms=_pairwise_logistic,
+    reference="float64 formula −log σ(s⁺ − s⁻ − m)",
+    aliases=("bradley_terry",),
+    example=_PAIRS_EXAMPLE,
 )
 
 
@@ -181,15 +200,15 @@ _DPO_LOGPS = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_
 
 def _sequence_scores(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
     """The four sequence log-probabilities [N]: as sent, or reduced from per-token [N, T] with the masks."""
-    raw = {role: _f64(view, role) for role in _DPO_LOGPS}
+    raw = {role: f64(view, role) for role in _DPO_LOGPS}
     first = raw["policy_chosen_logps"]
     view.expect_ndim("policy_chosen_logps", first, (1, 2), "[N] (sequence log-probs) or [N, T] (per-token, with chosen_mask/rejected_mask)")
     for role in _DPO_LOGPS[1:]:
         if raw[role].ndim != first.ndim or raw[role].shape[0] != first.shape[0]:
             expected = f"[{first.shape[0]}]" if first.ndim == 1 else f"[{first.shape[0]}, T]"
             raise view.error(role, f"expected shape {expected} like policy_chosen_logps, got {list(raw[role].shape)}")
-    _same_shape(view, "reference_chosen_logps", raw["reference_chosen_logps"], first, "policy_chosen_logps")
-    _same_shape(view, "reference_rejected_logps", raw["reference_rejected_logps"], raw["policy_rejected_logps"], "policy_rejected_logps")
+    same_shape(view, "reference_chosen_logps", raw["reference_chosen_logps"], first, "policy_chosen_logps")
+    same_shape(view, "reference_rejected_logps", raw["reference_rejected_logps"], raw["policy_rejected_logps"], "policy_rejected_logps")
     if first.ndim == 1:
         for role in ("chosen_mask", "rejected_mask"):
             if view.has(role):
@@ -204,7 +223,7 @@ def _sequence_scores(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, ..
         role = f"{side}_mask"
         if not view.has(role):
             raise view.error(role, f"per-token [N, T] log-probs need {role} (1 for the tokens of the {side} response)")
-        mask = _mask(view, role, raw[f"policy_{side}_logps"].shape)
+        mask = binary_mask(view, role, raw[f"policy_{side}_logps"].shape)
         lengths = mask.sum(dim=1)
         if p["score"] == "mean" and bool((lengths == 0).any()):
             empty = int(torch.nonzero(lengths == 0)[0][0])
@@ -239,60 +258,56 @@ def _dpo_parts(view: View, p: Mapping[str, Any]) -> _Parts:
     return _Parts(loss, weight, extras)
 
 
-dpo = register(
-    _multi_mean(
-        name="dpo",
-        summary="direct preference optimization (sigmoid, IPO or hinge) with implicit-reward accuracy and margin",
-        roles=(
-            *(
-                Role(r, "[N] or [N, T]", "float", f"{r.replace('_', ' ')}: per sequence, or per token with the side's mask")
-                for r in _DPO_LOGPS
-            ),
-            Role("chosen_mask", "[N, T]", "binary", "1 for the tokens of the chosen response (per-token inputs only)", optional=True),
-            Role("rejected_mask", "[N, T']", "binary", "1 for the tokens of the rejected response (per-token inputs only)", optional=True),
-            WEIGHTS_ROLE,
+dpo = _mean_with_extras(
+    name="dpo",
+    summary="direct preference optimization (sigmoid, IPO or hinge) with implicit-reward accuracy and margin",
+    roles=(
+        *(Role(r, "[N] or [N, T]", "float", f"{r.replace('_', ' ')}: per sequence, or per token with the side's mask") for r in _DPO_LOGPS),
+        Role("chosen_mask", "[N, T]", "binary", "1 for the tokens of the chosen response (per-token inputs only)", optional=True),
+        Role("rejected_mask", "[N, T']", "binary", "1 for the tokens of the rejected response (per-token inputs only)", optional=True),
+        WEIGHTS_ROLE,
+    ),
+    params=(
+        Param("beta", "float", 0.1, "β: strength of the implicit KL constraint to the reference", minimum=0.0, exclusive_minimum=True),
+        Param("loss_type", "str", "sigmoid", "sigmoid (DPO), ipo (Azar et al.) or hinge (RSO)", choices=("sigmoid", "ipo", "hinge")),
+        Param(
+            "label_smoothing",
+            "float",
+            0.0,
+            "ε of conservative DPO: the share of preference labels assumed flipped (sigmoid only)",
+            minimum=0.0,
+            maximum=1.0,
         ),
-        params=(
-            Param("beta", "float", 0.1, "β: strength of the implicit KL constraint to the reference", minimum=0.0, exclusive_minimum=True),
-            Param("loss_type", "str", "sigmoid", "sigmoid (DPO), ipo (Azar et al.) or hinge (RSO)", choices=("sigmoid", "ipo", "hinge")),
-            Param(
-                "label_smoothing",
-                "float",
-                0.0,
-                "ε of conservative DPO: the share of preference labels assumed flipped (sigmoid only)",
-                minimum=0.0,
-                maximum=1.0,
-            ),
-            Param(
-                "score",
-                "str",
-                "sum",
-                "how per-token log-probs make a sequence score: sum (DPO) or mean over the masked tokens (TRL uses mean for IPO)",
-                choices=("sum", "mean"),
-            ),
+        Param(
+            "score",
+            "str",
+            "sum",
+            "how per-token log-probs make a sequence score: sum (DPO) or mean over the masked tokens (TRL uses mean for IPO)",
+            choices=("sum", "mean"),
         ),
-        outputs=(
-            Output("value", "the reduced DPO loss"),
-            Output("reward_accuracy", "share of pairs whose implicit reward β(log π − log π_ref) is higher for the chosen response"),
-            Output("reward_margin", "mean chosen minus rejected implicit reward"),
-            Output("chosen_reward", "mean implicit reward of the chosen responses"),
-            Output("rejected_reward", "mean implicit reward of the rejected responses"),
-        ),
-        parts=_dpo_parts,
-        reference="float64 port of TRL's DPOTrainer.dpo_loss (sigmoid with label smoothing, ipo, hinge) and its reward metrics",
-        denominator_kind="samples",
-    )
+    ),
+    outputs=(
+        Output("value", "the reduced DPO loss"),
+        Output("reward_accuracy", "share of pairs whose implicit reward β(log π − log π_ref) is higher for the chosen response"),
+        Output("reward_margin", "mean chosen minus rejected implicit reward"),
+        Output("chosen_reward", "mean implicit reward of the chosen responses"),
+        Output("rejected_reward", "mean implicit reward of the rejected responses"),
+    ),
+    parts=_dpo_parts,
+    reference="float64 port of TRL's DPOTrainer.dpo_loss (sigmoid with label smoothing, ipo, hinge) and its reward metrics",
+    denominator_kind="samples",
+    example=_DPO_EXAMPLE,
 )
 
 
 # -- ppo_clip -------------------------------------------------------------------------------------
 def _ppo_parts(view: View, p: Mapping[str, Any]) -> _Parts:
-    new = _f64(view, "logp_new")
+    new = f64(view, "logp_new")
     view.expect_ndim("logp_new", new, (1, 2), "[N] or [N, T]")
-    old, adv = _f64(view, "logp_old"), _f64(view, "advantages")
-    _same_shape(view, "logp_old", old, new, "logp_new")
-    _same_shape(view, "advantages", adv, new, "logp_new")
-    mask = _mask(view, "mask", new.shape) if view.has("mask") else torch.ones_like(new)
+    old, adv = f64(view, "logp_old"), f64(view, "advantages")
+    same_shape(view, "logp_old", old, new, "logp_new")
+    same_shape(view, "advantages", adv, new, "logp_new")
+    mask = binary_mask(view, "mask", new.shape) if view.has("mask") else torch.ones_like(new)
     ref = view.optional("logp_ref")
     if ref is None and p["kl_coef"] > 0:
         raise view.error("logp_ref", f"kl_coef={p['kl_coef']:g} penalizes KL to a reference policy; send its log-probs as logp_ref")
@@ -311,7 +326,7 @@ def _ppo_parts(view: View, p: Mapping[str, Any]) -> _Parts:
     loss = policy
     if ref is not None:
         ref64 = ref.to(F64)
-        _same_shape(view, "logp_ref", ref64, new, "logp_new")
+        same_shape(view, "logp_ref", ref64, new, "logp_new")
         kl = kl_estimate(ref64 - new, p["kl_estimator"])  # KL(π_new ‖ π_ref), as in TRL's GRPO
         extras["kl"] = kl
         loss = policy + p["kl_coef"] * kl
@@ -331,178 +346,61 @@ def _normalized(view: View, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return centred / (std + 1e-8)
 
 
-ppo_clip = register(
-    _multi_mean(
-        name="ppo_clip",
-        summary="PPO clipped surrogate −min(r·A, clip(r, 1±ε)·A) + β·KL(π ‖ π_ref), mean over valid tokens, with clip fraction and approximate KL",
-        roles=(
-            Role("logp_new", "[N] or [N, T]", "float", "log-probs of the taken actions under the current policy"),
-            Role("logp_old", "same shape as logp_new", "float", "log-probs under the policy that sampled them"),
-            Role("advantages", "same shape as logp_new", "float", "advantage estimates A"),
-            Role("mask", "same shape as logp_new", "binary", "1 for valid tokens (default: all)", optional=True),
-            Role(
-                "logp_ref",
-                "same shape as logp_new",
-                "float",
-                "log-probs under a reference policy, for the KL penalty and the kl output",
-                optional=True,
-            ),
+ppo_clip = _mean_with_extras(
+    name="ppo_clip",
+    summary="PPO clipped surrogate −min(r·A, clip(r, 1±ε)·A) + β·KL(π ‖ π_ref), mean over valid tokens, with clip fraction and approximate KL",
+    roles=(
+        Role("logp_new", "[N] or [N, T]", "float", "log-probs of the taken actions under the current policy"),
+        Role("logp_old", "same shape as logp_new", "float", "log-probs under the policy that sampled them"),
+        Role("advantages", "same shape as logp_new", "float", "advantage estimates A"),
+        Role("mask", "same shape as logp_new", "binary", "1 for valid tokens (default: all)", optional=True),
+        Role(
+            "logp_ref",
+            "same shape as logp_new",
+            "float",
+            "log-probs under a reference policy, for the KL penalty and the kl output",
+            optional=True,
         ),
-        params=(
-            Param(
-                "clip_epsilon",
-                "float",
-                0.2,
-                "ε: the ratio is clipped to [1 − ε, 1 + ε]",
-                minimum=0.0,
-                exclusive_minimum=True,
-                maximum=1.0,
-                exclusive_maximum=True,
-            ),
-            Param("kl_coef", "float", 0.0, "β: weight of the per-token KL(π ‖ π_ref) penalty (needs logp_ref)", minimum=0.0),
-            Param(
-                "kl_estimator",
-                "str",
-                "k3",
-                "per-token KL estimator (Schulman): k1 = −lr, k2 = lr²/2, k3 = e^lr − 1 − lr",
-                choices=KL_ESTIMATORS,
-            ),
-            Param(
-                "normalize_advantages",
-                "bool",
-                False,
-                "standardize advantages over the batch's valid tokens first (CleanRL); uses batch statistics, so such a batch is never split",
-            ),
+    ),
+    params=(
+        Param(
+            "clip_epsilon",
+            "float",
+            0.2,
+            "ε: the ratio is clipped to [1 − ε, 1 + ε]",
+            minimum=0.0,
+            exclusive_minimum=True,
+            maximum=1.0,
+            exclusive_maximum=True,
         ),
-        outputs=(
-            Output("value", "the reduced loss (policy loss plus kl_coef·KL)"),
-            Output("policy_loss", "mean clipped surrogate loss"),
-            Output("clip_fraction", "share of valid tokens where the clipped term is the active one"),
-            Output("approx_kl", "mean estimate of KL(π_old ‖ π_new) with kl_estimator"),
-            Output("kl", "mean estimate of KL(π_new ‖ π_ref) over tokens sent with logp_ref (absent without it)"),
+        Param("kl_coef", "float", 0.0, "β: weight of the per-token KL(π ‖ π_ref) penalty (needs logp_ref)", minimum=0.0),
+        Param(
+            "kl_estimator",
+            "str",
+            "k3",
+            "per-token KL estimator (Schulman): k1 = −lr, k2 = lr²/2, k3 = e^lr − 1 − lr",
+            choices=KL_ESTIMATORS,
         ),
-        parts=_ppo_parts,
-        reference="float64 formula (TRL/CleanRL PPO clipped objective, Schulman's k1/k2/k3 KL estimators)",
-        denominator_kind="valid_tokens",
-        own_weight=("kl",),
-        splittable_if=lambda p: not p["normalize_advantages"],
-    )
+        Param(
+            "normalize_advantages",
+            "bool",
+            False,
+            "standardize advantages over the batch's valid tokens first (CleanRL); uses batch statistics, so such a batch is never split",
+        ),
+    ),
+    outputs=(
+        Output("value", "the reduced loss (policy loss plus kl_coef·KL)"),
+        Output("policy_loss", "mean clipped surrogate loss"),
+        Output("clip_fraction", "share of valid tokens where the clipped term is the active one"),
+        Output("approx_kl", "mean estimate of KL(π_old ‖ π_new) with kl_estimator"),
+        Output("kl", "mean estimate of KL(π_new ‖ π_ref) over tokens sent with logp_ref (absent without it)"),
+    ),
+    parts=_ppo_parts,
+    reference="float64 formula (TRL/CleanRL PPO clipped objective, Schulman's k1/k2/k3 KL estimators)",
+    denominator_kind="valid_tokens",
+    own_weight=("kl",),
+    splittable_if=lambda p: not p["normalize_advantages"],
+    example=_PPO_EXAMPLE,
 )
 
-
-# -- moe_load_balancing --------------------------------------------------------------------------
-def _moe_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    z = view.scores("router_logits")
-    view.expect_ndim("router_logits", z, range(2, 9), "[tokens, E] (or [..., E])")
-    experts, k = z.shape[-1], p["top_k"]
-    if experts == 0:
-        raise view.error("router_logits", f"expected at least one expert, got shape {list(z.shape)}")
-    if k > experts:
-        raise view.param_error("top_k", f"expected top_k <= the number of experts {experts}, got {k}")
-    mask = _mask(view, "mask", z.shape[:-1]).reshape(-1) if view.has("mask") else None
-    rows = z.reshape(-1, experts)
-    dtype = compute_dtype(z.dtype)
-    routed = torch.zeros(k * experts, dtype=F64, device=z.device)
-    probs = torch.zeros(experts, dtype=F64, device=z.device)
-    slot = torch.arange(k, device=z.device) * experts
-    step = max(1, CHUNK_ELEMENTS // experts)
-    for start in range(0, rows.shape[0], step):
-        w = None if mask is None else mask[start : start + step]
-        prob = torch.softmax(rows[start : start + step].to(dtype), dim=-1)
-        if w is not None:  # padding tokens may hold anything; they count for nothing
-            prob = torch.where(w[:, None] != 0, prob, torch.zeros_like(prob))
-        chosen = torch.topk(prob, k, dim=-1).indices  # transformers: top-k of the softmax, slot by slot
-        index = (chosen + slot).reshape(-1)
-        weights = None if w is None else w[:, None].expand(-1, k).reshape(-1)
-        routed += torch.bincount(index, weights=weights, minlength=k * experts).to(F64)
-        probs += prob.to(F64).sum(dim=0)
-    tokens = torch.tensor(float(rows.shape[0]) if mask is None else float(mask.sum()), dtype=F64)
-    return {"routed": routed.reshape(k, experts).cpu(), "router_prob": probs.cpu(), "tokens": tokens}
-
-
-def _moe_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Result:
-    n = float(fields["tokens"])
-    routed, probs = fields["routed"], fields["router_prob"]
-    experts = probs.shape[0]
-    if n == 0:
-        nan = float("nan")
-        return Result(
-            {"value": nan}, {"expert_fraction": (routed * nan).numpy(), "router_prob": (probs * nan).numpy()}, 0.0, "valid_tokens"
-        )
-    fraction, mean_prob = routed / n, probs / n
-    value = experts * float((fraction * mean_prob[None, :]).sum())
-    return Result({"value": value}, {"expert_fraction": fraction.numpy(), "router_prob": mean_prob.numpy()}, n, "valid_tokens")
-
-
-def _moe_diagnostics(fields: Mapping[str, Any], p: Mapping[str, Any]) -> list[tuple[str, str]]:
-    if float(fields["tokens"]) == 0:
-        return [("all_ignored", "every token was masked out; the load-balancing loss is NaN with denominator 0")]
-    return []
-
-
-moe_load_balancing = register(
-    FunctionDef(
-        name="moe_load_balancing",
-        family="preference",
-        summary="Switch/Mixtral auxiliary load-balancing loss E·Σ_slot Σ_e f_slot,e·P_e over router logits",
-        roles=(
-            Role(
-                "router_logits",
-                "[tokens, E] (or [..., E])",
-                "float",
-                "router logits of every token (all layers concatenated, as transformers does)",
-            ),
-            Role(
-                "mask",
-                "[tokens] (the leading dims of router_logits)",
-                "binary",
-                "1 for real tokens, 0 for padding (attention mask)",
-                optional=True,
-            ),
-        ),
-        params=(Param("top_k", "int", 2, "experts chosen per token", minimum=1),),
-        outputs=(
-            Output("value", "the load-balancing loss"),
-            Output("expert_fraction", "[top_k, E]: share of tokens whose slot-th choice is each expert", tensor=True),
-            Output("router_prob", "[E]: mean router probability of each expert", tensor=True),
-        ),
-        fields={"routed": MergeOp.SUM, "router_prob": MergeOp.SUM, "tokens": MergeOp.SUM},
-        update=_moe_update,
-        finalize=_moe_finalize,
-        reference="transformers' Mixtral load_balancing_loss_func formula (float64 port)",
-        finalize_diagnostics=_moe_diagnostics,
-    )
-)
-
-
-# -- uncertainty_weighting -------------------------------------------------------------------------
-def _uncertainty_weighting(view: View, p: Mapping[str, Any]) -> torch.Tensor:
-    losses = _f64(view, "task_losses")
-    view.expect_ndim("task_losses", losses, (1,), "[M]")
-    if losses.shape[0] == 0:
-        raise view.error("task_losses", "expected at least one task, got shape [0]")
-    log_vars = _f64(view, "log_vars")
-    _same_shape(view, "log_vars", log_vars, losses, "task_losses")
-    total = (0.5 * torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
-    if not bool(torch.isfinite(total)) and bool(torch.isfinite(losses).all() & torch.isfinite(log_vars).all()):
-        view.diag(
-            "overflow",
-            f"exp(−log_vars) overflowed float64 (min log_var {float(log_vars.min()):.4g}); the loss is reported as {float(total)}",
-        )
-    return total
-
-
-uncertainty_weighting = register(
-    batch_loss(
-        name="uncertainty_weighting",
-        family="preference",
-        summary="homoscedastic uncertainty weighting of task losses Σ (½ e^(−s_i) L_i + ½ s_i) (Kendall et al. 2018)",
-        roles=(
-            Role("task_losses", "[M]", "float", "one loss per task"),
-            Role("log_vars", "[M]", "float", "learned log-variance s_i of each task"),
-        ),
-        params=(),
-        value=_uncertainty_weighting,
-        reference="float64 formula Σ (½ e^(−s_i) L_i + ½ s_i)",
-    )
-)
+FUNCTIONS = (pairwise_logistic, dpo, ppo_clip)

@@ -13,14 +13,16 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
+from lossd.kernels.declarations import Example, Role
+from lossd.kernels.examples import normal
 from lossd.kernels.params import Param
-from lossd.kernels.plan import View, first_index
 from lossd.kernels.reduce import Terms, mean_loss
-from lossd.kernels.registry import Role, register
+from lossd.kernels.view import View, first_index
 
-__all__ = ["PREDICTIONS", "TARGETS", "regression_pair", "POISSON_EPS"]
+__all__ = ["FUNCTIONS", "PREDICTIONS", "TARGETS", "regression_pair", "POISSON_EPS"]
 
 PREDICTIONS = Role("predictions", "[N, ...]", "float", "predicted values")
 TARGETS = Role("targets", "same shape as predictions", "float", "observed values (integer dtypes are accepted and cast)")
@@ -183,39 +185,70 @@ def _poisson_nll_terms(view: View, p: Mapping[str, Any]) -> Terms:
     return Terms(loss)
 
 
-def _declare(name: str, summary: str, terms: Any, reference: str, params: tuple[Param, ...] = (), **kw: Any) -> None:
-    roles = kw.pop("roles", (PREDICTIONS, TARGETS))
-    register(mean_loss(name=name, family="regression", summary=summary, roles=roles, params=params, terms=terms, reference=reference, **kw))
+_EXAMPLE = Example(lambda rng, n: {"predictions": normal(rng, n), "targets": normal(rng, n)})
+_COUNT_EXAMPLE = Example(lambda rng, n: {"predictions": normal(rng, n), "targets": rng.poisson(2.0, n).astype(np.float32)})
+_VARIANCE_EXAMPLE = Example(
+    lambda rng, n: {"predictions": normal(rng, n), "targets": normal(rng, n), "variance": np.abs(normal(rng, n)) + 0.5}
+)
 
 
-_declare("mse", "mean squared error r²", _mse_terms, "torch.nn.functional.mse_loss")
-_declare("mae", "mean absolute error |r|", _mae_terms, "torch.nn.functional.l1_loss", aliases=("l1",))
-_declare(
-    "huber",
-    "½r² if |r| ≤ δ else δ(|r| − ½δ)",
-    _huber_terms,
-    "torch.nn.functional.huber_loss",
-    (Param("delta", "float", 1.0, "δ: where the loss turns from quadratic to linear", minimum=0.0, exclusive_minimum=True),),
+mse = mean_loss(
+    name="mse",
+    family="regression",
+    summary="mean squared error r²",
+    roles=(PREDICTIONS, TARGETS),
+    params=(),
+    terms=_mse_terms,
+    reference="torch.nn.functional.mse_loss",
+    example=_EXAMPLE,
 )
-_declare(
-    "smooth_l1",
-    "huber / β: ½r²/β if |r| < β else |r| − ½β (β = 0 is L1)",
-    _smooth_l1_terms,
-    "torch.nn.functional.smooth_l1_loss",
-    (Param("beta", "float", 1.0, "β: where the loss turns from quadratic to linear; 0 gives the L1 loss", minimum=0.0),),
+mae = mean_loss(
+    name="mae",
+    family="regression",
+    summary="mean absolute error |r|",
+    roles=(PREDICTIONS, TARGETS),
+    params=(),
+    terms=_mae_terms,
+    reference="torch.nn.functional.l1_loss",
+    example=_EXAMPLE,
+    aliases=("l1",),
 )
-_declare(
-    "log_cosh",
-    "log cosh r, computed as |r| + log1p(e^(−2|r|)) − log 2 (finite for any finite r)",
-    _log_cosh_terms,
-    "float64 log(cosh(r))",
+huber = mean_loss(
+    name="huber",
+    family="regression",
+    summary="½r² if |r| ≤ δ else δ(|r| − ½δ)",
+    roles=(PREDICTIONS, TARGETS),
+    params=(Param("delta", "float", 1.0, "δ: where the loss turns from quadratic to linear", minimum=0.0, exclusive_minimum=True),),
+    terms=_huber_terms,
+    reference="torch.nn.functional.huber_loss",
+    example=_EXAMPLE,
 )
-_declare(
-    "quantile",
-    "pinball loss max(q·r, (q−1)·r) averaged over the quantiles of each row",
-    _quantile_terms,
-    "sklearn.metrics.mean_pinball_loss, one call per quantile, averaged",
-    (
+smooth_l1 = mean_loss(
+    name="smooth_l1",
+    family="regression",
+    summary="huber / β: ½r²/β if |r| < β else |r| − ½β (β = 0 is L1)",
+    roles=(PREDICTIONS, TARGETS),
+    params=(Param("beta", "float", 1.0, "β: where the loss turns from quadratic to linear; 0 gives the L1 loss", minimum=0.0),),
+    terms=_smooth_l1_terms,
+    reference="torch.nn.functional.smooth_l1_loss",
+    example=_EXAMPLE,
+)
+log_cosh = mean_loss(
+    name="log_cosh",
+    family="regression",
+    summary="log cosh r, computed as |r| + log1p(e^(−2|r|)) − log 2 (finite for any finite r)",
+    roles=(PREDICTIONS, TARGETS),
+    params=(),
+    terms=_log_cosh_terms,
+    reference="float64 log(cosh(r))",
+    example=_EXAMPLE,
+)
+quantile = mean_loss(
+    name="quantile",
+    family="regression",
+    summary="pinball loss max(q·r, (q−1)·r) averaged over the quantiles of each row",
+    roles=(QUANTILE_PREDICTIONS, TARGETS),
+    params=(
         Param(
             "quantiles",
             "float_list",
@@ -225,26 +258,44 @@ _declare(
             maximum=1.0,
         ),
     ),
-    roles=(QUANTILE_PREDICTIONS, TARGETS),
+    terms=_quantile_terms,
+    reference="sklearn.metrics.mean_pinball_loss, one call per quantile, averaged",
+    example=_EXAMPLE,
 )
-_declare(
-    "gaussian_nll",
-    "½(log max(σ², eps) + r²/max(σ², eps)) (+ ½log 2π when full)",
-    _gaussian_nll_terms,
-    "torch.nn.functional.gaussian_nll_loss",
-    (
+gaussian_nll = mean_loss(
+    name="gaussian_nll",
+    family="regression",
+    summary="½(log max(σ², eps) + r²/max(σ², eps)) (+ ½log 2π when full)",
+    roles=(PREDICTIONS, TARGETS, VARIANCE),
+    params=(
         Param("eps", "float", 1e-6, "floor on the variance (torch clamps the variance to eps)", minimum=0.0, exclusive_minimum=True),
         Param("full", "bool", False, "add the constant ½log 2π"),
     ),
-    roles=(PREDICTIONS, TARGETS, VARIANCE),
+    terms=_gaussian_nll_terms,
+    reference="torch.nn.functional.gaussian_nll_loss",
+    example=_VARIANCE_EXAMPLE,
 )
-_declare(
-    "poisson_nll",
-    "log_input: e^z − y·z; else λ − y·log(λ + 1e-8) (+ Stirling's log y! for y > 1 when full)",
-    _poisson_nll_terms,
-    "torch.nn.functional.poisson_nll_loss (eps=1e-8)",
-    (
+poisson_nll = mean_loss(
+    name="poisson_nll",
+    family="regression",
+    summary="log_input: e^z − y·z; else λ − y·log(λ + 1e-8) (+ Stirling's log y! for y > 1 when full)",
+    roles=(PREDICTIONS, TARGETS),
+    params=(
         Param("log_input", "bool", True, "predictions are log-rates z (true) or rates λ >= 0 (false)"),
         Param("full", "bool", False, "add Stirling's approximation y·log y − y + ½log(2πy) for targets > 1"),
     ),
+    terms=_poisson_nll_terms,
+    reference="torch.nn.functional.poisson_nll_loss (eps=1e-8)",
+    example=_COUNT_EXAMPLE,
+)
+
+FUNCTIONS = (
+    mse,
+    mae,
+    huber,
+    smooth_l1,
+    log_cosh,
+    quantile,
+    gaussian_nll,
+    poisson_nll,
 )

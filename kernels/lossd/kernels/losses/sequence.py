@@ -11,18 +11,23 @@ of each sequence, which has no next label, is simply masked out.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lossd.kernels.budget import ctc_lattice
+from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role, no_valid_element
+from lossd.kernels.dtypes import compute_dtype
+from lossd.kernels.examples import Arrays, T, V, log_softmax, normal
 from lossd.kernels.params import IGNORE_INDEX, Param
-from lossd.kernels.plan import View, compute_dtype
 from lossd.kernels.reduce import Terms, mean_loss
-from lossd.kernels.registry import FunctionDef, Output, Result, Role, register
 from lossd.kernels.state import MergeOp
+from lossd.kernels.view import View
 
-__all__ = ["lm_token_losses", "shifted_labels", "ctc_repeats"]
+__all__ = ["FUNCTIONS", "lm_token_losses", "shifted_labels", "ctc_repeats"]
 
 # Σ over tokens and over sequences: exact under merging for both normalizations,
 # provided batches are split along B (a sequence is never cut in two).
@@ -116,11 +121,10 @@ def _lm_finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Re
 
 
 def _lm_diagnostics(fields: Mapping[str, Any], p: Mapping[str, Any]) -> list[tuple[str, str]]:
-    found = []
-    if float(fields["tokens"]) == 0:
-        found.append(
-            ("all_ignored", "no position had a valid target (all labels ignored, or T = 1 with shift); the value is NaN with denominator 0")
-        )
+    found = no_valid_element(
+        float(fields["tokens"]),
+        "no position had a valid target (all labels ignored, or T = 1 with shift); the value is NaN with denominator 0",
+    )
     empty = int(fields["empty_sequences"])
     if p["normalization"] == "sequence" and empty:
         total = empty + int(fields["sequences"])
@@ -128,46 +132,46 @@ def _lm_diagnostics(fields: Mapping[str, Any], p: Mapping[str, Any]) -> list[tup
     return found
 
 
-lm_cross_entropy = register(
-    FunctionDef(
-        name="lm_cross_entropy",
-        family="sequence",
-        summary="causal-LM token cross-entropy over [B, T, V] with shift, ignore_index, label smoothing, token or sequence normalization",
-        roles=(
-            Role("logits", "[B, T, V]", "float", "next-token logits"),
-            Role(
-                "labels", "[B, T]", "index", "token ids in [0, V) or ignore_index (with shift, labels[:, t+1] is the target of position t)"
-            ),
+_LM_EXAMPLE = Example(lambda rng, n: {"logits": normal(rng, n, T, V), "labels": rng.integers(0, V, (n, T))})
+
+
+lm_cross_entropy = FunctionDef(
+    name="lm_cross_entropy",
+    family="sequence",
+    summary="causal-LM token cross-entropy over [B, T, V] with shift, ignore_index, label smoothing, token or sequence normalization",
+    roles=(
+        Role("logits", "[B, T, V]", "float", "next-token logits"),
+        Role("labels", "[B, T]", "index", "token ids in [0, V) or ignore_index (with shift, labels[:, t+1] is the target of position t)"),
+    ),
+    params=(
+        IGNORE_INDEX,
+        Param(
+            "shift",
+            "bool",
+            True,
+            "logits[:, :-1] predict labels[:, 1:] (labels are the input ids); false: logits[:, t] predict labels[:, t]",
         ),
-        params=(
-            IGNORE_INDEX,
-            Param(
-                "shift",
-                "bool",
-                True,
-                "logits[:, :-1] predict labels[:, 1:] (labels are the input ids); false: logits[:, t] predict labels[:, t]",
-            ),
-            Param(
-                "normalization",
-                "str",
-                "token",
-                "token: Σ loss / Σ valid tokens; sequence: mean over sequences of each sequence's token mean (empty sequences skipped)",
-                choices=("token", "sequence"),
-            ),
-            Param("label_smoothing", "float", 0.0, "ε (torch's uniform smoothing: q_y = 1 − ε + ε/V)", minimum=0.0, maximum=1.0),
+        Param(
+            "normalization",
+            "str",
+            "token",
+            "token: Σ loss / Σ valid tokens; sequence: mean over sequences of each sequence's token mean (empty sequences skipped)",
+            choices=("token", "sequence"),
         ),
-        outputs=(
-            Output("value", "the normalized loss"),
-            Output("perplexity", "exp(token mean of −log p(label)), without label smoothing, whatever the normalization"),
-            Output("tokens", "number of valid (scored) tokens"),
-            Output("sequences", "number of sequences with at least one valid token"),
-        ),
-        fields=LM_FIELDS,
-        update=_lm_update,
-        finalize=_lm_finalize,
-        reference="torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index)",
-        finalize_diagnostics=_lm_diagnostics,
-    )
+        Param("label_smoothing", "float", 0.0, "ε (torch's uniform smoothing: q_y = 1 − ε + ε/V)", minimum=0.0, maximum=1.0),
+    ),
+    outputs=(
+        Output("value", "the normalized loss"),
+        Output("perplexity", "exp(token mean of −log p(label)), without label smoothing, whatever the normalization"),
+        Output("tokens", "number of valid (scored) tokens"),
+        Output("sequences", "number of sequences with at least one valid token"),
+    ),
+    fields=LM_FIELDS,
+    update=_lm_update,
+    finalize=_lm_finalize,
+    reference="torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index)",
+    finalize_diagnostics=_lm_diagnostics,
+    example=_LM_EXAMPLE,
 )
 
 
@@ -263,34 +267,70 @@ def _ctc_terms(view: View, p: Mapping[str, Any]) -> Terms:
     return Terms(losses)
 
 
-ctc = register(
-    mean_loss(
-        name="ctc",
-        family="sequence",
-        summary="connectionist temporal classification loss; mean is the mean over samples of loss_i / target_length_i (torch)",
-        roles=(
-            Role("log_probs", "[T, N, C]", "float", "log-probabilities over C classes (blank included) per time step", optional=True),
-            Role("logits", "[T, N, C]", "float", "unnormalized scores, read with input_kind='logits' (log-softmax over C)", optional=True),
-            Role("targets", "[N, S] padded or [Σ target_lengths] concatenated", "index", "label sequences, no blanks"),
-            Role("input_lengths", "[N]", "index", "valid time steps per sample (<= T)"),
-            Role("target_lengths", "[N]", "index", "target length per sample"),
+def _ctc_example(rng: np.random.Generator, n: int) -> Arrays:
+    """Feasible samples: 10 steps for at most 4 labels (with repeats, at most 7 steps are needed)."""
+    target_lengths = rng.integers(1, 5, n)
+    targets = rng.integers(1, 5, (n, 4))
+    return {
+        "log_probs": log_softmax(normal(rng, 10, n, 5)),
+        "targets": np.where(np.arange(4) < target_lengths[:, None], targets, 0),
+        "input_lengths": np.full(n, 10),
+        "target_lengths": target_lengths,
+    }
+
+
+# Samples lie on dim 1 of log_probs [T, N, C]: batches do not concatenate on dim 0.
+_CTC_EXAMPLE = Example(_ctc_example, rows=False)
+
+
+ctc = mean_loss(
+    name="ctc",
+    family="sequence",
+    summary="connectionist temporal classification loss; mean is the mean over samples of loss_i / target_length_i (torch)",
+    roles=(
+        Role(
+            "log_probs",
+            "[T, N, C]",
+            "float",
+            "log-probabilities over C classes (blank included) per time step",
+            optional=True,
+            one_of="scores",
         ),
-        params=(
-            Param("blank", "int", 0, "index of the blank class", minimum=0),
-            Param("zero_infinity", "bool", False, "infinite losses (infeasible samples) count as 0 (torch)"),
-            Param(
-                "input_kind",
-                "str",
-                "log_probs",
-                "log_probs: role 'log_probs' as given; logits: role 'logits', log-softmax over classes",
-                choices=("log_probs", "logits"),
-            ),
+        Role(
+            "logits",
+            "[T, N, C]",
+            "float",
+            "unnormalized scores, read with input_kind='logits' (log-softmax over C)",
+            optional=True,
+            one_of="scores",
         ),
-        terms=_ctc_terms,
-        reference="torch.nn.functional.ctc_loss; a float64 forward recursion in the tests",
-        sample_weights=False,
-        # The batch axis is dim 1 of log_probs [T, N, C]: a generic dim-0 splitter would cut time, not
-        # samples.  Whole batches of a stream still merge exactly (Σ loss_i / L_i, N).
-        splittable=False,
-    )
+        Role("targets", "[N, S] padded or [Σ target_lengths] concatenated", "index", "label sequences, no blanks"),
+        Role("input_lengths", "[N]", "index", "valid time steps per sample (<= T)"),
+        Role("target_lengths", "[N]", "index", "target length per sample"),
+    ),
+    params=(
+        Param("blank", "int", 0, "index of the blank class", minimum=0),
+        Param("zero_infinity", "bool", False, "infinite losses (infeasible samples) count as 0 (torch)"),
+        Param(
+            "input_kind",
+            "str",
+            "log_probs",
+            "log_probs: role 'log_probs' as given; logits: role 'logits', log-softmax over classes",
+            choices=("log_probs", "logits"),
+        ),
+    ),
+    terms=_ctc_terms,
+    reference="torch.nn.functional.ctc_loss; a float64 forward recursion in the tests",
+    sample_weights=False,
+    # The batch axis is dim 1 of log_probs [T, N, C]: a generic dim-0 splitter would cut time, not
+    # samples.  Whole batches of a stream still merge exactly (Σ loss_i / L_i, N).
+    splittable=False,
+    example=_CTC_EXAMPLE,
+)
+
+ctc = replace(ctc, memory=ctc_lattice)  # budget (lossd.kernels.budget): the N × T × (2S + 1) lattice
+
+FUNCTIONS = (
+    lm_cross_entropy,
+    ctc,
 )

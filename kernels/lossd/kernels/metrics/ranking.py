@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 
+from lossd.kernels.chunks import CHUNK_ELEMENTS
+from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role
+from lossd.kernels.dtypes import compute_dtype
+from lossd.kernels.examples import D, normal
 from lossd.kernels.params import Param
-from lossd.kernels.plan import CHUNK_ELEMENTS, View, compute_dtype
 from lossd.kernels.reduce import MEAN_FIELDS, all_ignored_check, finalize_mean, weighted_sums
-from lossd.kernels.registry import FunctionDef, Output, Result, Role, register
+from lossd.kernels.view import View
 
-__all__ = ["recall_at_k", "mrr", "relevant_ranks"]
+__all__ = ["FUNCTIONS", "recall_at_k", "mrr", "relevant_ranks"]
 
 ROLES = (
     Role("query", "[N, D]", "float", "one embedding per query"),
@@ -30,6 +33,12 @@ ROLES = (
 )
 SIMILARITY = Param(
     "similarity", "str", "dot", "dot: q·k; cosine: q·k / (‖q‖‖k‖), a zero vector scoring 0 against every key", choices=("dot", "cosine")
+)
+
+# Every query ranks the same 11 candidate keys: they are shared by the batches of a run.
+_EXAMPLE = Example(
+    lambda rng, n: {"query": normal(rng, n, D), "keys": normal(rng, 11, D), "relevant": rng.integers(0, 11, n)},
+    shared=frozenset({"keys"}),
 )
 
 
@@ -87,25 +96,25 @@ def _finalize(fields: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Resul
     return finalize_mean(fields, "mean", "samples")
 
 
-def _register(name: str, summary: str, params: tuple[Param, ...], per_query: Any, doc: str, reference: str) -> FunctionDef:
-    return register(
-        FunctionDef(
-            name=name,
-            family="metric",
-            summary=summary,
-            roles=ROLES,
-            params=params + (SIMILARITY,),
-            outputs=(Output("value", doc),),
-            fields=MEAN_FIELDS,
-            update=_update(per_query),
-            finalize=_finalize,
-            reference=reference,
-            finalize_diagnostics=all_ignored_check,
-        )
+def _retrieval_metric(name: str, summary: str, params: tuple[Param, ...], per_query: Any, doc: str, reference: str) -> FunctionDef:
+    """A mean over queries of ``per_query(rank)``: the variants differ only in that function."""
+    return FunctionDef(
+        name=name,
+        family="metric",
+        summary=summary,
+        roles=ROLES,
+        params=params + (SIMILARITY,),
+        outputs=(Output("value", doc),),
+        fields=MEAN_FIELDS,
+        update=_update(per_query),
+        finalize=_finalize,
+        reference=reference,
+        example=_EXAMPLE,
+        finalize_diagnostics=all_ignored_check,
     )
 
 
-recall_at_k = _register(
+recall_at_k = _retrieval_metric(
     "recall_at_k",
     "share of queries whose relevant key ranks in the top k (ties pessimistic)",
     (Param("k", "int", 1, "how many top-ranked keys count as retrieved", minimum=1),),
@@ -114,7 +123,7 @@ recall_at_k = _register(
     "sklearn.metrics.top_k_accuracy_score on the [N, M] score matrix (tie-free inputs)",
 )
 
-mrr = _register(
+mrr = _retrieval_metric(
     "mrr",
     "mean reciprocal rank of the relevant key (ties pessimistic)",
     (),
@@ -122,3 +131,5 @@ mrr = _register(
     "Σ 1/rank / N",
     "sklearn.metrics.label_ranking_average_precision_score with one relevant key per query",
 )
+
+FUNCTIONS = (recall_at_k, mrr)

@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role, no_valid_element
+from lossd.kernels.examples import normal
 from lossd.kernels.losses.regression import regression_pair
-from lossd.kernels.plan import View
 from lossd.kernels.reduce import WEIGHTS_ROLE
-from lossd.kernels.registry import FunctionDef, Output, Result, Role, register
 from lossd.kernels.state import MergeOp, moments_of
+from lossd.kernels.view import View
 
-__all__ = ["FIELDS", "regression_state"]
+__all__ = ["FUNCTIONS", "FIELDS", "regression_state"]
 
 PREDICTIONS = Role("predictions", "[N] or [N, D]", "float", "predicted values")
 TARGETS = Role("targets", "same shape as predictions", "float", "observed values; [N, D] for D outputs")
@@ -114,7 +115,8 @@ def _spread(fields: Mapping[str, torch.Tensor], name: str) -> np.ndarray:
 def _rmse(fields: Mapping[str, torch.Tensor]) -> np.ndarray:
     weight = fields["targets"][..., 0].numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.sqrt(fields["sse"].numpy() / weight)
+        rmse: np.ndarray = np.sqrt(fields["sse"].numpy() / weight)
+    return rmse
 
 
 def _r2(fields: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -145,37 +147,40 @@ def _total_weight(fields: Mapping[str, torch.Tensor]) -> float:
 
 
 def _no_weight_check(fields: Mapping[str, Any], p: Mapping[str, Any]) -> list[tuple[str, str]]:
-    if _total_weight(fields) == 0:
-        return [("all_ignored", "no row had non-zero weight; the metric is NaN with denominator 0")]
-    return []
+    return no_valid_element(_total_weight(fields), "no row had non-zero weight; the metric is NaN with denominator 0")
 
 
-def _declare(name: str, summary: str, per_output: Callable[[Mapping[str, torch.Tensor]], np.ndarray], reference: str) -> None:
-    register(
-        FunctionDef(
-            name=name,
-            family="metric",
-            summary=summary,
-            roles=(PREDICTIONS, TARGETS, WEIGHTS_ROLE),
-            params=(),
-            outputs=(
-                Output("value", "the metric, averaged uniformly over outputs (sklearn multioutput='uniform_average')"),
-                Output("per_output", "the metric of each output column [D]", tensor=True),
-            ),
-            fields=FIELDS,
-            update=regression_state,
-            finalize=_finalizer(per_output),
-            reference=reference,
-            finalize_diagnostics=_no_weight_check,
-        )
+_EXAMPLE = Example(lambda rng, n: {"predictions": normal(rng, n), "targets": normal(rng, n)})
+
+
+def _moment_metric(name: str, summary: str, per_output: Callable[[Mapping[str, torch.Tensor]], np.ndarray], reference: str) -> FunctionDef:
+    """A metric finalized from the shared moments state: the variants differ only in ``per_output``."""
+    return FunctionDef(
+        name=name,
+        family="metric",
+        summary=summary,
+        roles=(PREDICTIONS, TARGETS, WEIGHTS_ROLE),
+        params=(),
+        outputs=(
+            Output("value", "the metric, averaged uniformly over outputs (sklearn multioutput='uniform_average')"),
+            Output("per_output", "the metric of each output column [D]", tensor=True),
+        ),
+        fields=FIELDS,
+        update=regression_state,
+        finalize=_finalizer(per_output),
+        reference=reference,
+        example=_EXAMPLE,
+        finalize_diagnostics=_no_weight_check,
     )
 
 
-_declare("rmse", "root mean squared error √(Σw·r² / Σw) per output", _rmse, "sklearn.metrics.root_mean_squared_error")
-_declare("r2", "coefficient of determination 1 − Σw·r² / Σw(y − ȳ)² per output", _r2, "sklearn.metrics.r2_score")
-_declare(
+rmse = _moment_metric("rmse", "root mean squared error √(Σw·r² / Σw) per output", _rmse, "sklearn.metrics.root_mean_squared_error")
+r2 = _moment_metric("r2", "coefficient of determination 1 − Σw·r² / Σw(y − ȳ)² per output", _r2, "sklearn.metrics.r2_score")
+explained_variance = _moment_metric(
     "explained_variance",
     "1 − Var_w(r) / Var_w(y) per output",
     _explained_variance,
     "sklearn.metrics.explained_variance_score",
 )
+
+FUNCTIONS = (rmse, r2, explained_variance)

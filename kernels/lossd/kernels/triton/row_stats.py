@@ -1,7 +1,7 @@
 """Per-row logsumexp, max, argmax and Σz of [M, K] scores in one read (Triton, CUDA).
 
 The shared row statistics behind every softmax loss, accuracy and calibration
-(:class:`lossd.kernels.plan.RowStats`) need four reductions over the classes
+(:class:`lossd.kernels.row_stats.RowStats`) need four reductions over the classes
 of each row.  On a GPU they are bound by memory bandwidth, so this kernel reads
 each score once and keeps all four as running values: an online logsumexp
 (the running sum is rescaled whenever the running max grows), the first index
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lossd.kernels.plan import iter_row_chunks
+from lossd.kernels.chunks import iter_row_chunks
 
 __all__ = ["RowStatsTensors", "row_stats_triton", "row_stats_reference", "row_statistics_triton", "SUPPORTED_DTYPES", "MAX_BLOCK_SIZE"]
 
@@ -46,8 +46,8 @@ class RowStatsTensors(NamedTuple):
     sum: torch.Tensor
 
 
-@triton.jit
-def _row_stats_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def _row_stats_kernel(  # type: ignore[no-untyped-def]
     x_ptr,  # [M, K] scores (fp16/bf16/fp32), classes contiguous
     x_row_stride,  # int, elements between consecutive rows of x
     lse_ptr,  # [M] fp32 out: log Σ_k exp(z_k)
@@ -127,7 +127,7 @@ def _check_input(x: torch.Tensor) -> None:
 
 def _block_size(k: int, block_size: int | None) -> int:
     if block_size is None:
-        return max(16, min(MAX_BLOCK_SIZE, triton.next_power_of_2(k)))
+        return max(16, min(MAX_BLOCK_SIZE, int(triton.next_power_of_2(k))))
     if block_size < 16 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two in [16, {MAX_BLOCK_SIZE}], got {block_size}")
     return block_size

@@ -19,15 +19,21 @@ the caller's ``Authorization`` header is forwarded to the backend.
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lossd.client.results import catalogue_to_json, response_to_json
@@ -35,14 +41,17 @@ from lossd.server.gateway.backends import BackendPool
 from lossd.server.gateway.dashboard import install_dashboard
 from lossd.server.gateway.docs import install_docs
 from lossd.server.gateway.models import EvaluateBody, request_to_proto
-from lossd.server.gateway.problems import PROBLEM_JSON, Problem, install_problem_handlers
+from lossd.server.gateway.problems import PROBLEM_JSON, FieldError, Problem, install_problem_handlers
 from lossd.server.gateway.security import BearerAuthMiddleware, JsonOnlyMiddleware, SecurityHeadersMiddleware, open_paths
 from lossd.server.monitoring import Monitoring
+from lossd.server.observability.logging import annotate_gateway_request
 from lossd.server.security import Authenticator
 from lossd.server.settings import Settings
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["create_app"]
+
+T = TypeVar("T")
 
 _PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {PROBLEM_JSON: {}}}
@@ -79,10 +88,13 @@ def create_app(
     if authenticator is None:
         authenticator = Authenticator.from_settings(settings, monitoring.registry)
 
+    parser = BodyParser()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await pool.close()
+        parser.close()
 
     app = FastAPI(
         title="lossd gateway",
@@ -96,12 +108,23 @@ def create_app(
     app.state.monitoring = monitoring
     install_problem_handlers(app)
 
-    @app.post("/v1/evaluate", responses=_PROBLEM_RESPONSES, tags=["evaluate"])
     async def evaluate(body: EvaluateBody, http: Request) -> JSONResponse:
         """Evaluate functions on tensors; answers what `lossd eval --json` prints: {"results", "diagnostics"}."""
-        request, metadata = request_to_proto(body), _forwarded(http)
+        raise AssertionError("unreachable: the route's handler parses the body and calls forward()")  # pragma: no cover
+
+    async def forward(request: pb.EvaluateRequest, http: Request) -> JSONResponse:
+        metadata = annotate_gateway_request(http.scope, request, _forwarded(http))  # request id, log fields, traceparent
         response: pb.EvaluateResponse = await pool.call(lambda stub, timeout: stub.Evaluate(request, timeout=timeout, metadata=metadata))
-        return JSONResponse(response_to_json(response))
+        return JSONResponse(await _off_the_loop(response.ByteSize(), response_to_json, response))
+
+    app.router.add_api_route(
+        "/v1/evaluate",
+        evaluate,
+        methods=["POST"],
+        responses=_PROBLEM_RESPONSES,
+        tags=["evaluate"],
+        route_class_override=_evaluate_route(parser, forward),
+    )
 
     @app.get("/v1/functions", responses=_PROBLEM_RESPONSES, tags=["evaluate"])
     async def functions(
@@ -153,6 +176,76 @@ def create_app(
         )
     app.add_middleware(SecurityHeadersMiddleware)
     return app
+
+
+# Bodies this large are parsed and validated in a worker process, responses this large
+# rendered on a thread: a 38 MiB nested-list body parsed on the event loop stalled every
+# other call for seconds, and a thread would not do (the parsers hold the GIL throughout).
+LARGE_BODY_BYTES = 1 << 20
+
+
+async def _off_the_loop(nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args) if nbytes >= LARGE_BODY_BYTES else fn(*args)
+
+
+def _parse_evaluate(raw: bytes) -> pb.EvaluateRequest:
+    try:
+        body = EvaluateBody.model_validate_json(raw)
+    except ValidationError as exc:  # the errors FastAPI would have raised, located in the body
+        errors = [
+            {"type": e["type"], "loc": ("body", *e["loc"]), "msg": e["msg"], "ctx": {k: str(v) for k, v in e.get("ctx", {}).items()}}
+            for e in exc.errors()
+        ]
+        raise RequestValidationError(errors) from None
+    return request_to_proto(body)
+
+
+def _parse_in_worker(raw: bytes) -> tuple[str, Any]:
+    """_parse_evaluate in the parser process; its answer as plain (picklable) values."""
+    try:
+        return "ok", _parse_evaluate(raw).SerializeToString()
+    except RequestValidationError as exc:
+        return "invalid", list(exc.errors())
+    except Problem as exc:
+        return "problem", (exc.status, exc.slug, exc.title, exc.detail, [(e.field, e.description) for e in exc.errors], exc.extra)
+
+
+class BodyParser:
+    """Parses /v1/evaluate bodies: small ones inline, large ones in one worker process started on first use."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def parse(self, raw: bytes) -> pb.EvaluateRequest:
+        if len(raw) < LARGE_BODY_BYTES:
+            return _parse_evaluate(raw)
+        if self._pool is None:  # spawn, not fork: this process runs gRPC threads
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        kind, value = await asyncio.get_running_loop().run_in_executor(self._pool, _parse_in_worker, raw)
+        if kind == "invalid":
+            raise RequestValidationError(value)
+        if kind == "problem":
+            status, slug, title, detail, errors, extra = value
+            raise Problem(status, slug, title, detail, tuple(FieldError(f, d) for f, d in errors), extra)
+        request: pb.EvaluateRequest = pb.EvaluateRequest.FromString(value)
+        return request
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _evaluate_route(parser: BodyParser, forward: Callable[[pb.EvaluateRequest, Request], Awaitable[Response]]) -> type[APIRoute]:
+    """The /v1/evaluate route: documented from EvaluateBody as usual, parsed off the event loop when large."""
+
+    class ParsedOffTheLoop(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            async def handler(http: Request) -> Response:
+                return await forward(await parser.parse(await http.body()), http)
+
+            return handler
+
+    return ParsedOffTheLoop
 
 
 class BodyLimitMiddleware:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lossd.client.codec import DTYPE_NAMES, encode_tensor
 from lossd.client.specs import SpecError, spec_to_proto
 from lossd.server.gateway.problems import Problem
+from lossd.server.monitoring.tags import extra_tag_errors
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["TensorBody", "FunctionSpecBody", "TagsBody", "EvaluateBody", "tensor_to_proto", "request_to_proto"]
@@ -58,13 +59,33 @@ class FunctionSpecBody(BaseModel):
 
 
 class TagsBody(BaseModel):
-    """Monitoring labels: Prometheus series and the dashboard group by these."""
+    """Monitoring tags: model/dataset/split label Prometheus series; any other key is a free-form tag.
 
-    model_config = ConfigDict(extra="forbid")
+    Free-form tags (``"step": "1200"``, ``"epoch": "3"``, ``"checkpoint": ...``)
+    go to the dashboard's history only, never to Prometheus labels; numbers are
+    accepted and sent as their decimal text. Bounds: :mod:`lossd.server.monitoring.tags`.
+    """
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": {"type": ["string", "integer", "number"]}})
 
     model: str = ""
     dataset: str = ""
     split: str = ""
+
+    @model_validator(mode="after")
+    def _bounded_extra(self) -> TagsBody:
+        extra = self.model_extra or {}
+        for key, value in extra.items():
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ValueError(f"tags.{key}: expected a string or a number, got {type(value).__name__}")
+        errors = extra_tag_errors(self.extra_tags(), prefix="tags")
+        if errors:
+            raise ValueError("; ".join(f"{field_}: {description}" for field_, description in errors))
+        return self
+
+    def extra_tags(self) -> dict[str, str]:
+        """The free-form tags as the proto's ``Tags.extra`` carries them (numbers as decimal text)."""
+        return {key: value if isinstance(value, str) else repr(value) for key, value in (self.model_extra or {}).items()}
 
 
 class EvaluateBody(BaseModel):
@@ -158,5 +179,5 @@ def request_to_proto(body: EvaluateBody) -> pb.EvaluateRequest:
         except SpecError as exc:
             raise Problem.bad_field(f"functions[{i}]", str(exc)) from None
     tensors = {name: tensor_to_proto(name, t) for name, t in body.tensors.items()}
-    tags = pb.Tags(model=body.tags.model, dataset=body.tags.dataset, split=body.tags.split)
+    tags = pb.Tags(model=body.tags.model, dataset=body.tags.dataset, split=body.tags.split, extra=body.tags.extra_tags())
     return pb.EvaluateRequest(tensors=tensors, functions=functions, tags=tags, request_id=body.request_id)

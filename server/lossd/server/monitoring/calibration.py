@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lossd.kernels.calibration import bin_sums
+from lossd.kernels.batch import Batch
+from lossd.kernels.calibration.bins import bin_sums
 from lossd.kernels.evaluate import Prepared
-from lossd.kernels.plan import Batch
 
 __all__ = ["SKIP_REASONS", "Calibration", "calibration_counts"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from lossd.kernels import Evaluation, State
+from lossd.kernels.batch import Batch
 from lossd.kernels.evaluate import Prepared
-from lossd.kernels.plan import Batch
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["EvaluationEvent", "Method", "Subscriber"]
@@ -45,6 +45,9 @@ class EvaluationEvent:
     # subscriber counting this batch's contribution subtracts them.
     prior_states: Mapping[str, State] = field(default_factory=dict)
     aborted: bool = False  # the stream failed: forget its messages
+    # Seconds spent per phase of the RPC (queue, decode, compute, encode; a stream's summed over
+    # its messages), on the event that carries the call's evaluation.
+    phases: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def is_stream_message(self) -> bool:

@@ -5,7 +5,8 @@
 and ``grpc_server_msg_sent_total`` carry the labels ``grpc_type`` (unary,
 client_stream, server_stream, bidi_stream), ``grpc_service`` and
 ``grpc_method``, as the Go middleware exports them, so existing gRPC
-dashboards and alerts apply unchanged. lossd adds payload sizes and in-flight
+dashboards and alerts apply unchanged. lossd adds payload sizes (histograms, and
+``lossd_grpc_received_bytes_total`` / ``lossd_grpc_sent_bytes_total``) and in-flight
 requests. Sizes are the wire bytes, read where grpc deserializes requests and
 serializes responses (``len`` of the bytes it already holds): a 16 MB request
 is never serialized again to be measured.
@@ -63,6 +64,12 @@ class GrpcMetrics:
             ["grpc_service", "grpc_method"],
             buckets=SIZE_BUCKETS,
             registry=registry,
+        )
+        self.received_bytes = Counter(
+            "lossd_grpc_received_bytes", "Wire bytes of request messages received.", ["grpc_service", "grpc_method"], registry=registry
+        )
+        self.sent_bytes = Counter(
+            "lossd_grpc_sent_bytes", "Wire bytes of response messages sent.", ["grpc_service", "grpc_method"], registry=registry
         )
         self.in_flight = Gauge(
             "lossd_grpc_in_flight_requests", "RPCs being handled now.", ["grpc_service", "grpc_method"], registry=registry
@@ -140,6 +147,7 @@ class _Call:
         message, nbytes = _unwrap(request)
         self.m.received.labels(*self.base).inc()
         self.m.request_bytes.labels(*self.short).observe(nbytes)
+        self.m.received_bytes.labels(*self.short).inc(nbytes)
         return message
 
     def sent(self, message: Any) -> None:
@@ -186,11 +194,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
                 return handler._replace(
                     **{attr: wrapped},
                     request_deserializer=_measured_deserializer(handler.request_deserializer),
-                    response_serializer=_measured_serializer(
-                        handler.response_serializer, self.metrics.response_bytes.labels(service, method).observe
-                    ),
+                    response_serializer=_measured_serializer(handler.response_serializer, self._sized_response(service, method)),
                 )
         return handler
+
+    def _sized_response(self, service: str, method: str) -> Callable[[float], None]:
+        size, total = self.metrics.response_bytes.labels(service, method), self.metrics.sent_bytes.labels(service, method)
+
+        def observe(nbytes: float) -> None:
+            size.observe(nbytes)
+            total.inc(nbytes)
+
+        return observe
 
     def _wrap(
         self, behavior: Callable[..., Any], grpc_type: str, service: str, method: str, *, streaming_in: bool, streaming_out: bool

@@ -83,8 +83,14 @@
     return ece < 0.05 ? "ece-good" : ece < 0.15 ? "ece-warn" : "ece-bad";
   }
 
-  function keyOf(s) { return JSON.stringify([s.model, s.dataset, s.split]); }
+  function keyOf(s) { return JSON.stringify([s.model, s.dataset, s.split, s.group || ""]); }
   function shown(v) { return v === "" ? "(unset)" : v; }
+  function untagged(s) { return !s.model && !s.dataset && !s.split; }
+  // exp(token-mean NLL): perplexity from lm_cross_entropy's mean (token normalization, no smoothing by default).
+  function perplexity(values) {
+    const nll = values && values.lm_cross_entropy;
+    return nll === null || nll === undefined ? null : Math.exp(nll);
+  }
 
   // -- charts -----------------------------------------------------------------
 
@@ -94,7 +100,7 @@
 
   // Draw with the width the chart's box has now (cards are attached before their charts are drawn).
   function measured(box, draw) {
-    W = Math.max(280, Math.floor(box.clientWidth - 20));
+    W = Math.max(200, Math.floor(box.clientWidth - 20));
     box.appendChild(draw());
   }
 
@@ -126,13 +132,18 @@
     const pad = (hi - lo) * 0.08 || Math.abs(hi) * 0.1 || 0.1;
     lo = opts.zero && lo >= 0 ? 0 : lo - pad;
     hi += pad;
-    const yTicks = niceTicks(lo, hi, 5);
+    if (opts.unit) { lo = 0; hi = 1; } // metrics: accuracy-like, on their own fixed 0-1 axis
+    const yTicks = opts.unit ? [0, 0.25, 0.5, 0.75, 1] : niceTicks(lo, hi, 5);
     lo = Math.min(lo, yTicks[0]); hi = Math.max(hi, yTicks[yTicks.length - 1]);
-    const [t0, t1] = domain;
+    let [t0, t1] = domain;
+    if (!(t1 > t0)) t1 = t0 + 1;
     const x = (t) => M.left + ((t - t0) / (t1 - t0)) * (W - M.left - M.right);
     const bottom = H + HIST - M.bottom;
     const y = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - M.top);
-    axes(svg, x, y, timeTicks(t0, t1, 5), yTicks, fmtTime, (v) => fmt(v, 3), bottom);
+    const byTime = !opts.axis || opts.axis === "time";
+    const xTicks = byTime ? timeTicks(t0, t1, W < 400 ? 3 : 5) : niceTicks(t0, t1, W < 400 ? 3 : 5).filter((v) => v >= t0 && v <= t1);
+    axes(svg, x, y, xTicks, yTicks, byTime ? fmtTime : (v) => fmt(v, 6), (v) => fmt(v, 3), bottom);
+    svg.setAttribute("data-axis", opts.axis || "time");
     let plotted = 0;
     for (const s of series) {
       const runs = [];
@@ -152,7 +163,7 @@
         if (s.points.length <= 90) {
           for (const p of r) {
             const dot = svgEl("circle", { class: "dot", cx: p[0].toFixed(1), cy: p[1].toFixed(1), r: 3, fill: s.color }, svg);
-            svgEl("title", {}, dot).textContent = `${s.name} ${fmt(p[3], 6)} at ${fmtTime(p[2])}`;
+            svgEl("title", {}, dot).textContent = `${s.name} ${fmt(p[3], 6)} at ${byTime ? fmtTime(p[2]) : `${opts.axis} ${fmt(p[2], 6)}`}`;
           }
         }
         plotted += r.length;
@@ -166,7 +177,7 @@
     const height = H + HIST; // the plot, then the strip of sample counts
     const svg = frame("reliability", height);
     const total = rel.count.reduce((a, b) => a + b, 0);
-    if (!total) { noData(svg, "send logits [N, K] and labels [N]"); return svg; }
+    if (!total) { noData(svg, "send class scores and labels"); return svg; }
     const bottom = H - M.bottom;
     const x = (v) => M.left + v * (W - M.left - M.right);
     const y = (v) => bottom - v * (bottom - M.top);
@@ -228,44 +239,98 @@
     return node;
   }
 
+  function renderTitle(head, s) {
+    const title = htmlEl("div", "card-title", head);
+    if (untagged(s)) {
+      title.append("untagged");
+      htmlEl("span", "sep", title, "·");
+      title.append(s.group ? s.group.split("+").join(", ") : "no functions");
+    } else {
+      title.append(shown(s.model));
+      htmlEl("span", "sep", title, "·");
+      title.append(shown(s.dataset));
+      htmlEl("span", "sep", title, "·");
+      title.append(shown(s.split));
+    }
+    if (s.language_model) htmlEl("span", "chip", title, "LM · token-level");
+    for (const [k, v] of Object.entries(s.tags || {})) htmlEl("span", "chip tag", title, `${k} ${v}`);
+  }
+
+  // One row of numbers: "now" (the last interval) or "window" (the whole history window), each labelled.
+  function statsRow(parent, label, cls, values, s, extra) {
+    const row = htmlEl("div", `stats ${cls}`, parent);
+    htmlEl("span", "when", row, label);
+    const add = (name, value, vcls) => { const e = htmlEl("span", "", row, `${name} `); htmlEl("b", vcls || "", e, value); };
+    for (const fn of s.functions) add(fn, fmt(values.loss ? values.loss[fn] : null));
+    const ppl = perplexity(values.loss);
+    if (ppl !== null) add("perplexity", fmt(ppl));
+    add(s.language_model ? "token ECE" : "ECE", fmt(values.ece), ratingClass(values.ece));
+    add(s.language_model ? "tokens" : "samples", fmtCount(values.count || values.rows || 0));
+    for (const [k, v] of extra) add(k, v);
+  }
+
   function renderCard(node, s, data) {
     node.replaceChildren();
+    node.dataset.search = `${s.model} ${s.dataset} ${s.split} ${s.group || ""}`.toLowerCase();
     const head = htmlEl("div", "card-head", node);
-    const title = htmlEl("div", "card-title", head);
-    title.append(shown(s.model));
-    htmlEl("span", "sep", title, "·");
-    title.append(shown(s.dataset));
-    htmlEl("span", "sep", title, "·");
-    title.append(shown(s.split));
-    const stats = htmlEl("div", "stats", head);
-    const add = (label, value, cls) => { const e = htmlEl("span", "", stats, `${label} `); const b = htmlEl("b", cls || "", e, value); return b; };
-    for (const fn of s.functions) add(fn, fmt(s.summary.loss[fn]));
-    add("ECE", fmt(s.summary.ece), ratingClass(s.summary.ece));
-    add("samples", fmtCount(s.summary.count || s.summary.rows));
-    add("evaluations", fmtCount(s.summary.evaluations));
-    add("last", fmtAgo(data.now - s.summary.last_seen));
+    renderTitle(head, s);
+    const numbers = htmlEl("div", "numbers", head);
+    const cur = s.current || {};
+    statsRow(numbers, `now (last ${fmt(data.interval_seconds, 3)} s)`, "current", cur, s, []);
+    statsRow(numbers, `window (${fmt(data.history_seconds / 60, 3)} min)`, "window", s.summary, s, [
+      ["evaluations", fmtCount(s.summary.evaluations || 0)],
+      ...(s.summary.last_seen ? [["last", fmtAgo(data.now - s.summary.last_seen)]] : []),
+    ]);
 
     const charts = htmlEl("div", "charts", node);
-    const pts = s.points;
-    const half = data.interval_seconds / 2;
-    const t1 = Math.max(data.now, pts.length ? pts[pts.length - 1].t + data.interval_seconds : data.now);
-    const t0 = Math.min(pts.length ? pts[0].t : t1, t1 - 12 * data.interval_seconds);
+    const progress = s.progress && s.progress.axis ? s.progress : null;
+    const half = progress ? 0 : data.interval_seconds / 2;
+    const pts = progress ? progress.points.map((p) => ({ ...p, t: p.x })) : s.points;
+    let t0, t1;
+    if (progress) {
+      t0 = pts.length ? pts[0].t : 0;
+      t1 = pts.length ? pts[pts.length - 1].t : 1;
+    } else {
+      t1 = Math.max(data.now, pts.length ? pts[pts.length - 1].t + data.interval_seconds : data.now);
+      t0 = Math.min(pts.length ? pts[0].t : t1, t1 - 12 * data.interval_seconds);
+    }
+    const axis = progress ? progress.axis : "time";
+    const by = progress ? `by ${axis}` : "per interval";
+    const gap = progress ? 0 : 1.5 * data.interval_seconds;
     const colors = new Map(s.functions.map((fn, i) => [fn, PALETTE[i % PALETTE.length]]));
+    const line = (fn) => ({ name: fn, color: colors.get(fn), points: pts.map((p) => [p.t + half, p.loss[fn]]) });
+    const losses = s.losses || s.functions;
+    const metrics = s.metrics || [];
 
     const loss = htmlEl("div", "chart", charts);
-    htmlEl("h3", "", loss, "mean loss per interval");
-    legend(loss, s.functions.map((fn) => ({ name: fn, color: colors.get(fn) })));
-    const lossSeries = s.functions.map((fn) => ({ name: fn, color: colors.get(fn), points: pts.map((p) => [p.t + half, p.loss[fn]]) }));
-    measured(loss, () => lineChart("loss", lossSeries, [t0, t1], { gap: 1.5 * data.interval_seconds, empty: "no loss functions with a mean yet" }));
+    htmlEl("h3", "", loss, `mean loss ${by}`);
+    legend(loss, losses.map((fn) => ({ name: fn, color: colors.get(fn) })));
+    measured(loss, () => lineChart("loss", losses.map(line), [t0, t1], { gap, axis, empty: "no loss with a mean yet" }));
 
+    if (metrics.length) {
+      const metric = htmlEl("div", "chart", charts);
+      htmlEl("h3", "", metric, `metrics ${by} (0–1)`);
+      legend(metric, metrics.map((fn) => ({ name: fn, color: colors.get(fn) })));
+      measured(metric, () => lineChart("metric", metrics.map(line), [t0, t1], { gap, axis, unit: true }));
+    }
+
+    if (perplexity(s.summary.loss) !== null) {
+      const ppl = htmlEl("div", "chart", charts);
+      htmlEl("h3", "", ppl, `perplexity ${by}`);
+      legend(ppl, [{ name: "exp(lm_cross_entropy)", color: PALETTE[3] }]);
+      const points = pts.map((p) => [p.t + half, perplexity(p.loss)]);
+      measured(ppl, () => lineChart("perplexity", [{ name: "perplexity", color: PALETTE[3], points }], [t0, t1], { gap, axis }));
+    }
+
+    const level = s.language_model ? "token-level " : "";
     const ece = htmlEl("div", "chart", charts);
-    htmlEl("h3", "", ece, `expected calibration error (${data.bins} bins)`);
+    htmlEl("h3", "", ece, `${level}calibration error ${by} (${data.bins} bins)`);
     legend(ece, [{ name: "top-1 ECE", color: ECE_COLOR }]);
-    measured(ece, () => lineChart("ece", [{ name: "ECE", color: ECE_COLOR, points: pts.map((p) => [p.t + half, p.ece]) }], [t0, t1], { zero: true, area: true, gap: 1.5 * data.interval_seconds, empty: "send logits [N, K] and labels [N]" }));
+    measured(ece, () => lineChart("ece", [{ name: "ECE", color: ECE_COLOR, points: pts.map((p) => [p.t + half, p.ece]) }], [t0, t1], { zero: true, area: true, gap, axis, empty: "send class scores and labels" }));
 
     const rel = htmlEl("div", "chart", charts);
-    htmlEl("h3", "", rel, "reliability diagram (window)");
-    legend(rel, [{ name: "accuracy", color: "#7aa2f7" }, { name: "over-confident gap", color: "#f7768e" }, { name: "under-confident gap", color: "#e0af68" }]);
+    htmlEl("h3", "", rel, `${level}reliability (window)`);
+    legend(rel, [{ name: "accuracy", color: "#7aa2f7" }, { name: "over-confident", color: "#f7768e" }, { name: "under-confident", color: "#e0af68" }]);
     measured(rel, () => reliabilityChart(s.reliability, data.bins));
   }
 
@@ -282,8 +347,8 @@
     const worst = data.series.filter((s) => s.summary.ece !== null).sort((a, b) => b.summary.ece - a.summary.ece)[0];
     kpi("series", String(data.series.length));
     kpi("evaluations", fmtCount(sum((s) => s.summary.evaluations)));
-    kpi("samples", fmtCount(sum((s) => s.summary.rows)));
-    kpi("worst ECE", worst ? `${fmt(worst.summary.ece, 3)}` : "–", worst ? ratingClass(worst.summary.ece) : "");
+    kpi("samples (window)", fmtCount(sum((s) => s.summary.rows || 0)));
+    kpi("worst ECE (window)", worst ? `${fmt(worst.summary.ece, 3)}` : "–", worst ? ratingClass(worst.summary.ece) : "");
     if (worst) box.lastChild.title = `${worst.model} · ${worst.dataset} · ${worst.split}`;
   }
 
@@ -300,6 +365,8 @@
       if (!nodes[i].hidden) renderCard(nodes[i], s, data);
     });
     const minutes = data.history_seconds / 60;
+    const source = data.source === "prometheus" ? "fleet (Prometheus)" : "this replica";
+    $("source").textContent = `${source} history`;
     $("window").textContent = `window ${minutes >= 1 ? fmt(minutes, 3) + " min" : data.history_seconds + " s"} · ${fmt(data.interval_seconds, 3)} s intervals · ${data.bins} calibration bins`;
   }
 

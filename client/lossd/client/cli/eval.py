@@ -1,0 +1,104 @@
+"""``lossd eval``: evaluate functions on the arrays of an .npz file.
+
+Exits 2 on an invalid argument (the server's field violations go to stderr)
+and 1 on any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from lossd.client.cli.common import (
+    EXIT_INVALID,
+    EXIT_OK,
+    Commands,
+    add_connection_arguments,
+    add_output_arguments,
+    add_tag_argument,
+    connect,
+    connection_settings,
+)
+from lossd.client.cli.output import fail, fail_call, print_results
+from lossd.client.codec import TensorError
+from lossd.client.errors import LossdError
+from lossd.client.messages import function_specs
+from lossd.client.settings import ClientSettings
+from lossd.client.specs import SpecError
+
+__all__ = ["register", "run", "eval_command", "load_npz"]
+
+
+def register(commands: Commands) -> None:
+    """Add the ``eval`` parser."""
+    parser: argparse.ArgumentParser = commands.add_parser("eval", help="evaluate functions on the arrays of an .npz file")
+    parser.add_argument("--inputs", type=Path, required=True, help="an .npz file; its arrays are tensors named by their keys")
+    parser.add_argument(
+        "--fn",
+        dest="specs",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help='a function: NAME, "NAME:param=value,..." or a JSON object; repeat for more',
+    )
+    add_tag_argument(parser, "monitoring label: model=..., dataset=..., split=...")
+    add_output_arguments(parser, 'print one JSON object {"results": ..., "diagnostics": [...]}')
+    add_connection_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lossd eval`` with parsed arguments."""
+    try:
+        settings = connection_settings(args)
+    except ValueError as exc:
+        return fail("eval", str(exc), EXIT_INVALID)
+    return eval_command(settings, args.inputs, args.specs, dict(args.tags), as_json=args.as_json, timeout=args.timeout)
+
+
+def load_npz(path: Path) -> dict[str, Any]:
+    """The named arrays of an .npz file (pickled objects refused)."""
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"expected an .npz archive of named arrays, got a single array in {path}")
+    with data:
+        return {name: data[name] for name in data.files}
+
+
+def eval_command(
+    settings: ClientSettings,
+    inputs: Path,
+    specs: Sequence[str],
+    tags: dict[str, str],
+    *,
+    as_json: bool = False,
+    timeout: float = 60.0,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Evaluate ``specs`` on the arrays of ``inputs`` on the server of ``settings`` and print the results."""
+    try:
+        tensors = load_npz(inputs)
+        functions = function_specs(list(specs))
+    except (OSError, ValueError) as exc:  # no such file, not an npz, object arrays, a bad spec
+        return fail("eval", str(exc), EXIT_INVALID, err)
+    try:
+        with connect(settings, timeout) as client:
+            result = client.evaluate(tensors, functions, tags=tags or None)
+    except (SpecError, TensorError) as exc:
+        return fail("eval", str(exc), EXIT_INVALID, err)
+    except LossdError as exc:
+        return fail_call("eval", exc, err)
+    except ValueError as exc:  # unreadable certificates or token file
+        return fail("eval", str(exc), EXIT_INVALID, err)
+    if as_json:
+        print(json.dumps(result.to_json(), allow_nan=False), file=out or sys.stdout)
+    else:
+        print_results(result, out or sys.stdout)
+    return EXIT_OK

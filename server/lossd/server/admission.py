@@ -1,0 +1,173 @@
+"""Admission control: how much work the server accepts, and which compute lane runs it.
+
+Two bounds keep an overloaded replica answering instead of drowning:
+
+- *concurrent requests*: RPCs in progress at once (a stream counts once, for
+  its whole life), ``max_concurrent_requests``;
+- *queued work*: units of work (an Evaluate, a Finalize, one stream message,
+  a stream's finalize) waiting for a compute thread, counted and summed in
+  request bytes per lane, ``max_queued_requests`` and ``max_queued_bytes``.
+
+Past a bound the call is refused at once with :class:`Overloaded`
+(``RESOURCE_EXHAUSTED`` with a retry-after hint naming the setting); nothing
+is decoded or allocated for it. Requests of ``large_request_bytes`` or more
+run on their own threads, so a small request never waits behind 16 MB ones.
+
+Each unit of work runs with a :class:`lossd.kernels.cancellation.CancelToken`:
+a call cancelled by its client, or past its deadline, stops computing at the
+kernels' next chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from lossd.kernels.cancellation import CancelToken, cancellable
+from lossd.kernels.errors import StateLimitExceeded
+
+__all__ = ["Admission", "AdmissionLimits", "Lane", "Overloaded"]
+
+T = TypeVar("T")
+
+
+class Overloaded(StateLimitExceeded):
+    """The server is at one of its admission bounds; the client may retry after ``retry_after`` seconds."""
+
+    reason = "OVERLOADED"
+
+    def __init__(self, message: str, setting: str, retry_after: float) -> None:
+        super().__init__(message, setting)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """The bounds of :class:`Admission` (from Settings)."""
+
+    max_concurrent_requests: int = 64
+    max_queued_requests: int = 32
+    max_queued_bytes: int = 1 << 30
+    large_request_bytes: int = 1 << 20
+    compute_threads: int = 2
+    retry_after_seconds: float = 1.0
+
+
+class Lane:
+    """One compute pool and its queue: work submitted and not yet started is *queued*."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        self.name = name
+        # Daemon-like: shutdown(wait=False) never joins a stuck thread (the process exits after the grace).
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"lossd-{name}")
+        self._lock = threading.Lock()
+        self.queued = 0
+        self.queued_bytes = 0
+        self.running = 0
+
+    def reserve(self, nbytes: int) -> None:
+        with self._lock:
+            self.queued += 1
+            self.queued_bytes += nbytes
+
+    def start(self, nbytes: int) -> None:
+        with self._lock:
+            self.queued -= 1
+            self.queued_bytes -= nbytes
+            self.running += 1
+
+    def finish(self) -> None:
+        with self._lock:
+            self.running -= 1
+
+    def release(self, nbytes: int) -> None:
+        """Give back a reservation whose work never started (cancelled while queued)."""
+        with self._lock:
+            self.queued -= 1
+            self.queued_bytes -= nbytes
+
+
+class Admission:
+    """Bounds on concurrent and queued work, two compute lanes by request size."""
+
+    def __init__(self, limits: AdmissionLimits) -> None:
+        self.limits = limits
+        self.small = Lane("compute", limits.compute_threads)
+        self.large = Lane("compute-large", limits.compute_threads)
+        self.active = 0  # touched on the event loop only
+
+    def _refuse(self, what: str, setting: str) -> Overloaded:
+        # Jitter spreads the retries of many refused clients over time instead of one burst.
+        delay = self.limits.retry_after_seconds * random.uniform(0.5, 1.5)
+        return Overloaded(
+            f"server overloaded: {what} (setting {setting}, LOSSD_{setting.upper()}); retry after {delay:.2f}s", setting, delay
+        )
+
+    @asynccontextmanager
+    async def call(self) -> AsyncIterator[None]:
+        """Hold one of ``max_concurrent_requests`` slots for the block (an RPC's life), or raise Overloaded."""
+        if self.active >= self.limits.max_concurrent_requests:
+            raise self._refuse(f"{self.active} requests in progress", "max_concurrent_requests")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    def lane_for(self, nbytes: int) -> Lane:
+        """The lane a unit of work of ``nbytes`` request bytes runs on."""
+        return self.large if nbytes >= self.limits.large_request_bytes else self.small
+
+    async def run(self, fn: Callable[[], T], *, nbytes: int, deadline: float | None = None) -> T:
+        """Run ``fn`` on its lane's threads, or raise Overloaded when the lane's queue is full.
+
+        ``deadline`` (time.monotonic()) and the awaiting task's cancellation
+        reach the kernels through a CancelToken: queued work that is cancelled
+        never starts, running work stops at its next chunk."""
+        lane = self.lane_for(nbytes)
+        if lane.queued >= self.limits.max_queued_requests:
+            raise self._refuse(f"{lane.queued} requests queued for the {lane.name} threads", "max_queued_requests")
+        if lane.queued and lane.queued_bytes + nbytes > self.limits.max_queued_bytes:
+            raise self._refuse(f"{lane.queued_bytes + nbytes} request bytes queued", "max_queued_bytes")
+        token = CancelToken(deadline)
+        lane.reserve(nbytes)
+
+        def work() -> T:
+            lane.start(nbytes)
+            try:
+                token.check()  # the deadline may have passed while it waited
+                with cancellable(token):
+                    return fn()
+            finally:
+                lane.finish()
+
+        future = lane.pool.submit(contextvars.copy_context().run, work)  # the call's trace span and caller, in the thread
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            token.cancel()  # running work stops at its next chunk
+            if future.cancel():  # it had not started: it never will
+                lane.release(nbytes)
+            raise
+
+    def running(self) -> int:
+        """Units of work on a compute thread now, over both lanes."""
+        return self.small.running + self.large.running
+
+    def close(self) -> None:
+        """Stop taking work; queued work is dropped, running threads are not waited for."""
+        for lane in (self.small, self.large):
+            lane.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def deadline_of(time_remaining: float | None) -> float | None:
+    """A call's deadline on the time.monotonic() clock, from grpc's ``context.time_remaining()``."""
+    return None if time_remaining is None else time.monotonic() + time_remaining

@@ -1,0 +1,28 @@
+"""The serving benchmark's harness works: it starts `lossd serve` in its own process and drives one tiny scenario."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def test_bench_serve_runs_one_small_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--quick", "--only", "small_seq", "--scale", "0.3", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert row["scenario"] == "small_seq" and row["target"] == "lossd"
+    # A request over loopback TCP cannot beat in-process torch, and must come back well within a second.
+    assert row["torch_s"] < row["seconds"] < 1.0
+    assert 0 < row["notes"]["p50_ms"] <= row["notes"]["p99_ms"]
+    assert report["limits"]["tcp_gb_per_s"] > 0 and report["limits"]["memcpy_gb_per_s"] > 0
+    assert "| [64, 10] sequential" in done.stdout
