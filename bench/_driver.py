@@ -44,12 +44,13 @@ def lossd_calls(job: dict[str, Any]) -> tuple[Call, Callable[[], Awaitable[objec
 
     z, y = _logits(job)
     tensors, functions = {"logits": z, "labels": y}, job["functions"]
-    client = Client(job["address"])
+    shared = bool(job.get("shared_memory", False))  # the ce_f32_shm row
+    client = Client(job["address"], shared_memory=shared)
     holder: dict[str, AsyncClient] = {}
 
     async def acall() -> object:
         if "c" not in holder:
-            holder["c"] = AsyncClient(job["address"])
+            holder["c"] = AsyncClient(job["address"], shared_memory=shared)
         return await holder["c"].evaluate(tensors, functions)
 
     return (lambda: client.evaluate(tensors, functions)), acall

@@ -76,6 +76,14 @@ SCENARIOS = [
         {"repeats": 3},
     ),
     Scenario(
+        "ce_f32_shm",
+        "[4096, 1024] fp32 cross_entropy, shared memory",
+        "repeat",
+        {"rows": 4096, "classes": 1024, "functions": ["cross_entropy"], "repeats": 15, "shared_memory": True},
+        {"repeats": 3},
+        peers=False,
+    ),
+    Scenario(
         "ce_bf16",
         "[4096, 1024] bf16 cross_entropy",
         "repeat",
@@ -376,7 +384,9 @@ def main() -> None:  # noqa: C901  (the flow reads top to bottom)
     tcp, memcpy = tcp_seconds(nbytes), memcpy_seconds(nbytes)
     limits = {"tcp_ms": tcp * 1e3, "tcp_gb_per_s": nbytes / tcp / 1e9, "memcpy_ms": memcpy * 1e3, "memcpy_gb_per_s": nbytes / memcpy / 1e9}
 
-    starters: dict[str, Callable[[Path], ServerProcess]] = {"lossd": lambda logs: start_lossd(logs, env=TREE_ENV)}
+    starters: dict[str, Callable[[Path], ServerProcess]] = {
+        "lossd": lambda logs: start_lossd(logs, env={**TREE_ENV, "LOSSD_ALLOW_SHARED_MEMORY": "true"})
+    }
     if args.peers:
         starters["fastapi"] = start_fastapi
         if kserve_available():

@@ -6,7 +6,9 @@ Writes into ``--out`` (git-ignored by default): ``ca.pem`` / ``ca-key.pem`` (a
 fresh private CA), ``server.pem`` / ``server-key.pem`` (valid for localhost,
 127.0.0.1, ::1, the compose service names and every ``--name``),
 ``client.pem`` / ``client-key.pem`` (a client certificate for mutual TLS) and
-``tokens`` (``NAME:TOKEN`` lines for LOSSD_AUTH_TOKENS_FILE). Keys and tokens
+``tokens`` (``NAME:TOKEN`` lines for LOSSD_AUTH_TOKENS_FILE) with
+``prometheus-token`` (the ``prometheus`` token alone, for Prometheus's
+``credentials_file``). Keys and tokens
 are readable by their owner only. For local use: a real deployment takes its
 certificates from its own CA.
 """
@@ -26,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _FOR_CONTAINER = False  # --for-container: keys readable by the container's user (uid 10001), not only their owner
-DEFAULT_NAMES = ["localhost", "127.0.0.1", "::1", "lossd-1", "lossd-2", "nginx"]
+# "lossd": the name nginx verifies every replica under (deploy/nginx/nginx.conf).
+DEFAULT_NAMES = ["localhost", "127.0.0.1", "::1", "lossd", "lossd-1", "lossd-2", "nginx"]
 
 
 def _name(common_name: str) -> x509.Name:
@@ -98,8 +101,10 @@ def generate(out: Path, names: list[str], days: int) -> None:
         cert, key = _issue((ca_cert, ca_key), common_name, days, server_names=server_names)
         _write(out / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM), private=False)
         _write(out / f"{stem}-key.pem", _key_pem(key), private=True)
-    tokens = f"# NAME:TOKEN per line, for LOSSD_AUTH_TOKENS_FILE\nlocal:{secrets.token_urlsafe(32)}\n"
+    scraper = secrets.token_urlsafe(32)  # Prometheus's own token (deploy/prometheus/prometheus.yml)
+    tokens = f"# NAME:TOKEN per line, for LOSSD_AUTH_TOKENS_FILE\nlocal:{secrets.token_urlsafe(32)}\nprometheus:{scraper}\n"
     _write(out / "tokens", tokens.encode(), private=True)
+    _write(out / "prometheus-token", f"{scraper}\n".encode(), private=True)
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,18 +27,32 @@ pytestmark = pytest.mark.e2e
 
 
 class Nginx:
-    """The repo's nginx.conf with the compose hostnames and ports replaced by loopback ones."""
+    """The repo's nginx.conf with the compose hostnames and ports replaced by loopback ones.
 
-    def __init__(self, binary: str, workdir: Path, replicas: list[Replica]) -> None:
+    With ``certs`` (a scripts/gen_certs.py folder) it runs as written, TLS on
+    both sides; without, the TLS directives are taken out for plaintext replicas.
+    """
+
+    def __init__(self, binary: str, workdir: Path, replicas: list[Replica], certs: Path | None = None) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
+        self.certs = certs
         conf = (ROOT / "deploy/nginx/nginx.conf").read_text()
         for i, r in enumerate(replicas, start=1):
-            conf = conf.replace(f"lossd-{i}:50051", r.grpc_address).replace(f"lossd-{i}:8000", r.url.removeprefix("http://"))
-        conf = conf.replace("listen 50051 http2;", f"listen 127.0.0.1:{self.grpc_port} http2;").replace(
-            "listen 8080;", f"listen 127.0.0.1:{self.http_port};"
-        )
+            host = r.url.split("://", 1)[1]
+            conf = conf.replace(f"lossd-{i}:50051", r.grpc_address).replace(f"lossd-{i}:8000", host)
+        if certs is not None:
+            conf = conf.replace("/etc/nginx/certs/", f"{certs}/")
+            conf = conf.replace("listen 50051 ssl http2;", f"listen 127.0.0.1:{self.grpc_port} ssl http2;")
+            conf = conf.replace("listen 8080 ssl;", f"listen 127.0.0.1:{self.http_port} ssl;")
+        else:
+            tls_directives = ("ssl_", "grpc_ssl_", "proxy_ssl_")
+            conf = "\n".join(line for line in conf.splitlines() if not line.lstrip().startswith(tls_directives))
+            conf = conf.replace("grpcs://", "grpc://").replace("https://", "http://")
+            conf = conf.replace("listen 50051 ssl http2;", f"listen 127.0.0.1:{self.grpc_port} http2;")
+            conf = conf.replace("listen 8080 ssl;", f"listen 127.0.0.1:{self.http_port};")
         directives = "\n".join(line for line in conf.splitlines() if not line.lstrip().startswith("#"))
         assert "lossd-" not in directives and "50051" not in directives, "nginx.conf changed shape: update this test's substitutions"
+        assert "/etc/nginx" not in directives, "nginx.conf changed shape: update this test's substitutions"
         (workdir / "nginx.conf").write_text(conf)
         (workdir / "logs").mkdir()
         globals_ = f"daemon off; pid {workdir}/nginx.pid; error_log {workdir}/logs/error.log;"
@@ -50,9 +66,14 @@ class Nginx:
         self.workdir = workdir
         wait_for(self._up, 15, "nginx to listen")
 
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.certs is not None else 'http'}://127.0.0.1:{self.http_port}"
+
     def _up(self) -> bool:
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.certs / "ca.pem") if self.certs is not None else True
         try:
-            return httpx.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=1, verify=verify).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -173,5 +194,54 @@ def test_a_request_that_killed_its_replica_is_not_replayed_onto_the_next(tmp_pat
                 # A new call reaches the survivor (the dead replica cannot be connected to: that is passed on).
                 for _ in range(4):
                     assert stub.Evaluate(_request(), timeout=30).results[0].values["value"] > 0
+        finally:
+            nginx.stop()
+
+
+def test_tls_through_nginx_to_tls_replicas_with_tokens_matches_a_direct_call(tmp_path: Path) -> None:
+    """nginx.conf as written: TLS to nginx, TLS from nginx to replicas that require tokens; the caller's token passes through."""
+    from integration.lossd_process import LossdProcess
+
+    binary = require_binary("nginx")
+    certs = tmp_path / "certs"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/gen_certs.py"), "--out", str(certs), "--days", "1"], check=True, capture_output=True
+    )
+    token = (certs / "tokens").read_text().split("local:")[1].split()[0]
+    tls = {"tls_cert_file": certs / "server.pem", "tls_key_file": certs / "server-key.pem", "auth_tokens_file": certs / "tokens"}
+    roots = (certs / "ca.pem").read_bytes()
+    with_token = grpc.composite_channel_credentials(grpc.ssl_channel_credentials(roots), grpc.access_token_call_credentials(token))
+    body = {
+        "tensors": {"x": {"dtype": "float32", "shape": [3], "data": [1, 2, 3]}, "y": {"dtype": "float32", "shape": [3], "data": [1, 4, 0]}},
+        "functions": [{"name": "mse", "inputs": {"predictions": "x", "targets": "y"}}],
+    }
+    https = ssl.create_default_context(cafile=certs / "ca.pem")
+    bearer = {"authorization": f"Bearer {token}"}
+    request = _request()
+    with LossdProcess(**tls) as first, LossdProcess(**tls) as second:
+        assert first.url.startswith("https://")
+        with grpc.secure_channel(first.grpc_address, with_token) as channel:
+            direct = pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=30).results[0].values["value"]
+        direct_http = httpx.post(f"{first.url}/v1/evaluate", json=body, headers=bearer, verify=https, timeout=30).json()["results"]
+        assert direct_http == {"mse": pytest.approx((0 + 4 + 9) / 3)}  # (1-1)², (2-4)², (3-0)²
+
+        (tmp_path / "nginx").mkdir()
+        nginx = Nginx(binary, tmp_path / "nginx", [first, second], certs=certs)  # type: ignore[list-item]
+        try:
+            with grpc.secure_channel(f"127.0.0.1:{nginx.grpc_port}", with_token) as channel:
+                stub = pb_grpc.LossServiceStub(channel)
+                for _ in range(4):  # round robin: both replicas answer the same
+                    assert stub.Evaluate(request, timeout=30).results[0].values["value"] == direct
+            with grpc.secure_channel(f"127.0.0.1:{nginx.grpc_port}", grpc.ssl_channel_credentials(roots)) as channel:
+                with pytest.raises(grpc.RpcError) as info:
+                    pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=30)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+            with httpx.Client(base_url=nginx.url, verify=https, timeout=30) as http:
+                for _ in range(4):
+                    assert http.post("/v1/evaluate", json=body, headers=bearer).json()["results"] == direct_http
+                assert http.post("/v1/evaluate", json=body).status_code == 401
+                assert http.get("/dashboard", headers=bearer).status_code == 200
+            with pytest.raises(httpx.HTTPError):  # nginx speaks only TLS
+                httpx.get(f"http://127.0.0.1:{nginx.http_port}/healthz", timeout=5).raise_for_status()
         finally:
             nginx.stop()

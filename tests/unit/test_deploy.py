@@ -218,3 +218,24 @@ def test_alertmanager_config_passes_amtool() -> None:
         timeout=60,
     )
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+def test_prometheus_config_passes_promtool_and_scrapes_over_tls_with_a_token(tmp_path: Path) -> None:
+    """promtool checks deploy/prometheus/prometheus.yml with /certs pointing at files scripts/gen_certs.py wrote."""
+    import sys
+
+    promtool = require_binary("promtool")
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["scheme"] == "https" and job["tls_config"]["ca_file"] == "/certs/ca.pem", job
+    assert job["authorization"]["credentials_file"] == "/certs/prometheus-token", job
+    certs = tmp_path / "certs"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts/gen_certs.py"), "--out", str(certs), "--days", "1"], check=True, capture_output=True
+    )
+    assert "prometheus:" in (certs / "tokens").read_text()  # the token Prometheus sends is one the replicas accept
+    text = (ROOT / "deploy/prometheus/prometheus.yml").read_text().replace("/certs/", f"{certs}/")
+    (tmp_path / "prometheus.yml").write_text(text)
+    (tmp_path / "rules").symlink_to(ROOT / "deploy/prometheus/rules")
+    check = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

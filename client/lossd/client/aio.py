@@ -20,9 +20,12 @@ from lossd.client.base import ClientBase
 from lossd.client.channel import EVALUATE_METHOD
 from lossd.client.client import Client
 from lossd.client.core import finalize_request_of, list_request, lossd_errors, payload_of, run_arguments, unary_payload
+from lossd.client.errors import InvalidArgumentError
 from lossd.client.evaluation import EvaluationResult
-from lossd.client.messages import Functions, StatesLike, TagsLike
+from lossd.client.local import check_compute, without_states
+from lossd.client.messages import Functions, StatesLike, TagsLike, new_request_id
 from lossd.client.run import AsyncRun
+from lossd.client.shared_memory import SharedBatch, refusal_reason
 from lossd.client.streams import stream_result
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
@@ -86,6 +89,16 @@ class AsyncClient(ClientBase):
     ) -> EvaluationResult:
         """Evaluate ``functions`` on one batch; see :meth:`lossd.client.Client.evaluate` (large batches go in parts when allowed)."""
         arrays, specs = self.core.prepare(tensors, functions)
+        if self.core.uses_shared_memory(arrays):
+            with SharedBatch(arrays) as segment:  # unlinked when the call ends, whatever happened
+                payload = segment.request(specs, tags=tags, return_state=return_state, request_id=request_id or new_request_id())
+                try:
+                    return await self.evaluate_request(payload, timeout=timeout)
+                except InvalidArgumentError as exc:
+                    reason = refusal_reason(exc)
+                    if reason is None:
+                        raise
+                    self.core.shared_memory_refused(reason)  # and this batch goes over the wire below
         if self.core.needs_catalogue(specs, arrays):
             await self.list_functions()
         if self.core.should_chunk(specs, arrays):
@@ -108,8 +121,11 @@ class AsyncClient(ClientBase):
         return_state: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
+        compute: str = "server",
     ) -> EvaluationResult:
         """Exact totals over many batches (an iterable or async iterable) in one streaming call.
+
+        ``compute="local"``: see :meth:`lossd.client.Client.evaluate_stream`.
 
         The stream runs on a blocking channel in a worker thread, which also
         keeps the encoding of large batches off the event loop. Why not
@@ -118,6 +134,8 @@ class AsyncClient(ClientBase):
         instead of the server's status (grpc/grpc#36066), and a stream's
         INVALID_ARGUMENT with its field violations is part of this API.
         """
+        if check_compute(compute) == "local":
+            return await self._local_stream(batches, functions, tags=tags, return_state=return_state, timeout=timeout)
         loop = asyncio.get_running_loop()
         blocking = self._blocking_client()
         source = _blocking_iter(batches, loop) if isinstance(batches, AsyncIterable) else batches
@@ -127,6 +145,25 @@ class AsyncClient(ClientBase):
         except asyncio.CancelledError:
             call.cancel()  # never let the server finalize a partial stream
             raise
+
+    async def _local_stream(
+        self,
+        batches: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+        functions: Functions,
+        *,
+        tags: TagsLike,
+        return_state: bool,
+        timeout: float | None,
+    ) -> EvaluationResult:
+        run = self.run(functions, tags=tags, timeout=timeout, compute="local")
+        if isinstance(batches, AsyncIterable):
+            async for batch in batches:
+                await run.update(batch)
+        else:
+            for batch in batches:
+                await run.update(batch)
+        result = await run.merge()
+        return result if return_state else without_states(result)
 
     def _blocking_client(self) -> Client:
         if self._blocking is None:
@@ -156,7 +193,7 @@ class AsyncClient(ClientBase):
             response = await self._stub.ListFunctions(request, timeout=deadline)
         return self.core.learn(family, response)
 
-    def run(self, functions: Functions, *, tags: TagsLike = None, timeout: float | None = None) -> AsyncRun:
+    def run(self, functions: Functions, *, tags: TagsLike = None, timeout: float | None = None, compute: str = "server") -> AsyncRun:
         """Accumulate exact totals over many ``await run.update(tensors)`` calls."""
         specs, tags_msg = run_arguments(functions, tags)
-        return AsyncRun(self, specs, tags=tags_msg, timeout=timeout)
+        return AsyncRun(self, specs, tags=tags_msg, timeout=timeout, compute=compute)

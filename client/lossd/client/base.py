@@ -29,7 +29,9 @@ class ClientBase:
     channel; ``token`` or ``token_file``: a bearer token on every call. Each
     of these defaults to its ``LOSSD_*`` variable (:mod:`lossd.client.settings`),
     or to ``settings`` when given. ``credentials``: ready-made gRPC channel
-    credentials instead of the TLS files.
+    credentials instead of the TLS files. ``shared_memory``: large batches of
+    ``evaluate`` travel in a POSIX shared-memory segment when the server is
+    on this host and allows it, else over the wire (:mod:`lossd.client.shared_memory`).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ClientBase:
         token: str | None = None,
         token_file: str | os.PathLike[str] | None = None,
         settings: ClientSettings | None = None,
+        shared_memory: bool = False,
     ) -> None:
         self.core = ClientCore(
             address,
@@ -63,6 +66,7 @@ class ClientBase:
             token=token,
             token_file=token_file,
             settings=settings,
+            shared_memory=shared_memory,
         )
         self._open()
 

@@ -18,10 +18,11 @@ this module only calls.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 
 from lossd.client.base import ClientBase
 from lossd.client.channel import EVALUATE_METHOD
@@ -35,9 +36,12 @@ from lossd.client.core import (
     run_arguments,
     unary_payload,
 )
+from lossd.client.errors import InvalidArgumentError
 from lossd.client.evaluation import EvaluationResult
-from lossd.client.messages import Functions, StatesLike, TagsLike
+from lossd.client.local import check_compute, without_states
+from lossd.client.messages import Functions, StatesLike, TagsLike, new_request_id
 from lossd.client.run import Run
+from lossd.client.shared_memory import SharedBatch, refusal_reason
 from lossd.client.streams import GuardedRequests, start_stream, stream_result
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
@@ -90,12 +94,38 @@ class Client(ClientBase):
         single message has to fit the server's message-size limit.
         """
         arrays, specs = self.core.prepare(tensors, functions)
+        if self.core.uses_shared_memory(arrays):
+            shared = self._evaluate_shared(arrays, specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
+            if shared is not None:
+                return shared
         if self.core.needs_catalogue(specs, arrays):
             self.list_functions()
         if self.core.should_chunk(specs, arrays):
             return self.evaluate_stream([arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
         payload = unary_payload(arrays, specs, tags=tags, return_state=return_state, request_id=request_id)
         return self.evaluate_request(payload, timeout=timeout)
+
+    def _evaluate_shared(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        specs: Sequence[pb.FunctionSpec],
+        *,
+        tags: TagsLike,
+        return_state: bool,
+        timeout: float | None,
+        request_id: str | None,
+    ) -> EvaluationResult | None:
+        """One batch through a shared-memory segment, unlinked when the call ends; None when the server refuses it."""
+        with SharedBatch(arrays) as segment:
+            payload = segment.request(specs, tags=tags, return_state=return_state, request_id=request_id or new_request_id())
+            try:
+                return self.evaluate_request(payload, timeout=timeout)
+            except InvalidArgumentError as exc:
+                reason = refusal_reason(exc)
+                if reason is None:
+                    raise
+                self.core.shared_memory_refused(reason)
+                return None
 
     def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult:
         """Send a request built by hand (e.g. with ``prior_states``), as a message or already serialized."""
@@ -112,11 +142,19 @@ class Client(ClientBase):
         return_state: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
+        compute: str = "server",
     ) -> EvaluationResult:
         """Exact totals over many batches in one streaming call; batches are read and sent one at a time.
 
-        ``timeout`` covers the whole stream.
+        ``timeout`` covers the whole stream. ``compute="local"``: each batch's
+        states are computed here (:mod:`lossd.client.local`) and only states
+        are sent, as a local run does (``timeout`` then applies to each call).
         """
+        if check_compute(compute) == "local":
+            run = self.run(functions, tags=tags, timeout=timeout, compute="local")
+            for batch in batches:
+                run.update(batch)
+            return run.result() if return_state else without_states(run.result())
         call, guard = self.start_stream(batches, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
         return stream_result(call, guard)
 
@@ -159,7 +197,7 @@ class Client(ClientBase):
             response = self._stub.ListFunctions(request, timeout=deadline)
         return self.core.learn(family, response)
 
-    def run(self, functions: Functions, *, tags: TagsLike = None, timeout: float | None = None) -> Run:
+    def run(self, functions: Functions, *, tags: TagsLike = None, timeout: float | None = None, compute: str = "server") -> Run:
         """Accumulate exact totals over many ``run.update(tensors)`` calls; see :class:`Run`."""
         specs, tags_msg = run_arguments(functions, tags)
-        return Run(self, specs, tags=tags_msg, timeout=timeout)
+        return Run(self, specs, tags=tags_msg, timeout=timeout, compute=compute)

@@ -10,6 +10,7 @@ clients only call, or await, their transport with what this core builds.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,7 +39,10 @@ from lossd.client.messages import (
     wants_per_element,
 )
 from lossd.client.settings import ClientSettings
+from lossd.client.shared_memory import local_or_reason, sweep_stale_segments, worth_sharing
 from lossd.v1 import lossd_pb2 as pb
+
+log = logging.getLogger("lossd.client")
 
 __all__ = [
     "ClientCore",
@@ -176,6 +180,7 @@ class ClientCore:
         token: str | None = None,
         token_file: str | os.PathLike[str] | None = None,
         settings: ClientSettings | None = None,
+        shared_memory: bool = False,
     ) -> None:
         if address is not None and (not isinstance(address, str) or not address):
             raise ValueError(f"expected a server address host:port, got {address!r}")
@@ -192,6 +197,29 @@ class ClientCore:
         self.credentials = channel_credentials(self.settings, credentials)
         self._given_credentials = credentials
         self._splittable = _Splittability()
+        self.shared_memory = self._shared_memory(shared_memory)
+
+    def _shared_memory(self, wanted: bool) -> bool:
+        """Whether large batches go through shared memory (lossd.client.shared_memory): asked for, and the server on this host."""
+        if not isinstance(wanted, bool):
+            raise TypeError(f"expected shared_memory to be True or False, got {type(wanted).__name__}")
+        if not wanted:
+            return False
+        reason = local_or_reason(self.address)
+        if reason is not None:
+            log.warning("shared memory is off: %s; tensors go over the wire", reason)
+            return False
+        sweep_stale_segments()  # segments of clients killed mid-request (see the module's cleanup rules)
+        return True
+
+    def uses_shared_memory(self, arrays: Mapping[str, np.ndarray]) -> bool:
+        """Whether this batch goes through a shared-memory segment."""
+        return self.shared_memory and worth_sharing(arrays)
+
+    def shared_memory_refused(self, reason: str) -> None:
+        """The server refused shared memory: log why, and send this and later batches over the wire."""
+        log.warning("the server refused shared memory (%s); tensors go over the wire", reason)
+        self.shared_memory = False
 
     def share_catalogue(self, other: ClientCore) -> None:
         """Use the splittability cache of ``other`` (a twin client to the same server learns once for both)."""

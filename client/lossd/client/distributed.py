@@ -141,7 +141,7 @@ def gather_states(states: StatesSource, *, group: ProcessGroup | None = None, ds
 def _diagnostics_of(run: Run) -> list[DiagnosticTuple]:
     if not run.batches:
         return []
-    return [d.to_tuple() for d in run.result().diagnostics]
+    return [d.to_tuple() for d in run.diagnostics]
 
 
 def _finalize_gathered(

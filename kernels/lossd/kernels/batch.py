@@ -9,16 +9,33 @@ about each tensor (finiteness, class balance).  Subscribers of an evaluation
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lossd.kernels.diagnostics import Diagnostics
-from lossd.kernels.row_stats import RowStats, row_entropy, row_statistics
+from lossd.kernels.row_stats import RowStats, row_entropy, row_statistics, top1_confidence
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "entropy_wanted"]
+
+# Functions that read the row entropy of their "logits" role over class dim 1.
+_ENTROPY_FUNCTIONS = frozenset({"entropy"})
+
+
+def entropy_wanted(prepared: Iterable[Any]) -> frozenset[tuple[str, int]]:
+    """The (tensor, class dim) pairs whose row statistics some prepared function will ask the entropy of.
+
+    Given to :class:`Batch`, they make the first pass over those scores compute
+    the entropy from the same exponentials as the logsumexp, instead of a second
+    pass when cross-entropy came first (the same values: the same blocks and operations)."""
+    wanted = set()
+    for p in prepared:
+        if p.fdef.name in _ENTROPY_FUNCTIONS:
+            name = p.inputs.get("logits", "logits")
+            wanted.add((f"log({name})" if p.params.get("input_kind") == "probs" else name, 1))
+    return frozenset(wanted)
 
 
 @dataclass
@@ -29,7 +46,9 @@ class Batch:
     device: torch.device
     diagnostics: Diagnostics = field(default_factory=Diagnostics)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    entropy_for: frozenset[tuple[str, int]] = frozenset()  # see entropy_wanted
     _row_stats: dict[tuple[str, int], RowStats] = field(default_factory=dict)
+    _top1: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     _checked_finite: set[str] = field(default_factory=set)
     _judged_balance: set[str] = field(default_factory=set)  # label tensors already judged for class_imbalance
 
@@ -38,6 +57,7 @@ class Batch:
         key = (tensor_name, class_dim)
         stats = self._row_stats.get(key)
         if stats is None:
+            with_entropy = with_entropy or key in self.entropy_for
             stats = row_statistics(self.tensors[tensor_name], class_dim, with_entropy)
             self._row_stats[key] = stats
         elif with_entropy and stats.entropy is None:  # one more pass, for the entropy alone
@@ -47,6 +67,14 @@ class Batch:
     def memoized_row_stats(self, tensor_name: str, class_dim: int) -> RowStats | None:
         """The row statistics a function already computed for this tensor and class dim, or None (never computes)."""
         return self._row_stats.get((tensor_name, class_dim))
+
+    def top1_confidence(self, tensor_name: str, class_dim: int) -> torch.Tensor:
+        """max_k softmax over ``class_dim`` of a log-space tensor (float64, exact at representable edges), memoized."""
+        key = (tensor_name, class_dim)
+        confidence = self._top1.get(key)
+        if confidence is None:
+            confidence = self._top1[key] = top1_confidence(self.tensors[tensor_name], class_dim)
+        return confidence
 
     def add_tensor(self, name: str, tensor: torch.Tensor, *, finite_checked: bool = False) -> None:
         """Add a tensor derived from the request's (log of probabilities), visible to every later function."""

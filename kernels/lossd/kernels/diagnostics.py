@@ -37,6 +37,11 @@ CODES: dict[str, tuple[str, str]] = {
     "precision_loss": (WARNING, "a float16 input holds values at or beyond float16's range (|x| >= 65504) or infinities from overflow"),
     "empty_sequences": (INFO, "sequences with no valid token were skipped in sequence normalization"),
     "overflow": (WARNING, "a loss term overflowed to inf in float64 (reported as inf, not clipped)"),
+    "no_valid_pair": (
+        WARNING,
+        "metric-learning batches with no valid pair (a single embedding, every label equal or every label distinct): each "
+        "contributes 0 and counts as a batch in the mean of per-batch values, as in pytorch-metric-learning",
+    ),
     "binned_estimate": (INFO, "the value is computed from a fixed histogram (approximate), not from exact scores"),
 }
 

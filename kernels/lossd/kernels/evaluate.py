@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lossd.kernels.batch import Batch
+from lossd.kernels.batch import Batch, entropy_wanted
 from lossd.kernels.budget import Budget
 from lossd.kernels.declarations import FunctionDef, Result
 from lossd.kernels.diagnostics import Diagnostic, Diagnostics
@@ -247,7 +247,7 @@ def evaluate(
     device = torch.device(device)
     if budget is not None:
         budget.check(prepared, tensors)
-    batch = Batch(_to_device(tensors, device), device)
+    batch = Batch(_to_device(tensors, device), device, entropy_for=entropy_wanted(prepared))
     results: dict[str, FunctionResult] = {}
     batches = 1
     with _diagnostics_on_error(batch):
@@ -324,7 +324,7 @@ class Accumulator:
         self._last_batch_id = batch_id
         if self.budget is not None:
             self.budget.check(self.prepared, tensors)
-        batch = Batch(_to_device(tensors, self.device), self.device)
+        batch = Batch(_to_device(tensors, self.device), self.device, entropy_for=entropy_wanted(self.prepared))
         with _diagnostics_on_error(batch):
             # Every update first, then every merge: a batch that fails for one
             # function is merged into none (nothing counted for some functions only).

@@ -17,10 +17,10 @@ from typing import NamedTuple
 
 import torch
 
-from lossd.kernels.chunks import cache_blocks, row_count
+from lossd.kernels.chunks import cache_blocks, iter_row_chunks, row_count
 from lossd.kernels.dtypes import compute_dtype
 
-__all__ = ["RowStats", "row_statistics", "row_entropy"]
+__all__ = ["RowStats", "row_statistics", "row_entropy", "top1_confidence"]
 
 # Rows whose max score lies within ±this take logsumexp as log Σ e^z, unshifted:
 # e^60 · 1e12 classes is still far from the float32 limit, e^-60 far from its
@@ -194,3 +194,20 @@ def _row_stats_kernel() -> ModuleType | None:
             return None
         raise
     return row_stats
+
+
+def top1_confidence(x: torch.Tensor, class_dim: int) -> torch.Tensor:
+    """max_k softmax(z)_k of log-space scores as 1 / Σ exp(z − max), float64, shaped as ``x`` without ``class_dim``.
+
+    The top class's term is exactly 1, so a representable confidence (1/2 for
+    two tied logits) is exact, where exp(max − lse) may land an ulp off it.
+    The sum runs in the compute dtype, one pass as cheap as the logsumexp.
+    :class:`lossd.kernels.batch.Batch` memoizes it: the ECE family and monitoring share one pass."""
+    precision = compute_dtype(x.dtype)
+    out = torch.empty(row_count(x, class_dim), dtype=torch.float64, device=x.device)
+    for first, rows in iter_row_chunks(x, class_dim):
+        z = rows.to(precision)
+        peak = z.amax(dim=1, keepdim=True)
+        total = torch.exp(z - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))).sum(dim=1)
+        out[first : first + rows.shape[0]] = 1.0 / total.to(torch.float64)
+    return out.reshape(x.shape[:class_dim] + x.shape[class_dim + 1 :])

@@ -164,11 +164,15 @@ SCALAR_FIELDS = frozenset(
         "nonempty_updates",
         "nan_rows",
         "weight_kl",
+        "single_row_batches",
+        "no_positive_batches",
+        "no_negative_batches",
     }
 )
 # Numbers of elements, rows or items: finite and >= 0.
 COUNT_FIELDS = frozenset(
     {"count", "rows", "elements", "tokens", "sequences", "empty_sequences", "nonempty_updates", "nan_rows", "positives", "negatives"}
+    | {"single_row_batches", "no_positive_batches", "no_negative_batches"}
 )
 # Sums of non-negative terms (weights, probabilities, weighted counts, indicator sums): >= 0.
 # NaN stays allowed: a NaN input propagates into these sums (and into the values) by design.

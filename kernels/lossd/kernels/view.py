@@ -225,8 +225,10 @@ class View(RoleTensors):
     def _check_normalized(self, role: str, stats: RowStats, input_kind: str) -> None:
         """Probabilities (or log-probabilities) must be distributions: rows summing to 1.
 
-        Refused rather than renormalized, so that a value is never computed from
-        something other than what the caller meant. lse = log Σ_k p_k here."""
+        Rows off by more than 1e-3 are refused, so that a value is never computed
+        from something other than what the caller meant; rows within it are
+        renormalized by every function (log-space scores minus lse, or p / Σp
+        where calibration bins probabilities as given). lse = log Σ_k p_k here."""
         off = (stats.lse.abs() > 1e-3) & torch.isfinite(stats.lse)
         if bool(off.any()):
             first = first_index(off)

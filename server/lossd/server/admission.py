@@ -59,6 +59,7 @@ class AdmissionLimits:
     large_request_bytes: int = 1 << 20
     compute_threads: int = 2
     retry_after_seconds: float = 1.0
+    inline_request_bytes: int = 0  # work this small (with inline=True) runs on the event loop; 0: never
 
 
 class Lane:
@@ -67,6 +68,7 @@ class Lane:
     def __init__(self, name: str, threads: int) -> None:
         self.name = name
         # Daemon-like: shutdown(wait=False) never joins a stuck thread (the process exits after the grace).
+        self.threads = threads
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"lossd-{name}")
         self._lock = threading.Lock()
         self.queued = 0
@@ -126,17 +128,25 @@ class Admission:
         """The lane a unit of work of ``nbytes`` request bytes runs on."""
         return self.large if nbytes >= self.limits.large_request_bytes else self.small
 
-    async def run(self, fn: Callable[[], T], *, nbytes: int, deadline: float | None = None) -> T:
+    async def run(self, fn: Callable[[], T], *, nbytes: int, deadline: float | None = None, inline: bool = False) -> T:
         """Run ``fn`` on its lane's threads, or raise Overloaded when the lane's queue is full.
 
         ``deadline`` (time.monotonic()) and the awaiting task's cancellation
         reach the kernels through a CancelToken: queued work that is cancelled
-        never starts, running work stops at its next chunk."""
+        never starts, running work stops at its next chunk. With ``inline``,
+        work under ``inline_request_bytes`` runs here, on the event loop: for a
+        [64, 10] request the hop to a thread and back costs more than the work."""
+        if inline and nbytes < self.limits.inline_request_bytes:
+            token = CancelToken(deadline)
+            token.check()
+            with cancellable(token):
+                return fn()
         lane = self.lane_for(nbytes)
-        if lane.queued >= self.limits.max_queued_requests:
-            raise self._refuse(f"{lane.queued} requests queued for the {lane.name} threads", "max_queued_requests")
-        if lane.queued and lane.queued_bytes + nbytes > self.limits.max_queued_bytes:
-            raise self._refuse(f"{lane.queued_bytes + nbytes} request bytes queued", "max_queued_bytes")
+        if lane.running + lane.queued >= lane.threads:  # it would wait for a thread: the queue's bounds apply
+            if lane.queued >= self.limits.max_queued_requests:
+                raise self._refuse(f"{lane.queued} requests queued for the {lane.name} threads", "max_queued_requests")
+            if lane.queued and lane.queued_bytes + nbytes > self.limits.max_queued_bytes:
+                raise self._refuse(f"{lane.queued_bytes + nbytes} request bytes queued", "max_queued_bytes")
         token = CancelToken(deadline)
         lane.reserve(nbytes)
 

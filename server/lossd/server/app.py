@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from lossd.kernels import select_device
 from lossd.kernels.budget import Budget
 from lossd.server.admission import Admission, AdmissionLimits
-from lossd.server.allocator import reuse_large_buffers
+from lossd.server.allocator import reuse_large_buffers, set_torch_threads
 from lossd.server.errors import DecodeErrors
 from lossd.server.monitoring.events import Subscriber
 from lossd.server.observability.logging import configure_logging, uvicorn_log_options
@@ -167,6 +167,7 @@ async def create_server(
     service = LossService(
         device,
         exact_state_limit=settings.exact_state_limit,
+        allow_shared_memory=settings.allow_shared_memory,
         admission=Admission(
             AdmissionLimits(
                 max_concurrent_requests=settings.max_concurrent_requests,
@@ -175,6 +176,7 @@ async def create_server(
                 large_request_bytes=settings.large_request_bytes,
                 compute_threads=settings.compute_threads,
                 retry_after_seconds=settings.retry_after_seconds,
+                inline_request_bytes=settings.inline_request_bytes,
             )
         ),
         budget=Budget(settings.max_request_memory_bytes, settings.max_message_bytes),
@@ -217,6 +219,7 @@ async def serve(settings: Settings) -> None:
 
     check_bind(settings)  # before anything heavy starts
     configure_logging(settings)
+    set_torch_threads(settings.compute_threads, settings.torch_threads)  # process-wide: here, not in create_server (tests share a process)
     tracing = Tracing.from_settings(settings, os.environ)
     http_socket = bind_http_socket(settings.host, settings.http_port)
     try:

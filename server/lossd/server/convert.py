@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,12 +12,13 @@ import numpy as np
 import torch
 from google.protobuf import json_format, struct_pb2
 
-from lossd.client.codec import TensorError, decode_tensor, encode_tensor
-from lossd.kernels import CODES, Evaluation, FunctionDef, FunctionSpec, State, get_function, to_torch
+from lossd.client.codec import DTYPE_NAMES, dtype_name, encode_tensor
+from lossd.kernels import CODES, Evaluation, FunctionDef, FunctionSpec, State, get_function
 from lossd.kernels.diagnostics import Diagnostic
 from lossd.kernels.errors import InvalidInput
 from lossd.kernels.params import resolve_params
 from lossd.kernels.state import check_state
+from lossd.server.shared_memory import shared_tensor
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = [
@@ -50,22 +52,62 @@ def _check_wire_shape(t: pb.Tensor, field: str) -> None:
         raise InvalidInput.single(field, "expected a shape whose non-zero dimensions multiply to at most 2^37 elements")
 
 
-def _decode(t: pb.Tensor, name: str, field: str) -> np.ndarray:
+# Wire dtype -> the numpy dtype its bytes are read as, and the torch dtype of the tensor.
+# bfloat16 is read as uint16 and viewed as torch.bfloat16: numpy has no bfloat16 of its own.
+_WIRE_DTYPES: dict[int, tuple[np.dtype, torch.dtype]] = {
+    pb.FLOAT32: (np.dtype("<f4"), torch.float32),
+    pb.FLOAT16: (np.dtype("<f2"), torch.float16),
+    pb.BFLOAT16: (np.dtype("<u2"), torch.bfloat16),
+    pb.FLOAT64: (np.dtype("<f8"), torch.float64),
+    pb.INT64: (np.dtype("<i8"), torch.int64),
+    pb.INT32: (np.dtype("<i4"), torch.int32),
+    pb.UINT8: (np.dtype("u1"), torch.uint8),
+    pb.BOOL: (np.dtype("?"), torch.bool),
+}
+
+
+def _wire_array(t: pb.Tensor, field: str) -> tuple[np.ndarray, torch.dtype]:
+    """A read-only numpy view of a wire tensor's bytes (bfloat16 as uint16), after checking dtype, shape and length.
+
+    ``t.data`` is read once: each read of a protobuf bytes field is a fresh copy of it."""
     _check_wire_shape(t, field)
-    try:
-        array: np.ndarray = decode_tensor(t, name)
-    except TensorError as exc:
-        raise InvalidInput.single(field, exc.description) from None
-    return array
+    wire = _WIRE_DTYPES.get(t.dtype)
+    if wire is None:
+        got = pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype
+        raise InvalidInput.single(field, f"expected a dtype of {', '.join(DTYPE_NAMES)}, got {got}")
+    shape = tuple(t.shape)
+    data = t.data
+    expected = math.prod(shape) * wire[0].itemsize
+    if len(data) != expected:
+        raise InvalidInput.single(
+            field,
+            f"byte length {len(data)} does not match dtype {dtype_name(t.dtype)} × shape {list(shape)} (expected {expected} bytes)",
+        )
+    return np.frombuffer(data, dtype=wire[0]).reshape(shape), wire[1]
 
 
-def decode_request_tensors(tensors: Mapping[str, pb.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def _to_torch(t: pb.Tensor, field: str) -> torch.Tensor:
+    """A wire tensor as a torch tensor over the message's bytes: no copy, bfloat16 included."""
+    array, dtype = _wire_array(t, field)
+    with warnings.catch_warnings():
+        # The buffer is read-only (the message's bytes) and nothing writes to request tensors.
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        tensor = torch.from_numpy(array)
+    return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
+
+
+def decode_request_tensors(
+    tensors: Mapping[str, pb.Tensor], device: torch.device, *, allow_shared_memory: bool = False
+) -> dict[str, torch.Tensor]:
     """Wire tensors -> torch tensors on ``device`` (zero-copy on the CPU)."""
     out = {}
     for name, t in tensors.items():
         if not name:
             raise InvalidInput.single("tensors", "expected tensor names, got an empty name")
-        tensor = to_torch(_decode(t, name, f"tensors.{name}"), name)
+        if t.HasField("shared_memory"):  # the client's segment, mapped read-only (lossd.server.shared_memory)
+            tensor = shared_tensor(t, f"tensors.{name}", allowed=allow_shared_memory)
+        else:
+            tensor = _to_torch(t, f"tensors.{name}")
         out[name] = tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
     return out
 
@@ -140,7 +182,7 @@ def state_from_proto(state: pb.State, path: str) -> State:
             raise InvalidInput.single(
                 field, f"expected dtype float64 or int64, got {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}"
             )
-        arrays[name] = _decode(t, name, field)
+        arrays[name] = _wire_array(t, field)[0]
     decoded = State.from_arrays(state.function, state.version, state.params_json, arrays, batches=max(1, state.batches))
     check_state(decoded, fdef.fields, params, path)
     return decoded

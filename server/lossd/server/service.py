@@ -119,18 +119,24 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
         budget: Budget | None = None,
         compute_threads: int = 2,
         subscribers: Sequence[Subscriber] = (),
+        allow_shared_memory: bool = False,
     ) -> None:
         self.device = device
+        self.allow_shared_memory = allow_shared_memory  # Evaluate's tensors may lie in a client's segment
         self.exact_state_limit = exact_state_limit
         self.budget = budget  # estimated memory and response bytes per request, checked before computing
         self.subscribers = list(subscribers)
         self.admission = admission if admission is not None else Admission(AdmissionLimits(compute_threads=compute_threads))
         self._calls = itertools.count(1)
 
-    async def _compute(self, fn: Callable[[], T], *, nbytes: int, watch: Stopwatch, context: grpc.aio.ServicerContext) -> T:
-        # Decoding, evaluating and encoding run on a compute lane, never on the event loop:
-        # health checks, other calls and SIGTERM are answered whatever the load.
-        return await self.admission.run(watch.timed(fn), nbytes=nbytes, deadline=deadline_of(context.time_remaining()))
+    async def _compute(
+        self, fn: Callable[[], T], *, nbytes: int, watch: Stopwatch, context: grpc.aio.ServicerContext, inline: bool = False
+    ) -> T:
+        # Decoding, evaluating and encoding run on a compute lane, not on the event loop: health
+        # checks, other calls and SIGTERM are answered whatever the load. Only an ``inline`` call
+        # under the admission's inline_request_bytes runs on the loop (its work is shorter than a hop).
+        deadline = deadline_of(context.time_remaining())
+        return await self.admission.run(watch.timed(fn), nbytes=nbytes, deadline=deadline, inline=inline)
 
     def _publish(self, event: EvaluationEvent) -> None:
         for subscriber in self.subscribers:
@@ -145,7 +151,7 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
                 with watch.decoding():
                     check_tags(request.tags)
                     specs = specs_from_request(list(request.functions))
-                    tensors = decode_request_tensors(request.tensors, self.device)
+                    tensors = decode_request_tensors(request.tensors, self.device, allow_shared_memory=self.allow_shared_memory)
                     prior = {alias: state_from_proto(s, f"prior_states.{alias}") for alias, s in request.prior_states.items()}
                 evaluation = evaluate(
                     tensors,
@@ -160,7 +166,7 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
                     return evaluation, prior, evaluation_to_proto(evaluation, request.request_id)
 
             nbytes = wire_bytes(request.tensors) + sum(wire_bytes(s.fields) for s in request.prior_states.values())
-            evaluation, prior, response = await self._compute(run, nbytes=nbytes, watch=watch, context=context)
+            evaluation, prior, response = await self._compute(run, nbytes=nbytes, watch=watch, context=context, inline=True)
         response.timing.CopyFrom(watch.timing())
         self._publish(
             EvaluationEvent(

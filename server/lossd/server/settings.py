@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(32, ge=0, description="requests waiting for a compute thread, per lane; more get RESOURCE_EXHAUSTED")
     max_queued_bytes: int = Field(1 << 30, gt=0, description="request bytes waiting for a compute thread, per lane")
     large_request_bytes: int = Field(1 << 20, gt=0, description="requests this large or larger run on their own compute threads")
+    inline_request_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="Evaluate requests smaller than this run on the event loop, not a compute thread (a thread hop costs more); 0: never",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads of lossd serve; default: available cores // compute_threads (at least 1)"
+    )
     retry_after_seconds: float = Field(1.0, gt=0, description="retry-after hint of an overloaded answer (jittered ±50%)")
     max_request_memory_bytes: int = Field(
         default_factory=_default_request_memory,
@@ -103,9 +111,22 @@ class Settings(BaseSettings):
         None, description="bearer tokens, one per line as TOKEN or NAME:TOKEN; every call must carry one (reloaded when it changes)"
     )
     metrics_public: bool = Field(False, description="serve /metrics, /dashboard and /v1/history without a token")
+    allow_shared_memory: bool = Field(
+        False, description="accept Evaluate tensors in a co-located client's POSIX shared-memory segment (same host and user)"
+    )
     allow_insecure: bool = Field(False, description="allow binding a non-loopback address without TLS and tokens")
     reflection: bool | None = Field(None, description="gRPC server reflection; default: on when bound to loopback, off otherwise")
     cors_allow_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS on the gateway (default: none)")
+    # -- the gateway's calls to `backends` (README "Security") --
+    backend_tls: bool = Field(False, description="gateway only: TLS to the backends with the system's root certificates")
+    backend_tls_ca_file: Path | None = Field(None, description="gateway only: PEM roots that sign the backends' certificates (implies TLS)")
+    backend_tls_cert_file: Path | None = Field(
+        None, description="gateway only: PEM client certificate for backends that require mutual TLS"
+    )
+    backend_tls_key_file: Path | None = Field(None, description="gateway only: PEM key of backend_tls_cert_file")
+    backend_token_file: Path | None = Field(
+        None, description="gateway only: send this file's token to the backends instead of forwarding each caller's Authorization"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -29,6 +29,7 @@ SEVERITY = {
     "empty_sequences": "info",
     "overflow": "warning",
     "binned_estimate": "info",
+    "no_valid_pair": "warning",
 }
 
 N, K = 64, 5
@@ -158,6 +159,11 @@ def overflow():
     return out.diagnostics, ("overflowed", "2 elements", "inf")
 
 
+def no_valid_pair():
+    out = run({"embeddings": torch.randn(6, 4), "labels": torch.arange(6)}, "supcon")
+    return out.diagnostics, ("no positive pair", "counts as a batch")
+
+
 def binned_estimate():
     out = run({"logits": torch.randn(50), "targets": (torch.arange(50) % 2).float()}, {"name": "auroc", "params": {"bins": 100}})
     return out.diagnostics, ("100-bin", "bins=None")
@@ -181,6 +187,7 @@ TRIGGERS: dict[str, Trigger] = {
         empty_sequences,
         overflow,
         binned_estimate,
+        no_valid_pair,
     )
 }
 

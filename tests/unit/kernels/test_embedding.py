@@ -336,6 +336,81 @@ def test_stream_reports_the_mean_of_batch_values(name):
     assert result.denominator == 3 and result.denominator_kind == "batches"
 
 
+# -- batches without a valid pair: 0 as in PML, counted in the state ------------------------------------
+PAIR_LOSSES = {
+    "nt_xent": lambda: pml.NTXentLoss(temperature=0.07),
+    "supcon": lambda: pml.SupConLoss(temperature=0.1),
+    "multi_similarity": lambda: pml.MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
+    "circle": lambda: pml.CircleLoss(m=0.4, gamma=80),
+}
+NO_PAIR_BATCHES = {  # kind -> labels of a 5-row batch (or 1 row)
+    "single_row_batches": torch.zeros(1, dtype=torch.int64),
+    "no_negative_batches": torch.zeros(5, dtype=torch.int64),
+    "no_positive_batches": torch.arange(5),
+}
+# MultiSimilarity's positive and negative terms are separate: only a single row has no pair.
+HAS_A_PAIR = {("multi_similarity", "no_negative_batches"), ("multi_similarity", "no_positive_batches")}
+
+
+@pytest.mark.parametrize("kind", sorted(NO_PAIR_BATCHES))
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
+def test_a_batch_without_a_valid_pair_follows_pml(name, kind):
+    y = NO_PAIR_BATCHES[kind]
+    x = torch.randn(y.numel(), 6, dtype=torch.float64)
+    oracle = float(PAIR_LOSSES[name]()(x, y))
+    value, out = run(name, {"embeddings": x, "labels": y})
+    assert_close(value, oracle, rtol=1e-9, atol=1e-12, what=f"{name} on {kind}")
+    state = evaluate({"embeddings": x, "labels": y}, [name], return_state=True)[name].state
+    assert state is not None
+    counted = {f: float(state.fields[f]) for f in NO_PAIR_BATCHES}
+    if (name, kind) in HAS_A_PAIR:
+        assert oracle != 0 and "no_valid_pair" not in codes(out) and sum(counted.values()) == 0
+    else:
+        assert value == 0.0 and codes(out) == ["no_valid_pair"]
+        assert counted == {f: float(f == kind) for f in NO_PAIR_BATCHES}
+        assert out.diagnostics[0].severity == "warning" and "counts as a batch" in out.diagnostics[0].message
+
+
+def test_nt_xent_two_views_of_one_sample_has_no_negative_pair():
+    x = torch.randn(2, 6, dtype=torch.float64)  # rows 0 and 1: two views of sample 0, no other sample
+    value, out = run("nt_xent", {"embeddings": x})
+    assert value == float(pml.NTXentLoss(temperature=0.07)(x, torch.zeros(2, dtype=torch.int64))) == 0.0
+    assert codes(out) == ["no_valid_pair"] and "every label equal" in out.diagnostics[0].message
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "supcon", "circle"])
+def test_no_pair_counts_add_up_over_merged_batches(name):
+    good = {"embeddings": torch.randn(8, 6, dtype=torch.float64), "labels": torch.arange(8) % 3}
+    batches = [
+        good,
+        {"embeddings": torch.randn(1, 6, dtype=torch.float64), "labels": torch.zeros(1)},
+        {"embeddings": torch.randn(4, 6, dtype=torch.float64), "labels": torch.arange(4)},
+        {"embeddings": torch.randn(3, 6, dtype=torch.float64), "labels": torch.arange(3)},
+    ]
+    acc = Accumulator([name])
+    for i, b in enumerate(batches):
+        acc.add(b, batch_id=str(i))
+    # The same batches merged as states from elsewhere (ranks, files): the counts travel in the state.
+    merged = Accumulator([name])
+    for b in batches:
+        merged.add_state(name, evaluate(b, [name], return_state=True)[name].state)
+    oracle = PAIR_LOSSES[name]()
+    expected = sum(float(oracle(b["embeddings"], b["labels"].long())) for b in batches) / 4
+    for result in (acc.result(), merged.result()):
+        assert_close(result[name].value, expected, rtol=1e-9, what=f"{name} mean over batches")
+        assert result[name].denominator == 4 and result[name].denominator_kind == "batches"
+        (d,) = [d for d in result.diagnostics if d.code == "no_valid_pair"]
+        assert "3 of 4 batches had no valid pair" in d.message, d.message
+        assert "1 with a single embedding" in d.message and "2 with every label distinct" in d.message
+
+
+def test_list_functions_text_says_how_batches_without_pairs_count():
+    for name in PAIR_LOSSES:
+        fdef = get_function(name)
+        assert "no valid pair contributes 0 and counts as a batch" in fdef.summary
+        assert "counts as a batch" in fdef.outputs[0].doc
+
+
 # -- errors -------------------------------------------------------------------------------------------
 X = torch.randn(6, 4)
 
@@ -358,13 +433,9 @@ X = torch.randn(6, 4)
         ("info_nce", {"query": torch.randint(0, 3, (6, 4)), "keys": X}, {}, "tensors.query", "floating-point"),
         ("info_nce", {"keys": X}, {}, "tensors.query", "needs role 'query'"),
         ("nt_xent", {"embeddings": torch.randn(5, 4)}, {}, "tensors.embeddings", "odd row count 5"),
-        ("nt_xent", {"embeddings": X, "labels": torch.arange(6)}, {}, "tensors.labels", "no positive pair"),
         ("nt_xent", {"embeddings": X, "labels": torch.arange(5)}, {}, "tensors.labels", r"expected shape \[6\]"),
-        ("supcon", {"embeddings": X, "labels": torch.zeros(6)}, {}, "tensors.labels", "no negative pair"),
         ("supcon", {"embeddings": X, "labels": torch.tensor([0, 0, 1, 1, 2, 2.5])}, {}, "tensors.labels", "non-integer"),
         ("supcon", {"embeddings": X}, {}, "tensors.labels", "needs role 'labels'"),
-        ("circle", {"embeddings": X, "labels": torch.arange(6)}, {}, "tensors.labels", "no positive pair"),
-        ("multi_similarity", {"embeddings": X[:1], "labels": torch.zeros(1)}, {}, "tensors.embeddings", "at least 2 rows"),
         ("multi_similarity", {"embeddings": X, "labels": torch.arange(6)}, {"beta": -1.0}, "functions[0].params.beta", "> 0"),
         ("triplet", {"anchor": X, "positive": X, "negative": X[:, :3]}, {}, "tensors.negative", "expected the shape of anchor"),
         ("triplet", {"anchor": X, "positive": X, "negative": X}, {"p": 0.0}, "functions[0].params.p", "> 0"),

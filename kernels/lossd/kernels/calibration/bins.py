@@ -5,13 +5,20 @@ bin 0 also holds 0, and a confidence of exactly 1.0 falls in the last bin;
 each bin keeps (n_b, Σ confidence, Σ correct) in float64, which merges by
 addition.  Inputs are multiclass scores [N, K] (or [N, K, d1, ...]) with
 class-index ``labels``, or binary scores [N] with 0/1 ``targets`` (p = σ(z));
-top-label confidence and the argmax come from the request's shared row
-statistics.
+the argmax and the row maximum come from the request's shared row statistics.
+
+Edges stay exact.  ``input_kind=probs`` rows are binned as given, never
+through log and exp (a row off 1 by more than rounding, within the 1e-3 the
+service accepts, is renormalized first: p / Σp), and a confidence equal to an
+edge in its own precision (float32 0.1 with ten bins) goes to the bin below.
+From logits the top-1 confidence is 1 / Σ exp(z − max), so that a
+representable edge (two tied logits: 1/2) is exact, where exp(max − lse)
+may land an ulp above it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +26,7 @@ import torch
 
 from lossd.kernels.chunks import iter_row_chunks
 from lossd.kernels.declarations import Example, Role
+from lossd.kernels.dtypes import compute_dtype
 from lossd.kernels.examples import K, normal
 from lossd.kernels.examples import class_labels as example_labels
 from lossd.kernels.losses.classification import INPUT_KIND, class_labels
@@ -38,6 +46,8 @@ __all__ = [
     "COMMON",
     "EXAMPLE",
     "bin_index",
+    "edge_precision",
+    "renormalized",
     "bin_edges",
     "bin_sums",
     "BinaryScores",
@@ -104,20 +114,21 @@ EXAMPLE = Example(lambda rng, n: {"logits": normal(rng, n, K), "labels": example
 # -- the bin rule -------------------------------------------------------------
 
 
-def bin_index(conf: torch.Tensor, n_bins: int) -> torch.Tensor:
+def bin_index(conf: torch.Tensor, n_bins: int, precision: torch.dtype = F64) -> torch.Tensor:
     """Equal-width bin of each confidence: bin b covers (b/B, (b+1)/B], 0 in bin 0, 1.0 in bin B−1.
 
     ceil(c·B) − 1 in float64 can land one bin off when c·B rounds across an
     integer (0.3·10 = 3.0000000000000004), so the index is settled against the
-    float64 edges b/B themselves: a confidence equal to an edge always goes
+    edges b/B themselves, rounded to ``precision`` (the dtype the confidences
+    were given in: float32 probabilities meet the float32 edges, so the float32
+    nearest 0.1 is on the edge 0.1): a confidence equal to an edge always goes
     to the bin below it, as in uncertainty-calibration and sklearn."""
     c = conf.to(F64)
+    edges = bin_edges(n_bins).to(precision).to(F64).to(c.device)
     # NaN confidences (from NaN or inf scores) go to bin 0, where they make the sums NaN.
     idx = torch.nan_to_num(torch.ceil(c * n_bins) - 1, nan=0.0).clamp(0, n_bins - 1).to(torch.int64)
-    lower = idx.to(F64) / n_bins
-    idx = torch.where((c <= lower) & (idx > 0), idx - 1, idx)
-    upper = (idx + 1).to(F64) / n_bins
-    return torch.where((c > upper) & (idx < n_bins - 1), idx + 1, idx)
+    idx = torch.where((c <= edges[idx]) & (idx > 0), idx - 1, idx)
+    return torch.where((c > edges[idx + 1]) & (idx < n_bins - 1), idx + 1, idx)
 
 
 def bin_edges(n_bins: int) -> torch.Tensor:
@@ -125,9 +136,19 @@ def bin_edges(n_bins: int) -> torch.Tensor:
     return torch.arange(n_bins + 1, dtype=F64) / n_bins
 
 
-def bin_sums(conf: torch.Tensor, correct: torch.Tensor, n_bins: int, *, group: torch.Tensor | None = None, groups: int = 1) -> torch.Tensor:
-    """Per-bin (n_b, Σ confidence, Σ correct) in float64: [B, 3], or [groups, B, 3] by ``group`` index."""
-    idx = bin_index(conf, n_bins)
+def bin_sums(
+    conf: torch.Tensor,
+    correct: torch.Tensor,
+    n_bins: int,
+    *,
+    group: torch.Tensor | None = None,
+    groups: int = 1,
+    precision: torch.dtype = F64,
+) -> torch.Tensor:
+    """Per-bin (n_b, Σ confidence, Σ correct) in float64: [B, 3], or [groups, B, 3] by ``group`` index.
+
+    ``precision``: the dtype the confidences were given in (see :func:`bin_index`)."""
+    idx = bin_index(conf, n_bins, precision)
     if group is not None:
         idx = group * n_bins + idx
     idx = idx.reshape(-1)
@@ -136,6 +157,23 @@ def bin_sums(conf: torch.Tensor, correct: torch.Tensor, n_bins: int, *, group: t
         columns.append(torch.zeros(groups * n_bins, dtype=F64, device=conf.device).index_add_(0, idx, values))
     out = torch.stack(columns, dim=-1)
     return out if group is None else out.reshape(groups, n_bins, 3)
+
+
+def edge_precision(view: View, p: Mapping[str, Any]) -> torch.dtype:
+    """The precision of the edges: the scores' own for probabilities binned as given, else float64."""
+    return compute_dtype(view.scores("logits").dtype) if p["input_kind"] == "probs" else F64
+
+
+def renormalized(probs: torch.Tensor, precision: torch.dtype) -> torch.Tensor:
+    """Rows [m, K] of probabilities as float64, divided by their sum unless it is 1 within rounding.
+
+    The service accepts rows summing to 1 within 1e-3 and renormalizes them;
+    a row that is a distribution up to the rounding of its dtype (K·ε) is
+    used as given, so that a confidence on an edge stays on it."""
+    p = probs.to(F64)
+    total = p.sum(dim=1, keepdim=True)
+    exact = (total - 1).abs() <= p.shape[1] * torch.finfo(precision).eps
+    return torch.where(exact, p, p / total)
 
 
 # -- reading the scores -------------------------------------------------------
@@ -153,12 +191,14 @@ class BinaryScores:
 
 @dataclass
 class MulticlassScores:
-    """Multiclass scores [N, K, ...]: the log-space tensor and valid rows' labels (flattened)."""
+    """Multiclass scores [N, K, ...]: the log-space tensor, the scores as sent and valid rows' labels (flattened)."""
 
     scores: torch.Tensor  # log-space scores (logits or log-probabilities), torch layout
     labels: torch.Tensor  # [N·d] int64, ignored rows set to 0
     valid: torch.Tensor  # [N·d] bool
     num_classes: int
+    sent: torch.Tensor  # the scores as sent (probabilities for input_kind=probs): what the bins read
+    confidence: Callable[[], torch.Tensor]  # the batch's memoized top-1 confidence of ``scores`` (one pass, shared)
 
 
 def read_scores(view: View, p: Mapping[str, Any]) -> BinaryScores | MulticlassScores:
@@ -171,7 +211,9 @@ def read_scores(view: View, p: Mapping[str, Any]) -> BinaryScores | MulticlassSc
         raise view.error("labels", f"{list(z.shape)} scores need class indices (role 'labels'); binary targets go with [N] scores")
     y, valid = class_labels(view, z, p["ignore_index"])
     name = view.log_space("logits", p["input_kind"])
-    return MulticlassScores(view.batch.tensors[name], y.reshape(-1), valid.reshape(-1), z.shape[1])
+    view.row_stats("logits", 1, input_kind=p["input_kind"])  # refuses rows that are not what input_kind says
+    batch = view.batch
+    return MulticlassScores(batch.tensors[name], y.reshape(-1), valid.reshape(-1), z.shape[1], z, lambda: batch.top1_confidence(name, 1))
 
 
 def _read_binary(view: View, z: torch.Tensor, input_kind: str) -> BinaryScores:
@@ -202,6 +244,32 @@ def _read_binary(view: View, z: torch.Tensor, input_kind: str) -> BinaryScores:
     return BinaryScores(x, 1 - x, t.to(F64), torch.log(x) - torch.log1p(-x))
 
 
+def _probability_rows(s: MulticlassScores, input_kind: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first_row, p [m, K] float64) over every row: probabilities as given (renormalized), or softmax of log-space scores.
+
+    softmax as e / Σe with e = exp(z − max): the top class's e is exactly 1."""
+    precision = compute_dtype(s.sent.dtype)
+    for first, rows in iter_row_chunks(s.sent, 1):
+        if input_kind == "probs":
+            yield first, renormalized(rows, precision)
+            continue
+        z = rows.to(F64)
+        peak = z.amax(dim=1, keepdim=True)
+        e = torch.exp(z - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)))
+        yield first, e / e.sum(dim=1, keepdim=True)
+
+
+def _top1_confidence(s: MulticlassScores, input_kind: str) -> torch.Tensor:
+    """max_k p_k per row, flat float64 [N·d]: p_max / Σp for probabilities (as given), else :func:`top1_confidence`."""
+    if input_kind != "probs":
+        return s.confidence().reshape(-1)
+    out = torch.empty(s.labels.numel(), dtype=F64, device=s.sent.device)
+    precision = compute_dtype(s.sent.dtype)
+    for first, rows in iter_row_chunks(s.sent, 1):
+        out[first : first + rows.shape[0]] = renormalized(rows, precision).amax(dim=1)
+    return out
+
+
 def top_label(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(confidence, correct) of the top-1 prediction, float64 [M] over valid rows."""
     s = read_scores(view, p)
@@ -210,7 +278,7 @@ def top_label(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Ten
         pred = s.logit > 0
         return torch.where(pred, s.positive, s.negative), (pred.to(F64) == s.targets).to(F64)
     stats = view.row_stats("logits", 1, input_kind=p["input_kind"])
-    conf = stats.top1_confidence.reshape(-1)[s.valid].to(F64)
+    conf = _top1_confidence(s, p["input_kind"])[s.valid]
     correct = stats.argmax.reshape(-1)[s.valid] == s.labels[s.valid]
     return conf, correct.to(F64)
 
@@ -224,9 +292,8 @@ def positive_class(view: View, p: Mapping[str, Any]) -> tuple[torch.Tensor, torc
         raise view.param_error(
             "scope", f"scope='positive_class' needs binary scores ([N] with targets or [N, 2] with labels), got K={s.num_classes} classes"
         )
-    stats = view.row_stats("logits", 1, input_kind=p["input_kind"])
-    log_p1 = s.scores.select(1, 1).reshape(-1).to(F64) - stats.lse.reshape(-1).to(F64)
-    return torch.exp(log_p1)[s.valid], (s.labels[s.valid] == 1).to(F64)
+    p1 = torch.cat([rows[:, 1] for _, rows in _probability_rows(s, p["input_kind"])])
+    return p1[s.valid], (s.labels[s.valid] == 1).to(F64)
 
 
 def class_probabilities(
@@ -238,9 +305,8 @@ def class_probabilities(
             part = slice(r, r + step)
             yield torch.stack([s.negative[part], s.positive[part]], dim=1), s.targets[part].to(torch.int64)
         return
-    lse = view.row_stats("logits", 1, input_kind=input_kind).lse.reshape(-1)
-    for first, rows in iter_row_chunks(s.scores, 1):
-        for r in range(0, rows.shape[0], step):
-            part = slice(first + r, first + min(r + step, rows.shape[0]))
+    for first, probs in _probability_rows(s, input_kind):
+        for r in range(0, probs.shape[0], step):
+            part = slice(first + r, first + min(r + step, probs.shape[0]))
             valid = s.valid[part]
-            yield torch.exp(rows[r : r + step][valid].to(F64) - lse[part][valid, None].to(F64)), s.labels[part][valid]
+            yield probs[r : r + step][valid], s.labels[part][valid]

@@ -30,6 +30,7 @@ from lossd.kernels.calibration.bins import (
     bin_edges,
     bin_sums,
     class_probabilities,
+    edge_precision,
     positive_class,
     read_scores,
     top_label,
@@ -53,7 +54,7 @@ def _classwise_sums(view: View, p: Mapping[str, Any], n_bins: int) -> torch.Tens
     classes = torch.arange(k, device=view.batch.device)
     for probs, labels in class_probabilities(view, s, p["input_kind"], max(1, CLASSWISE_BLOCK // k)):
         hit = labels[:, None] == classes[None, :]
-        out += bin_sums(probs, hit, n_bins, group=classes.expand_as(probs), groups=k)
+        out += bin_sums(probs, hit, n_bins, group=classes.expand_as(probs), groups=k, precision=edge_precision(view, p))
     return out
 
 
@@ -62,7 +63,7 @@ def _bins_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if scope == "classwise":
         return {"bins": _classwise_sums(view, p, p["n_bins"])}
     conf, correct = (positive_class if scope == "positive_class" else top_label)(view, p)
-    return {"bins": bin_sums(conf, correct, p["n_bins"])}
+    return {"bins": bin_sums(conf, correct, p["n_bins"], precision=edge_precision(view, p))}
 
 
 # -- statistics of merged bins -----------------------------------------------
@@ -262,7 +263,7 @@ def _adaptive_update(view: View, p: Mapping[str, Any]) -> dict[str, torch.Tensor
     exact = equal_mass_ece(conf, correct, p["n_bins"])
     nonempty = conf.numel() > 0
     return {
-        "histogram": bin_sums(conf, correct, ADAPTIVE_HISTOGRAM_BINS),
+        "histogram": bin_sums(conf, correct, ADAPTIVE_HISTOGRAM_BINS, precision=edge_precision(view, p)),
         "exact": torch.tensor(exact if nonempty else 0.0, dtype=F64),
         "nonempty_updates": torch.tensor(float(nonempty), dtype=F64),
     }
@@ -301,7 +302,11 @@ def _adaptive_diagnostics(fields: Mapping[str, Any], params: Mapping[str, Any]) 
 adaptive_ece = FunctionDef(
     name="adaptive_ece",
     family="calibration",
-    summary="l1 calibration error over equal-mass bins; exact within one request, from a 1000-bin histogram across merged batches",
+    summary=(
+        "l1 calibration error over equal-mass bins; not splittable: a request's batch is evaluated whole (the client never "
+        "splits it, the server refuses parts), so one request is exact; across merged batches (streams, runs) the value "
+        "comes from a 1000-bin histogram and says so (exact=0, binned_estimate)"
+    ),
     roles=ROLES,
     params=(N_BINS, SCOPE_1D) + COMMON,
     outputs=(
@@ -315,6 +320,9 @@ adaptive_ece = FunctionDef(
     reference="uncertainty-calibration get_ece_em (equal-mass bins, get_equal_bins); float64 histogram formula across batches",
     finalize_diagnostics=_adaptive_diagnostics,
     example=EXAMPLE,
+    # Equal-mass edges depend on every confidence of the batch: parts merged from a
+    # split batch would silently give the histogram estimate instead of the exact value.
+    splittable=False,
 )
 
 FUNCTIONS = (ece, mce, debiased_ece, reliability_diagram, adaptive_ece)

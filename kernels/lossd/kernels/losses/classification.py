@@ -49,7 +49,13 @@ LABELS = Role("labels", "[N] or [N, d1, ...]", "index", "class indices in [0, K)
 TARGET_PROBS = Role(
     "target_probs", "same shape as logits", "float", "soft targets: a distribution over classes per row", optional=True, one_of="truth"
 )
-INPUT_KIND = Param("input_kind", "str", "logits", "how the scores are given", choices=("logits", "log_probs", "probs"))
+INPUT_KIND = Param(
+    "input_kind",
+    "str",
+    "logits",
+    "how the scores are given; probs (or log_probs) rows must sum to 1 within 1e-3 and are renormalized before use",
+    choices=("logits", "log_probs", "probs"),
+)
 CLASS_WEIGHT = Param("weight", "float_list", None, "per-class weights [K] (torch semantics: weighted mean divides by Σ w_y)", nullable=True)
 
 

@@ -10,9 +10,9 @@ Similarity matrices are built a block of anchor rows at a time (about
 ``CHUNK_ELEMENTS`` entries per block), so a CLIP-sized batch never
 materializes its whole N x N matrix.  The pair losses reproduce
 pytorch-metric-learning's conventions (cosine similarity of L2-normalized
-rows, all positive/negative pairs, its reducers), which are their oracles;
-batches on which those losses have no term at all are refused rather than
-reported as PML's placeholder 0.
+rows, all positive/negative pairs, its reducers), which are their oracles,
+and so does a batch without a valid pair: its value is 0, as in PML, and the
+state counts it (:mod:`lossd.kernels.losses.embedding_pairs`).
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ from lossd.kernels.losses.embedding_inputs import (
     not_self,
     pair_labels,
     pair_masks,
-    require_pairs,
     row_blocks,
     row_labels,
     same_shape,
     temperature,
 )
+from lossd.kernels.losses.embedding_pairs import PairLossValue, missing_pairs, pair_loss
 from lossd.kernels.params import Param
 from lossd.kernels.reduce import batch_loss
 from lossd.kernels.view import View
@@ -152,10 +152,17 @@ def _views_or_labels(view: View, x: torch.Tensor) -> torch.Tensor:
     return torch.arange(x.shape[0] // 2, device=x.device).repeat(2)
 
 
-def _nt_xent(view: View, p: Mapping[str, Any]) -> torch.Tensor:
+def _no_pair(x: torch.Tensor, missing: str) -> PairLossValue:
+    """PML's value of a batch without a valid pair: 0, with what it lacked."""
+    return torch.zeros((), dtype=common_dtype(x), device=x.device), missing
+
+
+def _nt_xent(view: View, p: Mapping[str, Any]) -> PairLossValue:
     x = matrix(view, "embeddings")
     y = _views_or_labels(view, x)
-    require_pairs(view, y, negatives=False)
+    missing = missing_pairs(y, needs_both=True)  # PML NTXentLoss needs a positive and a negative pair
+    if missing:
+        return _no_pair(x, missing)
     xn = F.normalize(x.to(common_dtype(x)), dim=1)
     tau, n, scale = temperature(p), x.shape[0], LogitScale()
     total = torch.zeros((), dtype=xn.dtype, device=xn.device)
@@ -169,12 +176,11 @@ def _nt_xent(view: View, p: Mapping[str, Any]) -> torch.Tensor:
         total = total + torch.where(pos, per_pair, torch.zeros_like(per_pair)).sum()
         pairs += int(pos.sum())
     scale.report(view, "cosine similarity / temperature logits")
-    return total / pairs
+    return total / pairs, ""
 
 
-nt_xent = batch_loss(
+nt_xent = pair_loss(
     name="nt_xent",
-    family="embedding",
     summary="SimCLR NT-Xent: 2N-way cosine softmax; rows i and i+N are views of one sample, or positives are rows sharing a label",
     roles=(
         Role(
@@ -187,15 +193,18 @@ nt_xent = batch_loss(
     ),
     params=(Param("temperature", "float", 0.07, TEMPERATURE_DOC, minimum=0.0, exclusive_minimum=True),),
     value=_nt_xent,
+    needs_both=True,
     reference="pytorch_metric_learning.losses.NTXentLoss (mean over positive pairs)",
     example=_TWO_VIEWS_EXAMPLE,
 )
 
 
-def _supcon(view: View, p: Mapping[str, Any]) -> torch.Tensor:
+def _supcon(view: View, p: Mapping[str, Any]) -> PairLossValue:
     x = matrix(view, "embeddings")
     y = row_labels(view, x.shape[0])
-    require_pairs(view, y, negatives=True)
+    missing = missing_pairs(y, needs_both=True)
+    if missing:
+        return _no_pair(x, missing)
     xn = F.normalize(x.to(common_dtype(x)), dim=1)
     tau, n, scale = temperature(p), x.shape[0], LogitScale()
     total = torch.zeros((), dtype=xn.dtype, device=xn.device)
@@ -214,16 +223,16 @@ def _supcon(view: View, p: Mapping[str, Any]) -> torch.Tensor:
         total = total + torch.where(kept, row, torch.zeros_like(row)).sum()
         nonzero += int(kept.sum())
     scale.report(view, "cosine similarity / temperature logits")
-    return total / nonzero if nonzero else total
+    return (total / nonzero if nonzero else total), ""
 
 
-supcon = batch_loss(
+supcon = pair_loss(
     name="supcon",
-    family="embedding",
     summary="supervised contrastive loss (Khosla et al. 2020): per anchor, the mean log-probability of its positives among all other rows",
     roles=(EMBEDDINGS, LABELS),
     params=(Param("temperature", "float", 0.1, TEMPERATURE_DOC, minimum=0.0, exclusive_minimum=True),),
     value=_supcon,
+    needs_both=True,
     reference="pytorch_metric_learning.losses.SupConLoss (AvgNonZeroReducer: mean over anchors with a non-zero loss)",
     example=_LABELLED_EXAMPLE,
 )
@@ -236,11 +245,13 @@ def _normalized_with_labels(view: View) -> tuple[torch.Tensor, torch.Tensor]:
     return F.normalize(x.to(common_dtype(x)), dim=1), y
 
 
-def _multi_similarity(view: View, p: Mapping[str, Any]) -> torch.Tensor:
+def _multi_similarity(view: View, p: Mapping[str, Any]) -> PairLossValue:
     xn, y = _normalized_with_labels(view)
+    # Positive and negative terms are separate: any pair of rows gives the loss a term (PML).
+    missing = missing_pairs(y, needs_both=False)
+    if missing:
+        return _no_pair(xn, missing)
     n = xn.shape[0]
-    if n < 2:
-        raise view.error("embeddings", "expected at least 2 rows (the loss is over pairs of rows), got 1")
     alpha, beta, base = p["alpha"], p["beta"], p["base"]
     total = torch.zeros((), dtype=xn.dtype, device=xn.device)
     scale = LogitScale()
@@ -256,12 +267,11 @@ def _multi_similarity(view: View, p: Mapping[str, Any]) -> torch.Tensor:
         neg_loss = torch.logaddexp(zero, masked_lse(neg_arg, neg)) / beta
         total = total + (pos_loss + neg_loss).sum()
     scale.report(view, "multi-similarity exponents α(base − s) and β(s − base)")
-    return total / n  # PML MeanReducer over anchors
+    return total / n, ""  # PML MeanReducer over anchors
 
 
-multi_similarity = batch_loss(
+multi_similarity = pair_loss(
     name="multi_similarity",
-    family="embedding",
     summary="multi-similarity loss (Wang et al. 2019) over all pairs, no miner: soft weighting of positive and negative cosine similarities",
     roles=(EMBEDDINGS, LABELS),
     params=(
@@ -270,14 +280,17 @@ multi_similarity = batch_loss(
         Param("base", "float", 0.5, "similarity offset λ applied to both"),
     ),
     value=_multi_similarity,
+    needs_both=False,
     reference="pytorch_metric_learning.losses.MultiSimilarityLoss (MeanReducer over anchors)",
     example=_LABELLED_EXAMPLE,
 )
 
 
-def _circle(view: View, p: Mapping[str, Any]) -> torch.Tensor:
+def _circle(view: View, p: Mapping[str, Any]) -> PairLossValue:
     xn, y = _normalized_with_labels(view)
-    require_pairs(view, y, negatives=True)
+    missing = missing_pairs(y, needs_both=True)
+    if missing:
+        return _no_pair(xn, missing)
     m, gamma = p["m"], p["gamma"]
     n = xn.shape[0]
     total = torch.zeros((), dtype=xn.dtype, device=xn.device)
@@ -298,12 +311,11 @@ def _circle(view: View, p: Mapping[str, Any]) -> torch.Tensor:
         total = total + torch.where(kept, row, torch.zeros_like(row)).sum()
         nonzero += int(kept.sum())
     scale.report(view, "circle-loss logits")
-    return total / nonzero if nonzero else total
+    return (total / nonzero if nonzero else total), ""
 
 
-circle = batch_loss(
+circle = pair_loss(
     name="circle",
-    family="embedding",
     summary="circle loss (Sun et al. 2020) with pair labels: self-paced weighting of cosine similarities around optima 1+m and −m",
     roles=(EMBEDDINGS, LABELS),
     params=(
@@ -311,6 +323,7 @@ circle = batch_loss(
         Param("gamma", "float", 80.0, "scale factor γ", minimum=0.0, exclusive_minimum=True),
     ),
     value=_circle,
+    needs_both=True,
     reference="pytorch_metric_learning.losses.CircleLoss (AvgNonZeroReducer over anchors)",
     example=_LABELLED_EXAMPLE,
 )

@@ -28,7 +28,6 @@ __all__ = [
     "not_self",
     "pair_labels",
     "pair_masks",
-    "require_pairs",
     "row_blocks",
     "row_labels",
     "same_shape",
@@ -133,17 +132,3 @@ def pair_masks(y: torch.Tensor, block: slice) -> tuple[torch.Tensor, torch.Tenso
     """(positives, negatives) of a block of anchors: same label other row, different label."""
     same = y[block, None] == y[None, :]
     return same & not_self(block, y.shape[0], y.device), ~same
-
-
-def require_pairs(view: View, y: torch.Tensor, *, negatives: bool) -> None:
-    """Refuse batches on which a pair loss has no term (PML would return a placeholder 0)."""
-    counts = torch.unique(y, return_counts=True)[1]
-    if not bool((counts > 1).any()):
-        raise view.error(
-            "labels", "no two rows share a label, so there is no positive pair and the loss has no term; send a batch with positives"
-        )
-    if negatives and counts.numel() < 2:
-        raise view.error(
-            "labels",
-            "every row has the same label, so there is no negative pair and the loss has no term; send a batch with several classes",
-        )

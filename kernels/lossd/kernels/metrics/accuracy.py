@@ -108,14 +108,17 @@ accuracy = mean_loss(
 top_k_accuracy = mean_loss(
     name="top_k_accuracy",
     family="metric",
-    summary="share of labels among the k highest-scoring classes (ties: lower class index first)",
+    summary=(
+        "share of labels among the k highest-scoring classes; score ties are broken by the lower class index "
+        "(scikit-learn's top_k_accuracy_score ranks the higher index first, so values differ on ties)"
+    ),
     roles=(
         Role("logits", "[N, K] or [N, K, d1, ...]", "float", "class scores"),
         Role("labels", "[N] or [N, d1, ...]", "index", "class indices or ignore_index"),
     ),
     params=(Param("k", "int", 5, "how many top classes count as a hit (k >= K: every valid element is a hit)", minimum=1), IGNORE_INDEX),
     terms=_top_k_terms,
-    reference="sklearn.metrics.top_k_accuracy_score",
+    reference="sklearn.metrics.top_k_accuracy_score on tie-free inputs",
     example=MULTICLASS_EXAMPLE,
     reduction=False,
     doc="Σ w·[rank of label < k] / Σ w",

@@ -79,6 +79,8 @@ _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str, str]] = {
 
 @dataclass(frozen=True)
 class FieldError:
+    """One problem field: the request path and what was wrong there."""
+
     field: str
     description: str
 
@@ -127,7 +129,7 @@ def problem_from_rpc_error(error: grpc.RpcError) -> Problem:
     details = error.details() if callable(getattr(error, "details", None)) else ""
     errors: list[FieldError] = []
     try:
-        rich = rpc_status.from_call(error)  # type: ignore[arg-type]
+        rich = rpc_status.from_call(error)
     except ValueError:  # details that disagree with the status: keep the status, drop the details
         rich = None
     if rich is not None:
@@ -162,6 +164,7 @@ _UNION_TAGS = {"str", "FunctionSpecBody", "list[...]", "float", "int", "bool", "
 
 
 def problem_from_validation(exc: RequestValidationError) -> Problem:
+    """A 400 problem naming every invalid field of a request FastAPI refused."""
     found: dict[tuple[str, str], FieldError] = {}
     for e in exc.errors():
         path, description = field_path(e.get("loc", ())), str(e.get("msg", "invalid value"))

@@ -5,8 +5,8 @@ The class scores are the tensor that the request's functions read in the role
 honoured), against that function's ``labels`` (or binary ``targets``):
 
 - multiclass [N, K, d1, ...] scores: the row statistics the function memoized
-  on the batch (top-1 confidence = exp(max − lse), argmax over the class dim
-  1); rows are every position, ``ignore_index`` rows are left out;
+  on the batch (argmax over the class dim 1; top-1 confidence 1 / Σ exp(z − max),
+  as the ece functions bin it); rows are every position, ``ignore_index`` rows are left out;
 - token-level [B, T, V] scores (``lm_cross_entropy``, ``perplexity``): top-1
   over the vocabulary (dim 2), rows are tokens, shifted as the function's
   ``shift`` says, ``ignore_index`` tokens left out;
@@ -93,7 +93,9 @@ def _multiclass(p: Prepared, batch: Batch, name: str, labels: torch.Tensor, bins
     stats = batch.memoized_row_stats(name, class_dim)
     if stats is None:
         return "no_row_statistics"
-    confidence, predicted = stats.top1_confidence, stats.argmax
+    # The ECE functions' own confidences when they ran (exact at bin edges); otherwise one
+    # pass here, on the monitoring worker, off the response path.
+    confidence, predicted = batch.top1_confidence(name, class_dim), stats.argmax
     y = labels if not labels.is_floating_point() else labels.round()
     y = y.to(torch.int64)
     if tuple(y.shape) != tuple(confidence.shape):

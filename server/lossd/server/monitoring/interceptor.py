@@ -120,16 +120,40 @@ def _unwrap(request: Any) -> tuple[Any, int]:
     return (request.message, request.nbytes) if isinstance(request, _Sized) else (request, 0)
 
 
+class _Series:
+    """The label children of one method's series, resolved once: ``labels()`` costs more than the update."""
+
+    def __init__(self, metrics: GrpcMetrics, grpc_type: str, service: str, method: str) -> None:
+        base, short = (grpc_type, service, method), (service, method)
+        self.base = base
+        self.handled_family = metrics.handled
+        self.started = metrics.started.labels(*base)
+        self.handling = metrics.handling.labels(*base)
+        self.received = metrics.received.labels(*base)
+        self.sent = metrics.sent.labels(*base)
+        self.request_bytes = metrics.request_bytes.labels(*short)
+        self.received_bytes = metrics.received_bytes.labels(*short)
+        self.in_flight = metrics.in_flight.labels(*short)
+        self._handled: dict[str, Any] = {}
+
+    def handled(self, code: str) -> Any:
+        """The handled counter of ``code`` (a child per status code seen)."""
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = self.handled_family.labels(*self.base, code)
+        return child
+
+
 class _Call:
     """Metrics of one RPC: started on creation, handled by :meth:`done`."""
 
-    def __init__(self, metrics: GrpcMetrics, grpc_type: str, service: str, method: str) -> None:
-        self.m = metrics
-        self.base = (grpc_type, service, method)
-        self.short = (service, method)
+    __slots__ = ("series", "start")
+
+    def __init__(self, series: _Series) -> None:
+        self.series = series
         self.start = time.perf_counter()
-        metrics.started.labels(*self.base).inc()
-        metrics.in_flight.labels(*self.short).inc()
+        series.started.inc()
+        series.in_flight.inc()
 
     def requests(self, request: Any, streaming: bool) -> Any:
         """Count the request now, or wrap the request iterator to count messages as they are read."""
@@ -145,19 +169,19 @@ class _Call:
     def received(self, request: Any) -> Any:
         """Count one request message (sized by the deserializer); return the message itself."""
         message, nbytes = _unwrap(request)
-        self.m.received.labels(*self.base).inc()
-        self.m.request_bytes.labels(*self.short).observe(nbytes)
-        self.m.received_bytes.labels(*self.short).inc(nbytes)
+        self.series.received.inc()
+        self.series.request_bytes.observe(nbytes)
+        self.series.received_bytes.inc(nbytes)
         return message
 
     def sent(self, message: Any) -> None:
         """Count one response message (its size is observed when grpc serializes it)."""
-        self.m.sent.labels(*self.base).inc()
+        self.series.sent.inc()
 
     def done(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-        self.m.in_flight.labels(*self.short).dec()
-        self.m.handling.labels(*self.base).observe(time.perf_counter() - self.start)
-        self.m.handled.labels(*self.base, _code_name(context, error)).inc()
+        self.series.in_flight.dec()
+        self.series.handling.observe(time.perf_counter() - self.start)
+        self.series.handled(_code_name(context, error)).inc()
 
 
 def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
@@ -172,10 +196,17 @@ def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
-    """Wraps every handler so that each RPC is counted, timed and sized."""
+    """Wraps every handler so that each RPC is counted, timed and sized.
+
+    grpc asks the interceptor for a handler on every call; the wrapped handler
+    of a method is built once and reused while the inner handler is the same
+    object (an inner interceptor answering with a handler of its own, such as
+    a refusal, gets it wrapped afresh)."""
 
     def __init__(self, metrics: GrpcMetrics) -> None:
         self.metrics = metrics
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._series: dict[tuple[str, str, str], _Series] = {}
 
     async def intercept_service(
         self,
@@ -185,12 +216,23 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler
-        service, method = _split_method(handler_call_details.method)
+        full = handler_call_details.method
+        cached = self._wrapped.get(full)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_handler(handler, full)
+        self._wrapped[full] = (handler, wrapped)  # the latest: in steady state, the registered handler
+        return wrapped
+
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, full: str) -> grpc.RpcMethodHandler:
+        service, method = _split_method(full)
         for attr, grpc_type in _HANDLER_TYPES:
             behavior = getattr(handler, attr)
             if behavior is not None:
+                key = (grpc_type, service, method)
+                series = self._series.get(key) or self._series.setdefault(key, _Series(self.metrics, *key))
                 streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
-                wrapped = self._wrap(behavior, grpc_type, service, method, streaming_in=streaming_in, streaming_out=streaming_out)
+                wrapped = self._wrap(behavior, series, streaming_in=streaming_in, streaming_out=streaming_out)
                 return handler._replace(
                     **{attr: wrapped},
                     request_deserializer=_measured_deserializer(handler.request_deserializer),
@@ -207,15 +249,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
 
         return observe
 
-    def _wrap(
-        self, behavior: Callable[..., Any], grpc_type: str, service: str, method: str, *, streaming_in: bool, streaming_out: bool
-    ) -> Callable[..., Any]:
+    def _wrap(self, behavior: Callable[..., Any], series: _Series, *, streaming_in: bool, streaming_out: bool) -> Callable[..., Any]:
         if streaming_out and inspect.isasyncgenfunction(behavior):
-            return self._generated(behavior, grpc_type, service, method, streaming_in=streaming_in)
+            return self._generated(behavior, series, streaming_in=streaming_in)
         returns_message = not streaming_out  # a streaming handler may also be a coroutine writing with context.write
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(self.metrics, grpc_type, service, method)
+            call = _Call(series)
             request = call.requests(request, streaming_in)
             error: BaseException | None = None
             try:
@@ -231,11 +271,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
 
         return wrapped
 
-    def _generated(
-        self, behavior: Callable[..., Any], grpc_type: str, service: str, method: str, *, streaming_in: bool
-    ) -> Callable[..., Any]:
+    def _generated(self, behavior: Callable[..., Any], series: _Series, *, streaming_in: bool) -> Callable[..., Any]:
         async def generated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(self.metrics, grpc_type, service, method)
+            call = _Call(series)
             request = call.requests(request, streaming_in)
             error: BaseException | None = None
             try:

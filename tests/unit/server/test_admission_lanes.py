@@ -156,3 +156,32 @@ def test_token_outside_cancellable_never_raises() -> None:
         with pytest.raises(Cancelled, match="cancelled by its caller"):
             check_cancelled()
     check_cancelled()
+
+
+def test_a_cancelled_token_stops_a_kernel_in_its_chunk_loop() -> None:
+    import numpy as np
+
+    from lossd.kernels import evaluate
+
+    tensors = {"logits": np.zeros((8, 4), np.float32), "labels": np.zeros(8, np.int64)}
+    assert evaluate(tensors, ["cross_entropy"])["cross_entropy"].value == pytest.approx(np.log(4))
+    token = CancelToken()
+    token.cancel()
+    with cancellable(token), pytest.raises(Cancelled):
+        evaluate(tensors, ["cross_entropy"])
+
+
+def test_with_no_queue_an_idle_lane_still_runs_work_and_a_busy_one_refuses() -> None:
+    async def main() -> None:
+        admission = Admission(limits(max_queued_requests=0))
+        assert await admission.run(lambda: "ran", nbytes=0) == "ran"
+        started, release, fn = blocker()
+        running = asyncio.ensure_future(admission.run(fn, nbytes=0))  # type: ignore[arg-type]
+        await wait_started(started)
+        with pytest.raises(Overloaded, match="max_queued_requests"):
+            await admission.run(lambda: "refused", nbytes=0)
+        release.set()
+        assert await running == "done"
+        admission.close()
+
+    asyncio.run(main())

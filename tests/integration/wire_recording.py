@@ -1,0 +1,36 @@
+"""A server interceptor that records the size of every request message as it arrives (bytes on the wire)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+
+class RecordingInterceptor(grpc.aio.ServerInterceptor):
+    """Records (method, serialized request bytes) for every request message the server parses."""
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[str, int]] = []
+
+    def clear(self) -> None:
+        self.sizes.clear()
+
+    def of(self, method: str) -> list[int]:
+        return [n for m, n in self.sizes if m == method]
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        parse = handler.request_deserializer
+
+        def recording(data: bytes) -> Any:
+            self.sizes.append((method, len(data)))
+            return parse(data)
+
+        return handler._replace(request_deserializer=recording)

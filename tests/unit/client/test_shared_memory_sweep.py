@@ -1,0 +1,38 @@
+"""The sweep of segments left by clients killed mid-request: only dead pids, only this user's lossd segments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from lossd.client.shared_memory import is_local_address, sweep_stale_segments
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_sweep_unlinks_segments_of_dead_processes_only(tmp_path: Path) -> None:
+    dead = tmp_path / f"lossd_{dead_pid()}_{uuid.uuid4().hex}"
+    alive = tmp_path / f"lossd_{os.getpid()}_{uuid.uuid4().hex}"
+    other = tmp_path / f"other_{dead_pid()}_{uuid.uuid4().hex}"
+    for path in (dead, alive, other):
+        path.write_bytes(b"x")
+    assert sweep_stale_segments(tmp_path) == [dead.name]
+    assert not dead.exists() and alive.exists() and other.exists()
+
+
+def test_sweep_of_a_missing_directory_is_a_no_op(tmp_path: Path) -> None:
+    assert sweep_stale_segments(tmp_path / "absent") == []
+
+
+def test_local_addresses() -> None:
+    for address in ("127.0.0.1:50051", "127.1.2.3:1", "localhost:50051", "[::1]:50051", "unix:/run/lossd.sock", "unix:///run/x"):
+        assert is_local_address(address), address
+    for address in ("10.0.0.1:50051", "lossd.example:50051", "[2001:db8::1]:50051", "0.0.0.0:50051"):
+        assert not is_local_address(address), address
