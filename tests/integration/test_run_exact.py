@@ -100,7 +100,7 @@ def test_update_time_stays_flat(address: str) -> None:
             seconds.append(time.perf_counter() - start)
         run.result()
     first, last = sorted(seconds[:20])[10], sorted(seconds[-20:])[10]  # medians: robust to a busy machine
-    assert last <= 1.5 * first + 0.002, (first, last)
+    assert last <= 1.5 * first + 0.005, (first, last)  # 5 ms of slack for a busy shared machine
 
 
 def test_async_run_merges_when_asked(address: str) -> None:

@@ -23,7 +23,7 @@ from lossd.client.core import finalize_request_of, list_request, lossd_errors, p
 from lossd.client.errors import InvalidArgumentError
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.local import check_compute, without_states
-from lossd.client.messages import Functions, StatesLike, TagsLike, new_request_id
+from lossd.client.messages import Functions, StatesLike, TagsLike, nan_policy_value, new_request_id, with_nan_policy
 from lossd.client.run import AsyncRun
 from lossd.client.shared_memory import SharedBatch, refusal_reason
 from lossd.client.streams import stream_result
@@ -86,12 +86,15 @@ class AsyncClient(ClientBase):
         return_state: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
+        nan_policy: str | None = None,
     ) -> EvaluationResult:
         """Evaluate ``functions`` on one batch; see :meth:`lossd.client.Client.evaluate` (large batches go in parts when allowed)."""
+        nan_policy_value(nan_policy)  # a bad name fails here, before anything is sent
         arrays, specs = self.core.prepare(tensors, functions)
         if self.core.uses_shared_memory(arrays):
             with SharedBatch(arrays) as segment:  # unlinked when the call ends, whatever happened
                 payload = segment.request(specs, tags=tags, return_state=return_state, request_id=request_id or new_request_id())
+                payload = with_nan_policy(payload, nan_policy)
                 try:
                     return await self.evaluate_request(payload, timeout=timeout)
                 except InvalidArgumentError as exc:
@@ -102,9 +105,11 @@ class AsyncClient(ClientBase):
         if self.core.needs_catalogue(specs, arrays):
             await self.list_functions()
         if self.core.should_chunk(specs, arrays):
-            return await self.evaluate_stream([arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
+            return await self.evaluate_stream(
+                [arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
+            )
         payload = unary_payload(arrays, specs, tags=tags, return_state=return_state, request_id=request_id)
-        return await self.evaluate_request(payload, timeout=timeout)
+        return await self.evaluate_request(with_nan_policy(payload, nan_policy), timeout=timeout)
 
     async def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult:
         """Send a request built by hand (e.g. with ``prior_states``), as a message or already serialized."""
@@ -122,6 +127,7 @@ class AsyncClient(ClientBase):
         timeout: float | None = None,
         request_id: str | None = None,
         compute: str = "server",
+        nan_policy: str | None = None,
     ) -> EvaluationResult:
         """Exact totals over many batches (an iterable or async iterable) in one streaming call.
 
@@ -135,11 +141,15 @@ class AsyncClient(ClientBase):
         INVALID_ARGUMENT with its field violations is part of this API.
         """
         if check_compute(compute) == "local":
+            if nan_policy is not None:
+                raise ValueError("nan_policy with compute='local' streams: use run(..., compute='local', nan_policy=...)")
             return await self._local_stream(batches, functions, tags=tags, return_state=return_state, timeout=timeout)
         loop = asyncio.get_running_loop()
         blocking = self._blocking_client()
         source = _blocking_iter(batches, loop) if isinstance(batches, AsyncIterable) else batches
-        call, guard = blocking.start_stream(source, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
+        call, guard = blocking.start_stream(
+            source, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
+        )
         try:
             return await loop.run_in_executor(None, stream_result, call, guard)
         except asyncio.CancelledError:
@@ -193,7 +203,15 @@ class AsyncClient(ClientBase):
             response = await self._stub.ListFunctions(request, timeout=deadline)
         return self.core.learn(family, response)
 
-    def run(self, functions: Functions, *, tags: TagsLike = None, timeout: float | None = None, compute: str = "server") -> AsyncRun:
-        """Accumulate exact totals over many ``await run.update(tensors)`` calls."""
+    def run(
+        self,
+        functions: Functions,
+        *,
+        tags: TagsLike = None,
+        timeout: float | None = None,
+        compute: str = "server",
+        nan_policy: str | None = None,
+    ) -> AsyncRun:
+        """Accumulate exact totals over many ``await run.update(tensors)`` calls (``nan_policy``: see Client.evaluate)."""
         specs, tags_msg = run_arguments(functions, tags)
-        return AsyncRun(self, specs, tags=tags_msg, timeout=timeout, compute=compute)
+        return AsyncRun(self, specs, tags=tags_msg, timeout=timeout, compute=compute, nan_policy=nan_policy)

@@ -39,7 +39,7 @@ from lossd.client.core import (
 from lossd.client.errors import InvalidArgumentError
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.local import check_compute, without_states
-from lossd.client.messages import Functions, StatesLike, TagsLike, new_request_id
+from lossd.client.messages import Functions, StatesLike, TagsLike, nan_policy_value, new_request_id, with_nan_policy
 from lossd.client.run import Run
 from lossd.client.shared_memory import SharedBatch, refusal_reason
 from lossd.client.streams import GuardedRequests, start_stream, stream_result
@@ -86,46 +86,32 @@ class Client(ClientBase):
         return_state: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
+        nan_policy: str | None = None,
     ) -> EvaluationResult:
         """Evaluate ``functions`` (specs: ``"cross_entropy"``, ``"ece:n_bins=15"``, mappings) on one batch.
 
+        ``nan_policy``: "propagate" (the server's default), "raise" or "omit"
+        (see the README, "NaN and infinite values").
         A batch over ``chunk_bytes`` whose functions are all splittable goes
         through EvaluateStream in parts (same values, exact merge), so that no
         single message has to fit the server's message-size limit.
         """
+        nan_policy_value(nan_policy)  # a bad name fails here, before anything is sent
         arrays, specs = self.core.prepare(tensors, functions)
         if self.core.uses_shared_memory(arrays):
-            shared = self._evaluate_shared(arrays, specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
+            shared = _evaluate_shared(
+                self, arrays, specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
+            )
             if shared is not None:
                 return shared
         if self.core.needs_catalogue(specs, arrays):
             self.list_functions()
         if self.core.should_chunk(specs, arrays):
-            return self.evaluate_stream([arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
+            return self.evaluate_stream(
+                [arrays], specs, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
+            )
         payload = unary_payload(arrays, specs, tags=tags, return_state=return_state, request_id=request_id)
-        return self.evaluate_request(payload, timeout=timeout)
-
-    def _evaluate_shared(
-        self,
-        arrays: Mapping[str, np.ndarray],
-        specs: Sequence[pb.FunctionSpec],
-        *,
-        tags: TagsLike,
-        return_state: bool,
-        timeout: float | None,
-        request_id: str | None,
-    ) -> EvaluationResult | None:
-        """One batch through a shared-memory segment, unlinked when the call ends; None when the server refuses it."""
-        with SharedBatch(arrays) as segment:
-            payload = segment.request(specs, tags=tags, return_state=return_state, request_id=request_id or new_request_id())
-            try:
-                return self.evaluate_request(payload, timeout=timeout)
-            except InvalidArgumentError as exc:
-                reason = refusal_reason(exc)
-                if reason is None:
-                    raise
-                self.core.shared_memory_refused(reason)
-                return None
+        return self.evaluate_request(with_nan_policy(payload, nan_policy), timeout=timeout)
 
     def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult:
         """Send a request built by hand (e.g. with ``prior_states``), as a message or already serialized."""
@@ -143,19 +129,24 @@ class Client(ClientBase):
         timeout: float | None = None,
         request_id: str | None = None,
         compute: str = "server",
+        nan_policy: str | None = None,
     ) -> EvaluationResult:
         """Exact totals over many batches in one streaming call; batches are read and sent one at a time.
 
         ``timeout`` covers the whole stream. ``compute="local"``: each batch's
         states are computed here (:mod:`lossd.client.local`) and only states
         are sent, as a local run does (``timeout`` then applies to each call).
+        ``nan_policy`` holds for every batch; the first_nonfinite_batch
+        diagnostic names the first batch that brought NaN or inf.
         """
         if check_compute(compute) == "local":
-            run = self.run(functions, tags=tags, timeout=timeout, compute="local")
+            run = self.run(functions, tags=tags, timeout=timeout, compute="local", nan_policy=nan_policy)
             for batch in batches:
                 run.update(batch)
             return run.result() if return_state else without_states(run.result())
-        call, guard = self.start_stream(batches, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id)
+        call, guard = self.start_stream(
+            batches, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
+        )
         return stream_result(call, guard)
 
     def start_stream(
@@ -167,11 +158,18 @@ class Client(ClientBase):
         return_state: bool,
         timeout: float | None,
         request_id: str | None,
+        nan_policy: str | None = None,
     ) -> tuple[grpc.Future, GuardedRequests]:
         """Start EvaluateStream; gRPC reads ``batches`` (encoding each in turn) on its own thread."""
         deadline = self.core.deadline(timeout)
         messages = self.core.stream_messages(
-            batches, functions, tags=tags, return_state=return_state, request_id=request_id, catalogue=self.list_functions
+            batches,
+            functions,
+            tags=tags,
+            return_state=return_state,
+            request_id=request_id,
+            catalogue=self.list_functions,
+            nan_policy=nan_policy,
         )
         return start_stream(self._stub.EvaluateStream, messages, deadline)
 
@@ -197,7 +195,40 @@ class Client(ClientBase):
             response = self._stub.ListFunctions(request, timeout=deadline)
         return self.core.learn(family, response)
 
-    def run(self, functions: Functions, *, tags: TagsLike = None, timeout: float | None = None, compute: str = "server") -> Run:
+    def run(
+        self,
+        functions: Functions,
+        *,
+        tags: TagsLike = None,
+        timeout: float | None = None,
+        compute: str = "server",
+        nan_policy: str | None = None,
+    ) -> Run:
         """Accumulate exact totals over many ``run.update(tensors)`` calls; see :class:`Run`."""
         specs, tags_msg = run_arguments(functions, tags)
-        return Run(self, specs, tags=tags_msg, timeout=timeout, compute=compute)
+        return Run(self, specs, tags=tags_msg, timeout=timeout, compute=compute, nan_policy=nan_policy)
+
+
+def _evaluate_shared(
+    client: Client,
+    arrays: Mapping[str, np.ndarray],
+    specs: Sequence[pb.FunctionSpec],
+    *,
+    tags: TagsLike,
+    return_state: bool,
+    timeout: float | None,
+    request_id: str | None,
+    nan_policy: str | None = None,
+) -> EvaluationResult | None:
+    """One batch through a shared-memory segment, unlinked when the call ends; None when the server refuses it."""
+    with SharedBatch(arrays) as segment:
+        payload = segment.request(specs, tags=tags, return_state=return_state, request_id=request_id or new_request_id())
+        payload = with_nan_policy(payload, nan_policy)
+        try:
+            return client.evaluate_request(payload, timeout=timeout)
+        except InvalidArgumentError as exc:
+            reason = refusal_reason(exc)
+            if reason is None:
+                raise
+            client.core.shared_memory_refused(reason)
+            return None

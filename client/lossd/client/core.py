@@ -31,6 +31,7 @@ from lossd.client.messages import (
     batch_requests,
     finalize_request,
     function_specs,
+    nan_policy_value,
     new_request_id,
     serialized_evaluate,
     split_rows,
@@ -277,6 +278,7 @@ class ClientCore:
         return_state: bool,
         request_id: str | None,
         catalogue: Callable[[], pb.ListFunctionsResponse],
+        nan_policy: str | None = None,
     ) -> Iterator[pb.EvaluateRequest]:
         """The messages of an EvaluateStream call, each batch read, split when allowed, and encoded in turn.
 
@@ -286,12 +288,16 @@ class ClientCore:
         specs = function_specs(functions)
         tags_msg = tags_proto(tags)
         rid = request_id or new_request_id()
+        policy = nan_policy_value(nan_policy)  # carried by the first message, for the whole stream
         for index, tensors in enumerate(batches):
             arrays = arrays_of(tensors)
             if self.needs_catalogue(specs, arrays):
                 catalogue()
             parts = split_rows(arrays, self.chunk_bytes) if self.chunk_bytes and self.may_split(specs, arrays) else [arrays]
-            yield from batch_requests(index, parts, specs, tags=tags_msg, return_state=return_state, request_id=rid)
+            for message in batch_requests(index, parts, specs, tags=tags_msg, return_state=return_state, request_id=rid):
+                if index == 0 and policy:
+                    message.nan_policy, policy = policy, 0  # type: ignore[assignment]  # the generated enum type
+                yield message
 
     def learn(self, family: str, response: pb.ListFunctionsResponse) -> pb.ListFunctionsResponse:
         """Cache which functions are splittable from a full catalogue (a family's is partial, so it is not kept)."""

@@ -66,7 +66,8 @@ def state_to_proto(state: State) -> pb.State:
 class LocalStates:
     """Evaluates the run's functions on one batch in this process; returns per-alias states and diagnostics."""
 
-    def __init__(self, functions: Sequence[pb.FunctionSpec]) -> None:
+    def __init__(self, functions: Sequence[pb.FunctionSpec], nan_policy: str | None = None) -> None:
+        self.nan_policy = nan_policy or "propagate"
         try:
             import lossd.kernels as kernels
         except ImportError as exc:  # torch or the kernels missing
@@ -89,7 +90,9 @@ class LocalStates:
         arrays = arrays_of(tensors)
         torch_tensors = {name: self._kernels.to_torch(array, name) for name, array in arrays.items()}
         # No limit here: the server applies its exact-state limit when it merges the run's states.
-        evaluation = self._kernels.evaluate(torch_tensors, self.specs, return_state=True, exact_state_limit=2**62)
+        evaluation = self._kernels.evaluate(
+            torch_tensors, self.specs, return_state=True, exact_state_limit=2**62, nan_policy=self.nan_policy
+        )
         states: dict[str, pb.State] = {}
         for alias, result in evaluation.results.items():
             if result.state is None:

@@ -26,6 +26,8 @@ __all__ = [
     "function_specs",
     "tags_proto",
     "new_request_id",
+    "nan_policy_value",
+    "with_nan_policy",
     "arrays_of",
     "batch_bytes",
     "split_rows",
@@ -140,6 +142,24 @@ def evaluate_request(
     if tags is not None:
         request.tags.CopyFrom(tags)
     return request
+
+
+NAN_POLICIES = ("propagate", "raise", "omit")
+
+
+def nan_policy_value(policy: str | None) -> int:
+    """The lossd.v1.NanPolicy number of ``policy`` (None: unset, the server's default, propagate)."""
+    if policy is None:
+        return int(pb.NAN_POLICY_UNSPECIFIED)
+    if policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy: expected one of {', '.join(NAN_POLICIES)}, got {policy!r}")
+    return int(pb.NanPolicy.Value(f"NAN_POLICY_{policy.upper()}"))
+
+
+def with_nan_policy(payload: bytes, policy: str | None) -> bytes:
+    """A serialized EvaluateRequest with its nan_policy set (protobuf merges concatenated messages: the field is appended)."""
+    value = nan_policy_value(policy)
+    return payload + pb.EvaluateRequest(nan_policy=pb.NanPolicy.Name(value)).SerializeToString() if value else payload
 
 
 def serialized_evaluate(

@@ -40,7 +40,16 @@ from typing import Any, Protocol
 from lossd.client.diagnostics import Diagnostic, merge_diagnostics, merge_final_diagnostics
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.local import LocalStates, check_compute
-from lossd.client.messages import StatesLike, TagsLike, arrays_of, new_request_id, serialized_evaluate, wants_per_element
+from lossd.client.messages import (
+    StatesLike,
+    TagsLike,
+    arrays_of,
+    nan_policy_value,
+    new_request_id,
+    serialized_evaluate,
+    wants_per_element,
+    with_nan_policy,
+)
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["Evaluator", "AsyncEvaluator", "Run", "AsyncRun"]
@@ -73,14 +82,18 @@ def _field_bytes(state: pb.State) -> int:
 class _RunState:
     """The bookkeeping shared by :class:`Run` and :class:`AsyncRun` (no I/O)."""
 
-    def __init__(self, functions: Sequence[pb.FunctionSpec], tags: pb.Tags | None, timeout: float | None, compute: str) -> None:
+    def __init__(
+        self, functions: Sequence[pb.FunctionSpec], tags: pb.Tags | None, timeout: float | None, compute: str, nan_policy: str | None
+    ) -> None:
         self.functions = list(functions)
+        self.nan_policy = nan_policy
+        nan_policy_value(nan_policy)  # a bad name fails here, not at the first update
         if wants_per_element(self.functions):
             raise ValueError("reduction='none' returns per-element values, which a run cannot accumulate; use 'mean' or 'sum'")
         self.tags = tags
         self.timeout = timeout
         self.compute = check_compute(compute)
-        self.local = LocalStates(self.functions) if self.compute == "local" else None
+        self.local = LocalStates(self.functions, nan_policy) if self.compute == "local" else None
         self._states: dict[str, pb.State] = {}  # bounded: merged so far, sent with every update
         self._pieces: dict[str, list[pb.State]] = {}  # exact: states of disjoint batches, sent once when merged
         self._last: pb.EvaluateResponse | None = None  # the bounded values over every batch so far
@@ -88,13 +101,29 @@ class _RunState:
         self._batches = 0
         self._diagnostics: list[Diagnostic] = []
         self._local_diagnostics: list[Diagnostic] = []  # compute="local": the batch being added
+        self._request_id = ""  # of the last update sent, for first_nonfinite_batch
+        self._nonfinite_seen = False
 
     # -- updates ---------------------------------------------------------------------------------
 
     def _request(self, tensors: Mapping[str, Any]) -> bytes:
-        return serialized_evaluate(
-            arrays_of(tensors), self.functions, tags=self.tags, return_state=True, request_id=new_request_id(), prior_states=self._states
+        self._request_id = new_request_id()
+        payload = serialized_evaluate(
+            arrays_of(tensors), self.functions, tags=self.tags, return_state=True, request_id=self._request_id, prior_states=self._states
         )
+        return with_nan_policy(payload, self.nan_policy)
+
+    def _first_nonfinite(self, diagnostics: Sequence[Diagnostic], request_id: str) -> list[Diagnostic]:
+        """first_nonfinite_batch, once per run: batch ``self._batches`` (from 0), the first whose diagnostics report NaN or inf."""
+        if self._nonfinite_seen:
+            return []
+        for d in diagnostics:
+            if d.code in ("nan_or_inf", "rows_omitted"):
+                self._nonfinite_seen = True
+                where = f" (request id {request_id!r})" if request_id else ""
+                message = f"batch {self._batches}{where} first brought NaN or infinite values: {d.message}"
+                return [Diagnostic("first_nonfinite_batch", "warning", message)]
+        return []
 
     def _keep(self, states: Mapping[str, pb.State], exact: set[str]) -> None:
         """Take a successful update's states: bounded ones replace the run's, exact ones become pieces."""
@@ -119,7 +148,8 @@ class _RunState:
                 f"the server returned no state for {missing}: a function with reduction='none' returns per-element values, "
                 "which a run cannot accumulate; use reduction='mean' or 'sum'"
             )
-        self._diagnostics = merge_diagnostics(self._diagnostics + result.diagnostics)
+        first = self._first_nonfinite(result.diagnostics, result.response.request_id or self._request_id)
+        self._diagnostics = merge_diagnostics(self._diagnostics + result.diagnostics + first)
         self._keep(states, set())
         self._last = self._bounded(result.response)
         return EvaluationResult(self._last, self._diagnostics)
@@ -140,21 +170,20 @@ class _RunState:
     def _accept_local(self, states: dict[str, pb.State], merged: EvaluationResult | None) -> EvaluationResult:
         """compute="local": the server's merge of the bounded states (None when there are none) and the batch's exact ones."""
         assert self.local is not None
-        self._diagnostics = merge_diagnostics(self._diagnostics + self._local_diagnostics)
+        first = self._first_nonfinite(self._local_diagnostics, "")
+        self._diagnostics = merge_diagnostics(self._diagnostics + self._local_diagnostics + first)
         exact = {a: s for a, s in states.items() if a in self.local.exact or a in self._pieces}
         self._keep({**(merged.states() if merged is not None else {}), **exact}, self.local.exact)
         self._last = self._bounded(merged.response if merged is not None else pb.EvaluateResponse())
         return EvaluationResult(self._last, self._diagnostics)
 
     def _bounded(self, response: pb.EvaluateResponse) -> pb.EvaluateResponse:
-        """The response without the exact functions' results (over part of the batches only) and without states."""
+        """The response without the exact functions' results (they cover part of the batches only)."""
         out = pb.EvaluateResponse(request_id=response.request_id, batches=self._batches, diagnostics=response.diagnostics)
         out.timing.CopyFrom(response.timing)
         for r in response.results:
             if r.alias not in self._pieces:
-                kept = out.results.add()
-                kept.CopyFrom(r)
-                kept.ClearField("state")
+                out.results.add().CopyFrom(r)
         return out
 
     # -- merging ---------------------------------------------------------------------------------
@@ -175,7 +204,8 @@ class _RunState:
         response.CopyFrom(result.response)
         response.batches = self._batches
         for r in response.results:
-            r.ClearField("state")
+            if r.alias in self._pieces:
+                r.ClearField("state")  # held once, as the run's piece (see states())
         self._merged = EvaluationResult(response, merge_final_diagnostics(self._diagnostics, result.diagnostics))
         return self._merged
 
@@ -216,8 +246,9 @@ class Run(_RunState):
         tags: pb.Tags | None = None,
         timeout: float | None = None,
         compute: str = "server",
+        nan_policy: str | None = None,
     ) -> None:
-        super().__init__(functions, tags, timeout, compute)
+        super().__init__(functions, tags, timeout, compute, nan_policy)
         self.client = client
 
     def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:
@@ -257,8 +288,9 @@ class AsyncRun(_RunState):
         tags: pb.Tags | None = None,
         timeout: float | None = None,
         compute: str = "server",
+        nan_policy: str | None = None,
     ) -> None:
-        super().__init__(functions, tags, timeout, compute)
+        super().__init__(functions, tags, timeout, compute, nan_policy)
         self.client = client
 
     async def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:

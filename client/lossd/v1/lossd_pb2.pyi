@@ -20,6 +20,13 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UINT8: _ClassVar[DType]
     BOOL: _ClassVar[DType]
 
+class NanPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NAN_POLICY_UNSPECIFIED: _ClassVar[NanPolicy]
+    NAN_POLICY_PROPAGATE: _ClassVar[NanPolicy]
+    NAN_POLICY_RAISE: _ClassVar[NanPolicy]
+    NAN_POLICY_OMIT: _ClassVar[NanPolicy]
+
 class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SEVERITY_UNSPECIFIED: _ClassVar[Severity]
@@ -35,6 +42,10 @@ INT64: DType
 INT32: DType
 UINT8: DType
 BOOL: DType
+NAN_POLICY_UNSPECIFIED: NanPolicy
+NAN_POLICY_PROPAGATE: NanPolicy
+NAN_POLICY_RAISE: NanPolicy
+NAN_POLICY_OMIT: NanPolicy
 SEVERITY_UNSPECIFIED: Severity
 INFO: Severity
 WARNING: Severity
@@ -122,7 +133,7 @@ class State(_message.Message):
     def __init__(self, function: _Optional[str] = ..., version: _Optional[int] = ..., params_json: _Optional[str] = ..., fields: _Optional[_Mapping[str, Tensor]] = ..., batches: _Optional[int] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("tensors", "functions", "tags", "return_state", "request_id", "prior_states", "batch_id")
+    __slots__ = ("tensors", "functions", "tags", "return_state", "request_id", "prior_states", "batch_id", "nan_policy")
     class TensorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +155,7 @@ class EvaluateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PRIOR_STATES_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    NAN_POLICY_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.MessageMap[str, Tensor]
     functions: _containers.RepeatedCompositeFieldContainer[FunctionSpec]
     tags: Tags
@@ -151,7 +163,8 @@ class EvaluateRequest(_message.Message):
     request_id: str
     prior_states: _containers.MessageMap[str, State]
     batch_id: str
-    def __init__(self, tensors: _Optional[_Mapping[str, Tensor]] = ..., functions: _Optional[_Iterable[_Union[FunctionSpec, _Mapping]]] = ..., tags: _Optional[_Union[Tags, _Mapping]] = ..., return_state: _Optional[bool] = ..., request_id: _Optional[str] = ..., prior_states: _Optional[_Mapping[str, State]] = ..., batch_id: _Optional[str] = ...) -> None: ...
+    nan_policy: NanPolicy
+    def __init__(self, tensors: _Optional[_Mapping[str, Tensor]] = ..., functions: _Optional[_Iterable[_Union[FunctionSpec, _Mapping]]] = ..., tags: _Optional[_Union[Tags, _Mapping]] = ..., return_state: _Optional[bool] = ..., request_id: _Optional[str] = ..., prior_states: _Optional[_Mapping[str, State]] = ..., batch_id: _Optional[str] = ..., nan_policy: _Optional[_Union[NanPolicy, str]] = ...) -> None: ...
 
 class Diagnostic(_message.Message):
     __slots__ = ("code", "severity", "message", "function", "count")

@@ -23,6 +23,14 @@ CODES: dict[str, tuple[str, str]] = {
         "scores read as logits look like log-probabilities (rows <= 0 whose exp sums to 1); pass input_kind=log_probs if they are",
     ),
     "nan_or_inf": (ERROR, "a tensor holds NaN or infinite values; the affected results are NaN or inf"),
+    "rows_omitted": (
+        WARNING,
+        "nan_policy=omit dropped rows holding NaN or infinite values from the numerator and the denominator; the message counts them",
+    ),
+    "first_nonfinite_batch": (
+        WARNING,
+        "the first batch of a stream or run that brought NaN or infinite values (its index from 0 and its request id)",
+    ),
     "labels_out_of_range": (ERROR, "labels outside [0, K) that are not ignore_index"),
     "all_ignored": (WARNING, "every element was ignored or had zero weight; the value is NaN with denominator 0"),
     "ignored_fraction": (INFO, "a large share of elements equals ignore_index"),

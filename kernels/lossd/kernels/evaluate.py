@@ -22,6 +22,7 @@ from lossd.kernels.budget import Budget
 from lossd.kernels.declarations import FunctionDef, Result
 from lossd.kernels.diagnostics import Diagnostic, Diagnostics
 from lossd.kernels.errors import FieldViolation, InvalidInput
+from lossd.kernels.nan_policy import DEFAULT_NAN_POLICY, check_nan_policy, check_omit, first_nonfinite, function_batches
 from lossd.kernels.params import resolve_params
 from lossd.kernels.registry import get_function
 from lossd.kernels.spans import function_span
@@ -234,8 +235,12 @@ def evaluate(
     prior_states: Mapping[str, State] | None = None,
     exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT,
     budget: Budget | None = None,
+    nan_policy: str = DEFAULT_NAN_POLICY,
 ) -> Evaluation:
     """Evaluate ``functions`` on one batch of ``tensors``.
+
+    ``nan_policy`` (propagate, raise or omit) says what NaN and infinite
+    values do (:mod:`lossd.kernels.nan_policy`).
 
     ``budget`` refuses the request before computing when the functions'
     estimated memory or response tensors exceed it (RequestBudgetExceeded).
@@ -243,7 +248,9 @@ def evaluate(
     ``prior_states`` (alias -> State) are merged into this batch's states
     before finalizing: that is how a client run accumulates exact totals with
     one call per batch and no merge logic of its own."""
+    policy = check_nan_policy(nan_policy)
     prepared = prepare(functions)
+    check_omit(prepared, policy)
     device = torch.device(device)
     if budget is not None:
         budget.check(prepared, tensors)
@@ -251,17 +258,18 @@ def evaluate(
     results: dict[str, FunctionResult] = {}
     batches = 1
     with _diagnostics_on_error(batch):
+        batch_of = function_batches(batch, prepared, policy)
         for p in prepared:
             if p.fdef.has_reduction and p.params["reduction"] == "none":
                 if prior_states and p.alias in prior_states:
                     raise _none_reduction_error(p, "merged with a prior state")
-                view = p.fdef.view(batch, p.index, p.alias, p.inputs)
+                view = p.fdef.view(batch_of[p.index], p.index, p.alias, p.inputs)
                 values = p.fdef.per_element(view, p.params)  # type: ignore[misc]
                 results[p.alias] = FunctionResult(
                     p.alias, p.fdef.name, {}, {"value": values.detach().to("cpu", torch.float64).numpy()}, None, "elements", None
                 )
                 continue
-            state = _update(p, batch)
+            state = _update(p, batch_of[p.index])
             if prior_states and p.alias in prior_states:
                 state = merge_fields(
                     prior_states[p.alias], state, p.fdef.fields, concat_limit=exact_state_limit, path=f"prior_states.{p.alias}"
@@ -293,8 +301,11 @@ class Accumulator:
         device: torch.device | str = "cpu",
         exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT,
         budget: Budget | None = None,
+        nan_policy: str = DEFAULT_NAN_POLICY,
     ) -> None:
+        self.nan_policy = check_nan_policy(nan_policy)
         self.prepared = prepare(functions)
+        check_omit(self.prepared, self.nan_policy)
         self.budget = budget  # checked on every batch, before its update
         for p in self.prepared:
             if p.fdef.has_reduction and p.params["reduction"] == "none":
@@ -307,10 +318,12 @@ class Accumulator:
         # Parts of one batch arrive one after another: the last id is all there is to remember
         # (a set of every id would grow with the stream).
         self._last_batch_id = ""
+        self._nonfinite_seen = False  # first_nonfinite_batch is said once
 
-    def add(self, tensors: Mapping[str, Any], batch_id: str = "") -> Batch:
+    def add(self, tensors: Mapping[str, Any], batch_id: str = "", *, request_id: str = "") -> Batch:
         """Update every function with one batch (or the next part of a batch, when ``batch_id`` repeats).
 
+        ``request_id`` (the stream's) names the batch in first_nonfinite_batch.
         Returns the batch with its memoized intermediates, for subscribers (monitoring)."""
         continuing = bool(batch_id) and batch_id == self._last_batch_id  # a further part of a batch already counted
         if continuing:
@@ -328,10 +341,16 @@ class Accumulator:
         with _diagnostics_on_error(batch):
             # Every update first, then every merge: a batch that fails for one
             # function is merged into none (nothing counted for some functions only).
-            updates = [(p, _update(p, batch)) for p in self.prepared]
+            batch_of = function_batches(batch, self.prepared, self.nan_policy)
+            updates = [(p, _update(p, batch_of[p.index])) for p in self.prepared]
         for p, state in updates:
             self._merge(p, state)
         self.diagnostics.extend(batch.diagnostics)
+        if not self._nonfinite_seen:
+            found = first_nonfinite(batch.diagnostics, self.batches - (1 if continuing else 0), batch_id, request_id)
+            if found is not None:
+                self.diagnostics.add("first_nonfinite_batch", found)
+                self._nonfinite_seen = True
         self.batches += 0 if continuing else 1
         return batch
 

@@ -22,6 +22,7 @@ from lossd.kernels import Accumulator, Evaluation, State, all_functions, evaluat
 from lossd.kernels.batch import Batch
 from lossd.kernels.budget import Budget
 from lossd.kernels.errors import InvalidInput
+from lossd.kernels.nan_policy import DEFAULT_NAN_POLICY, NAN_POLICIES
 from lossd.server.admission import Admission, AdmissionLimits, deadline_of
 from lossd.server.convert import (
     decode_request_tensors,
@@ -161,6 +162,7 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
                     prior_states=prior or None,
                     exact_state_limit=self.exact_state_limit,
                     budget=self.budget,
+                    nan_policy=nan_policy_of(request),
                 )
                 with watch.encoding():
                     return evaluation, prior, evaluation_to_proto(evaluation, request.request_id)
@@ -199,6 +201,7 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
                             device=self.device,
                             exact_state_limit=self.exact_state_limit,
                             budget=self.budget,
+                            nan_policy=nan_policy_of(message),
                         )
                 first = first if first is not None else message
                 add = functools.partial(_add_stream_message, acc, message, first, index, watch, self.device)
@@ -264,7 +267,19 @@ def _add_stream_message(
     with watch.decoding():
         _check_stream_message(message, first, index)
         tensors = decode_request_tensors(message.tensors, device)
-    return acc.add(tensors, message.batch_id)
+    return acc.add(tensors, message.batch_id, request_id=first.request_id)
+
+
+def nan_policy_of(request: pb.EvaluateRequest) -> str:
+    """The request's nan_policy by name (UNSPECIFIED: the default); an unknown enum number is INVALID_ARGUMENT."""
+    value = int(request.nan_policy)
+    if value == pb.NAN_POLICY_UNSPECIFIED:
+        return DEFAULT_NAN_POLICY
+    if value not in pb.NanPolicy.values():
+        names = ", ".join(f"NAN_POLICY_{p.upper()}" for p in NAN_POLICIES)
+        raise InvalidInput.single("nan_policy", f"expected one of {names} (or unset for {DEFAULT_NAN_POLICY}), got {value}")
+    name: str = pb.NanPolicy.Name(value)
+    return name.removeprefix("NAN_POLICY_").lower()
 
 
 def _named_states(request: pb.FinalizeRequest) -> list[tuple[str, State]]:

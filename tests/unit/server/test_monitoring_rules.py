@@ -38,9 +38,8 @@ def test_promtool_rule_unit_tests() -> None:
     assert "SUCCESS" in result.stdout
 
 
-def test_promtool_check_config() -> None:
-    result = _promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
-    assert result.returncode == 0, result.stdout + result.stderr
+# promtool check config of prometheus.yml needs the TLS files it names:
+# tests/unit/test_deploy.py::test_prometheus_config_passes_promtool_and_scrapes_over_tls_with_a_token.
 
 
 def _recorded() -> set[str]:

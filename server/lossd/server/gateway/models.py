@@ -111,6 +111,11 @@ class EvaluateBody(BaseModel):
     functions: list[str | FunctionSpecBody] = Field(description='function specs: "name", "name:param=value,...", or an object')
     tags: TagsBody = Field(default_factory=TagsBody)
     request_id: str = Field("", description="echoed in the backend's logs")
+    nan_policy: Literal["propagate", "raise", "omit"] = Field(
+        "propagate",
+        description="NaN/inf in the tensors: propagate (NaN values, nan_or_inf diagnostic), raise (400 naming the tensor "
+        "and index), omit (rows dropped, rows_omitted diagnostic)",
+    )
 
 
 def _decode_b64(name: str, body: TensorBody) -> pb.Tensor:
@@ -180,4 +185,5 @@ def request_to_proto(body: EvaluateBody) -> pb.EvaluateRequest:
             raise Problem.bad_field(f"functions[{i}]", str(exc)) from None
     tensors = {name: tensor_to_proto(name, t) for name, t in body.tensors.items()}
     tags = pb.Tags(model=body.tags.model, dataset=body.tags.dataset, split=body.tags.split, extra=body.tags.extra_tags())
-    return pb.EvaluateRequest(tensors=tensors, functions=functions, tags=tags, request_id=body.request_id)
+    nan_policy = pb.NanPolicy.Value(f"NAN_POLICY_{body.nan_policy.upper()}")
+    return pb.EvaluateRequest(tensors=tensors, functions=functions, tags=tags, request_id=body.request_id, nan_policy=nan_policy)
