@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lossd-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test check lint proto bench e2e-deps fuzz clean
+.PHONY: run test check lint proto bench e2e-deps fuzz soak clean
 
 $(STAMP): kernels/pyproject.toml client/pyproject.toml server/pyproject.toml requirements-test.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench-peers: $(STAMP) $(PEERS)/kserve/.installed $(PEERS)/tools/.installed
 # FUZZ_WORKERS client processes; prints the counts by status code, fails on INTERNAL/UNKNOWN/hangs/deaths.
 fuzz: $(STAMP)
 	$(PY) tests/fuzz/grpc_fuzz.py
+
+# `lossd serve` soaked at twice its measured saturation with mixed sizes: SOAK_SECONDS (default 1800),
+# SOAK_WORKERS client processes; prints RSS, open fds, p50/p99, counts by status; fails on leaks or errors.
+soak: $(STAMP)
+	$(PY) scripts/soak.py
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

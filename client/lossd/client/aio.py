@@ -143,7 +143,7 @@ class AsyncClient(ClientBase):
         if check_compute(compute) == "local":
             if nan_policy is not None:
                 raise ValueError("nan_policy with compute='local' streams: use run(..., compute='local', nan_policy=...)")
-            return await self._local_stream(batches, functions, tags=tags, return_state=return_state, timeout=timeout)
+            return await _local_stream(self, batches, functions, tags=tags, return_state=return_state, timeout=timeout)
         loop = asyncio.get_running_loop()
         blocking = self._blocking_client()
         source = _blocking_iter(batches, loop) if isinstance(batches, AsyncIterable) else batches
@@ -155,25 +155,6 @@ class AsyncClient(ClientBase):
         except asyncio.CancelledError:
             call.cancel()  # never let the server finalize a partial stream
             raise
-
-    async def _local_stream(
-        self,
-        batches: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
-        functions: Functions,
-        *,
-        tags: TagsLike,
-        return_state: bool,
-        timeout: float | None,
-    ) -> EvaluationResult:
-        run = self.run(functions, tags=tags, timeout=timeout, compute="local")
-        if isinstance(batches, AsyncIterable):
-            async for batch in batches:
-                await run.update(batch)
-        else:
-            for batch in batches:
-                await run.update(batch)
-        result = await run.merge()
-        return result if return_state else without_states(result)
 
     def _blocking_client(self) -> Client:
         if self._blocking is None:
@@ -215,3 +196,24 @@ class AsyncClient(ClientBase):
         """Accumulate exact totals over many ``await run.update(tensors)`` calls (``nan_policy``: see Client.evaluate)."""
         specs, tags_msg = run_arguments(functions, tags)
         return AsyncRun(self, specs, tags=tags_msg, timeout=timeout, compute=compute, nan_policy=nan_policy)
+
+
+async def _local_stream(
+    client: AsyncClient,
+    batches: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+    functions: Functions,
+    *,
+    tags: TagsLike,
+    return_state: bool,
+    timeout: float | None,
+) -> EvaluationResult:
+    """A local-compute stream: a local run over the batches, merged once at the end."""
+    run = client.run(functions, tags=tags, timeout=timeout, compute="local")
+    if isinstance(batches, AsyncIterable):
+        async for batch in batches:
+            await run.update(batch)
+    else:
+        for batch in batches:
+            await run.update(batch)
+    result = await run.merge()
+    return result if return_state else without_states(result)

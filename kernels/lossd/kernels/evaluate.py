@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -19,14 +18,15 @@ import torch
 
 from lossd.kernels.batch import Batch, entropy_wanted
 from lossd.kernels.budget import Budget
-from lossd.kernels.declarations import FunctionDef, Result
+from lossd.kernels.declarations import Result
 from lossd.kernels.diagnostics import Diagnostic, Diagnostics
 from lossd.kernels.errors import FieldViolation, InvalidInput
 from lossd.kernels.nan_policy import DEFAULT_NAN_POLICY, check_nan_policy, check_omit, first_nonfinite, function_batches
 from lossd.kernels.params import resolve_params
+from lossd.kernels.prepared import Prepared
 from lossd.kernels.registry import get_function
 from lossd.kernels.spans import function_span
-from lossd.kernels.state import State, canonical_params, merge_fields
+from lossd.kernels.state import State, merge_fields
 
 __all__ = [
     "FunctionSpec",
@@ -52,22 +52,6 @@ class FunctionSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     inputs: Mapping[str, str] = field(default_factory=dict)
     alias: str = ""
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A validated spec: the function, its resolved parameters and its alias."""
-
-    index: int
-    fdef: FunctionDef
-    params: Mapping[str, Any]
-    inputs: Mapping[str, str]
-    alias: str
-
-    @cached_property
-    def state_params(self) -> str:
-        # Computed once: every update and merge of a stream compares it.
-        return canonical_params(self.params)
 
 
 @dataclass

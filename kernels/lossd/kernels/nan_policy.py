@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,9 +26,7 @@ from lossd.kernels.diagnostics import Diagnostic
 from lossd.kernels.dtypes import FLOAT_DTYPES
 from lossd.kernels.errors import FieldViolation, InvalidInput
 from lossd.kernels.input_diagnostics import count_nonfinite, diagnose_nonfinite
-
-if TYPE_CHECKING:
-    from lossd.kernels.evaluate import Prepared
+from lossd.kernels.prepared import Prepared
 
 __all__ = ["NAN_POLICIES", "DEFAULT_NAN_POLICY", "check_nan_policy", "check_omit", "first_nonfinite", "function_batches"]
 

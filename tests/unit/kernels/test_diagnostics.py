@@ -30,6 +30,8 @@ SEVERITY = {
     "overflow": "warning",
     "binned_estimate": "info",
     "no_valid_pair": "warning",
+    "rows_omitted": "warning",
+    "first_nonfinite_batch": "warning",
 }
 
 N, K = 64, 5
@@ -169,6 +171,23 @@ def binned_estimate():
     return out.diagnostics, ("100-bin", "bins=None")
 
 
+def rows_omitted():
+    z, y = logits_labels()
+    z[2, 0] = math.nan
+    out = evaluate({"logits": z, "labels": y}, ["cross_entropy"], nan_policy="omit")
+    assert out["cross_entropy"].denominator == N - 1
+    return out.diagnostics, ("dropped 1 of 64 rows", "'logits'")
+
+
+def first_nonfinite_batch():
+    z, y = logits_labels()
+    acc = Accumulator(["cross_entropy"])
+    acc.add({"logits": z, "labels": y}, request_id="r0")
+    z[2, 0] = math.nan
+    acc.add({"logits": z, "labels": y}, request_id="r1")
+    return acc.result().diagnostics, ("batch 1", "'r1'")
+
+
 TRIGGERS: dict[str, Trigger] = {
     f.__name__: f
     for f in (
@@ -188,11 +207,13 @@ TRIGGERS: dict[str, Trigger] = {
         overflow,
         binned_estimate,
         no_valid_pair,
+        rows_omitted,
+        first_nonfinite_batch,
     )
 }
 
 # Request-level findings (about a tensor, whichever function reads it) carry no function alias.
-REQUEST_LEVEL = {"nan_or_inf", "precision_loss", "class_imbalance"}
+REQUEST_LEVEL = {"nan_or_inf", "precision_loss", "class_imbalance", "first_nonfinite_batch"}
 
 
 def test_every_code_has_a_trigger_and_a_pinned_severity():
@@ -293,7 +314,7 @@ def test_request_level_diagnostics_are_counted_in_run_totals():
         acc.add({"logits": z, "labels": y})
     acc.add(dict(zip(("logits", "labels"), logits_labels(), strict=True)))  # a clean fourth batch adds nothing
     out = acc.result()
-    assert [(d.code, d.count) for d in out.diagnostics] == [("nan_or_inf", 3)]
+    assert [(d.code, d.count) for d in out.diagnostics] == [("nan_or_inf", 3), ("first_nonfinite_batch", 1)]
     assert out.batches == 4
 
 

@@ -30,7 +30,7 @@ import torch
 
 from lossd.kernels.batch import Batch
 from lossd.kernels.calibration.bins import bin_sums
-from lossd.kernels.evaluate import Prepared
+from lossd.kernels.prepared import Prepared
 
 __all__ = ["SKIP_REASONS", "Calibration", "calibration_counts"]
 

@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 
 from lossd.kernels import Evaluation, State
 from lossd.kernels.batch import Batch
-from lossd.kernels.evaluate import Prepared
+from lossd.kernels.prepared import Prepared
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["EvaluationEvent", "Method", "Subscriber"]

@@ -24,7 +24,7 @@ import torch
 
 from lossd.kernels import Evaluation, State, finalize_states
 from lossd.kernels.batch import Batch
-from lossd.kernels.evaluate import Prepared
+from lossd.kernels.prepared import Prepared
 from lossd.server.monitoring.calibration import Calibration, calibration_counts
 
 __all__ = ["LossSums", "OpenStreams", "RowSummary", "loss_sums", "row_counts", "summarize_batch"]
