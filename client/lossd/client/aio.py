@@ -18,7 +18,7 @@ import grpc
 
 from lossd.client.base import ClientBase
 from lossd.client.channel import EVALUATE_METHOD
-from lossd.client.client import Client
+from lossd.client.client import Client, open_stream
 from lossd.client.core import finalize_request_of, list_request, lossd_errors, payload_of, run_arguments, unary_payload
 from lossd.client.errors import InvalidArgumentError
 from lossd.client.evaluation import EvaluationResult
@@ -147,8 +147,8 @@ class AsyncClient(ClientBase):
         loop = asyncio.get_running_loop()
         blocking = self._blocking_client()
         source = _blocking_iter(batches, loop) if isinstance(batches, AsyncIterable) else batches
-        call, guard = blocking.start_stream(
-            source, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
+        call, guard = open_stream(
+            blocking, source, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
         )
         try:
             return await loop.run_in_executor(None, stream_result, call, guard)

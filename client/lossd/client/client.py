@@ -144,34 +144,10 @@ class Client(ClientBase):
             for batch in batches:
                 run.update(batch)
             return run.result() if return_state else without_states(run.result())
-        call, guard = self.start_stream(
-            batches, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
+        call, guard = open_stream(
+            self, batches, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
         )
         return stream_result(call, guard)
-
-    def start_stream(
-        self,
-        batches: Iterable[Mapping[str, Any]],
-        functions: Functions,
-        *,
-        tags: TagsLike,
-        return_state: bool,
-        timeout: float | None,
-        request_id: str | None,
-        nan_policy: str | None = None,
-    ) -> tuple[grpc.Future, GuardedRequests]:
-        """Start EvaluateStream; gRPC reads ``batches`` (encoding each in turn) on its own thread."""
-        deadline = self.core.deadline(timeout)
-        messages = self.core.stream_messages(
-            batches,
-            functions,
-            tags=tags,
-            return_state=return_state,
-            request_id=request_id,
-            catalogue=self.list_functions,
-            nan_policy=nan_policy,
-        )
-        return start_stream(self._stub.EvaluateStream, messages, deadline)
 
     def finalize(
         self,
@@ -232,3 +208,28 @@ def _evaluate_shared(
                 raise
             client.core.shared_memory_refused(reason)
             return None
+
+
+def open_stream(
+    client: Client,
+    batches: Iterable[Mapping[str, Any]],
+    functions: Functions,
+    *,
+    tags: TagsLike,
+    return_state: bool,
+    timeout: float | None,
+    request_id: str | None,
+    nan_policy: str | None = None,
+) -> tuple[grpc.Future, GuardedRequests]:
+    """Start EvaluateStream on ``client``; gRPC reads ``batches`` (encoding each in turn) on its own thread."""
+    deadline = client.core.deadline(timeout)
+    messages = client.core.stream_messages(
+        batches,
+        functions,
+        tags=tags,
+        return_state=return_state,
+        request_id=request_id,
+        catalogue=client.list_functions,
+        nan_policy=nan_policy,
+    )
+    return start_stream(client._stub.EvaluateStream, messages, deadline)

@@ -113,18 +113,6 @@ class _RunState:
         )
         return with_nan_policy(payload, self.nan_policy)
 
-    def _first_nonfinite(self, diagnostics: Sequence[Diagnostic], request_id: str) -> list[Diagnostic]:
-        """first_nonfinite_batch, once per run: batch ``self._batches`` (from 0), the first whose diagnostics report NaN or inf."""
-        if self._nonfinite_seen:
-            return []
-        for d in diagnostics:
-            if d.code in ("nan_or_inf", "rows_omitted"):
-                self._nonfinite_seen = True
-                where = f" (request id {request_id!r})" if request_id else ""
-                message = f"batch {self._batches}{where} first brought NaN or infinite values: {d.message}"
-                return [Diagnostic("first_nonfinite_batch", "warning", message)]
-        return []
-
     def _keep(self, states: Mapping[str, pb.State], exact: set[str]) -> None:
         """Take a successful update's states: bounded ones replace the run's, exact ones become pieces."""
         for alias, state in states.items():
@@ -148,7 +136,12 @@ class _RunState:
                 f"the server returned no state for {missing}: a function with reduction='none' returns per-element values, "
                 "which a run cannot accumulate; use reduction='mean' or 'sum'"
             )
-        first = self._first_nonfinite(result.diagnostics, result.response.request_id or self._request_id)
+        first = (
+            []
+            if self._nonfinite_seen
+            else first_nonfinite(result.diagnostics, self._batches, result.response.request_id or self._request_id)
+        )
+        self._nonfinite_seen = self._nonfinite_seen or bool(first)
         self._diagnostics = merge_diagnostics(self._diagnostics + result.diagnostics + first)
         self._keep(states, set())
         self._last = self._bounded(result.response)
@@ -170,7 +163,8 @@ class _RunState:
     def _accept_local(self, states: dict[str, pb.State], merged: EvaluationResult | None) -> EvaluationResult:
         """compute="local": the server's merge of the bounded states (None when there are none) and the batch's exact ones."""
         assert self.local is not None
-        first = self._first_nonfinite(self._local_diagnostics, "")
+        first = [] if self._nonfinite_seen else first_nonfinite(self._local_diagnostics, self._batches, "")
+        self._nonfinite_seen = self._nonfinite_seen or bool(first)
         self._diagnostics = merge_diagnostics(self._diagnostics + self._local_diagnostics + first)
         exact = {a: s for a, s in states.items() if a in self.local.exact or a in self._pieces}
         self._keep({**(merged.states() if merged is not None else {}), **exact}, self.local.exact)
@@ -320,3 +314,16 @@ class AsyncRun(_RunState):
         if self._pending():
             raise ValueError("this run holds exact AUROC/AP states in pieces: await run.merge() first, or use named_states()")
         return self._merged_states()
+
+
+def first_nonfinite(diagnostics: Sequence[Diagnostic], batch: int, request_id: str) -> list[Diagnostic]:
+    """first_nonfinite_batch for batch ``batch`` (from 0) when its diagnostics report NaN or inf, else none.
+
+    A run reports it once, for the first such batch."""
+    for d in diagnostics:
+        if d.code in ("nan_or_inf", "rows_omitted"):
+            where = f" (request id {request_id!r})" if request_id else ""
+            return [
+                Diagnostic("first_nonfinite_batch", "warning", f"batch {batch}{where} first brought NaN or infinite values: {d.message}")
+            ]
+    return []

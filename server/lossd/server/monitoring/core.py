@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import prometheus_client
@@ -194,7 +195,7 @@ class Monitoring(Families):
             summary = summarize_batch(event.batch, event.prepared, self.bins)
         else:
             summary = self._streams.finish(event.call)
-        self._export_rows(key, summary)
+        _export_rows(self, key, summary, self.bin_labels)
         calibration = summary.calibration
         self.history.record(
             key,
@@ -222,18 +223,6 @@ class Monitoring(Families):
             guarded[function] = (prior[0] + num, prior[1] + den)
         return guarded
 
-    def _export_rows(self, key: SeriesKey, summary: RowSummary) -> None:
-        calibration = summary.calibration
-        if calibration is not None:
-            for b, upper in enumerate(self.bin_labels):
-                self.cal_predictions.labels(*key, upper).inc(float(calibration.count[b]))
-                self.cal_confidence.labels(*key, upper).inc(float(calibration.confidence[b]))
-                self.cal_correct.labels(*key, upper).inc(float(calibration.correct[b]))
-        for reason, batches in summary.skipped.items():
-            self.cal_skipped.labels(reason).inc(batches)
-        self.rows.labels(*key).inc(summary.rows)
-        self.tokens.labels(*key).inc(summary.tokens)
-
     def _first_sight(self, key: SeriesKey) -> None:
         """Create every per-label-set series at 0, so sums over bins and replicas never miss one."""
         if key in self._seen:
@@ -250,3 +239,17 @@ class Monitoring(Families):
         self.worker.close()
         self.worker.flush_sync(FLUSH_SECONDS)
         self.history.close()
+
+
+def _export_rows(m: Families, key: SeriesKey, summary: RowSummary, bin_labels: Sequence[str]) -> None:
+    """Add one evaluation's rows, tokens and calibration bins to the per-label-set counters."""
+    calibration = summary.calibration
+    if calibration is not None:
+        for b, upper in enumerate(bin_labels):
+            m.cal_predictions.labels(*key, upper).inc(float(calibration.count[b]))
+            m.cal_confidence.labels(*key, upper).inc(float(calibration.confidence[b]))
+            m.cal_correct.labels(*key, upper).inc(float(calibration.correct[b]))
+    for reason, batches in summary.skipped.items():
+        m.cal_skipped.labels(reason).inc(batches)
+    m.rows.labels(*key).inc(summary.rows)
+    m.tokens.labels(*key).inc(summary.tokens)
