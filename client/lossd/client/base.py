@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from lossd.client.settings import ClientSettings
 __all__ = ["ClientBase"]
 
 
-class ClientBase:
+class ClientBase(abc.ABC):
     """A connection's settings, shared by :class:`~lossd.client.Client` and :class:`~lossd.client.AsyncClient`.
 
     ``address`` defaults to ``LOSSD_SERVER`` (then 127.0.0.1:50051).
@@ -70,9 +71,9 @@ class ClientBase:
         )
         self._open()
 
+    @abc.abstractmethod
     def _open(self) -> None:
         """Open the channel of ``self.core`` (each client its own kind)."""
-        raise NotImplementedError
 
     @property
     def address(self) -> str:

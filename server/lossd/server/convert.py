@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,13 +11,14 @@ import numpy as np
 import torch
 from google.protobuf import json_format, struct_pb2
 
-from lossd.client.codec import DTYPE_NAMES, dtype_name, encode_tensor
+from lossd.client.codec import dtype_name, encode_tensor
 from lossd.kernels import CODES, Evaluation, FunctionDef, FunctionSpec, State, get_function
 from lossd.kernels.diagnostics import Diagnostic
 from lossd.kernels.errors import InvalidInput
 from lossd.kernels.params import resolve_params
 from lossd.kernels.state import check_state
 from lossd.server.shared_memory import shared_tensor
+from lossd.server.wire_dtypes import tensor_over, wire_dtype
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = [
@@ -52,29 +52,12 @@ def _check_wire_shape(t: pb.Tensor, field: str) -> None:
         raise InvalidInput.single(field, "expected a shape whose non-zero dimensions multiply to at most 2^37 elements")
 
 
-# Wire dtype -> the numpy dtype its bytes are read as, and the torch dtype of the tensor.
-# bfloat16 is read as uint16 and viewed as torch.bfloat16: numpy has no bfloat16 of its own.
-_WIRE_DTYPES: dict[int, tuple[np.dtype, torch.dtype]] = {
-    pb.FLOAT32: (np.dtype("<f4"), torch.float32),
-    pb.FLOAT16: (np.dtype("<f2"), torch.float16),
-    pb.BFLOAT16: (np.dtype("<u2"), torch.bfloat16),
-    pb.FLOAT64: (np.dtype("<f8"), torch.float64),
-    pb.INT64: (np.dtype("<i8"), torch.int64),
-    pb.INT32: (np.dtype("<i4"), torch.int32),
-    pb.UINT8: (np.dtype("u1"), torch.uint8),
-    pb.BOOL: (np.dtype("?"), torch.bool),
-}
-
-
 def _wire_array(t: pb.Tensor, field: str) -> tuple[np.ndarray, torch.dtype]:
     """A read-only numpy view of a wire tensor's bytes (bfloat16 as uint16), after checking dtype, shape and length.
 
     ``t.data`` is read once: each read of a protobuf bytes field is a fresh copy of it."""
     _check_wire_shape(t, field)
-    wire = _WIRE_DTYPES.get(t.dtype)
-    if wire is None:
-        got = pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype
-        raise InvalidInput.single(field, f"expected a dtype of {', '.join(DTYPE_NAMES)}, got {got}")
+    wire = wire_dtype(t, field)
     shape = tuple(t.shape)
     data = t.data
     expected = math.prod(shape) * wire[0].itemsize
@@ -88,12 +71,7 @@ def _wire_array(t: pb.Tensor, field: str) -> tuple[np.ndarray, torch.dtype]:
 
 def _to_torch(t: pb.Tensor, field: str) -> torch.Tensor:
     """A wire tensor as a torch tensor over the message's bytes: no copy, bfloat16 included."""
-    array, dtype = _wire_array(t, field)
-    with warnings.catch_warnings():
-        # The buffer is read-only (the message's bytes) and nothing writes to request tensors.
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        tensor = torch.from_numpy(array)
-    return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
+    return tensor_over(*_wire_array(t, field))
 
 
 def decode_request_tensors(

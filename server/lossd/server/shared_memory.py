@@ -26,12 +26,12 @@ import mmap
 import os
 import re
 import stat
-import warnings
 
 import numpy as np
 import torch
 
 from lossd.kernels.errors import InvalidInput
+from lossd.server.wire_dtypes import tensor_over, wire_dtype
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["SEGMENT_DIRECTORY", "SEGMENT_NAME", "DISABLED_MESSAGE", "shared_tensor"]
@@ -40,18 +40,6 @@ SEGMENT_DIRECTORY = "/dev/shm"  # where POSIX shm_open puts segments on Linux
 SEGMENT_NAME = re.compile(r"lossd_[A-Za-z0-9_]{1,200}")
 # The client recognizes a refusal by this setting name in the field violation (and falls back to the wire).
 DISABLED_MESSAGE = "shared memory is off on this server; start it with LOSSD_ALLOW_SHARED_MEMORY=true (setting allow_shared_memory)"
-
-# Wire dtype -> the numpy dtype its bytes are read as, and the torch dtype (bfloat16 read as uint16, then viewed).
-_DTYPES: dict[int, tuple[np.dtype, torch.dtype]] = {
-    pb.FLOAT32: (np.dtype("<f4"), torch.float32),
-    pb.FLOAT16: (np.dtype("<f2"), torch.float16),
-    pb.BFLOAT16: (np.dtype("<u2"), torch.bfloat16),
-    pb.FLOAT64: (np.dtype("<f8"), torch.float64),
-    pb.INT64: (np.dtype("<i8"), torch.int64),
-    pb.INT32: (np.dtype("<i4"), torch.int32),
-    pb.UINT8: (np.dtype("u1"), torch.uint8),
-    pb.BOOL: (np.dtype("?"), torch.bool),
-}
 
 
 def _map_read_only(name: str, offset: int, size: int, field: str) -> mmap.mmap:
@@ -83,9 +71,7 @@ def shared_tensor(t: pb.Tensor, field: str, *, allowed: bool) -> torch.Tensor:
         raise InvalidInput.single(f"{field}.data", "expected no data when the tensor lies in shared memory, got bytes")
     if not SEGMENT_NAME.fullmatch(region.name):
         raise InvalidInput.single(f"{where}.name", f"expected 'lossd_' and letters, digits or underscores, got {region.name!r}")
-    wire = _DTYPES.get(t.dtype)
-    if wire is None:
-        raise InvalidInput.single(f"{field}.dtype", f"expected a supported dtype, got {t.dtype}")
+    wire = wire_dtype(t, f"{field}.dtype")
     shape = tuple(t.shape)
     expected = math.prod(shape) * wire[0].itemsize
     if region.byte_size != expected:
@@ -96,7 +82,4 @@ def shared_tensor(t: pb.Tensor, field: str, *, allowed: bool) -> torch.Tensor:
         raise InvalidInput.single(f"{where}.offset", f"expected a multiple of the element size {wire[0].itemsize}, got {region.offset}")
     mapped = _map_read_only(region.name, region.offset, expected, where)
     array = np.frombuffer(mapped, dtype=wire[0], count=math.prod(shape), offset=region.offset).reshape(shape)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only mapping; nothing writes request tensors
-        tensor = torch.from_numpy(array)
-    return tensor.view(wire[1]) if wire[1] == torch.bfloat16 else tensor
+    return tensor_over(array, wire[1])
