@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 import pytest
+from integration.wire_recording import MethodRecorder
 
 from lossd.server.app import RunningServer, create_server
 from lossd.server.monitoring.events import Subscriber
@@ -79,3 +80,12 @@ def server() -> Iterator[ServerThread]:
 @pytest.fixture(scope="session")
 def address(server: ServerThread) -> str:
     return server.address
+
+
+@pytest.fixture(scope="module")
+def recorded() -> Iterator[tuple[ServerThread, MethodRecorder]]:
+    """A server of its own whose LossService calls are recorded, in order, by method."""
+    recorder = MethodRecorder()
+    server = start_server(interceptors=[recorder])
+    yield server, recorder
+    server.stop()

@@ -12,43 +12,20 @@ sees a unary ``Evaluate``, never an ``EvaluateStream`` of parts.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterator
 
-import grpc
 import numpy as np
 import pytest
+from integration.wire_recording import MethodRecorder
 
 from lossd.client import Client
 from lossd.kernels import all_functions
 from tests.helpers import assert_close
-from tests.integration.conftest import ServerThread, start_server
+from tests.integration.conftest import ServerThread
 
 FUNCTIONS = all_functions()
 ROWS = 24  # enough rows for many parts of a tiny chunk, every class present
 CHUNK_BYTES = 64  # a few rows per part
 RTOL = 1e-9  # float64 inputs: the parts change only the order of summation
-
-
-class MethodRecorder(grpc.aio.ServerInterceptor):
-    """Keeps the LossService methods the server is called with, in order."""
-
-    def __init__(self) -> None:
-        self.methods: list[str] = []
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        if details.method.startswith("/lossd.v1.LossService/"):
-            self.methods.append(details.method.rsplit("/", 1)[-1])
-        return await continuation(details)
-
-
-@pytest.fixture(scope="module")
-def recorded() -> Iterator[tuple[ServerThread, MethodRecorder]]:
-    recorder = MethodRecorder()
-    server = start_server(interceptors=[recorder])
-    yield server, recorder
-    server.stop()
 
 
 def _float64(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 
 import grpc
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from integration.conftest import ServerThread, start_server
+from integration.conftest import ServerThread
+from integration.wire_recording import MethodRecorder
 
 from helpers import assert_close, tol
 from lossd.client import (
@@ -284,28 +285,6 @@ def test_async_client(address: str, batch: dict) -> None:
 
 
 # -- the two clients share one core: split decision and families -------------------------------
-
-
-class MethodRecorder(grpc.aio.ServerInterceptor):
-    """Keeps the LossService methods the server is called with, in order."""
-
-    def __init__(self) -> None:
-        self.methods: list[str] = []
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        if details.method.startswith("/lossd.v1.LossService/"):
-            self.methods.append(details.method.rsplit("/", 1)[-1])
-        return await continuation(details)
-
-
-@pytest.fixture(scope="module")
-def recorded() -> Iterator[tuple[ServerThread, MethodRecorder]]:
-    recorder = MethodRecorder()
-    server = start_server(interceptors=[recorder])
-    yield server, recorder
-    server.stop()
 
 
 def embeddings() -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""A server interceptor that records the size of every request message as it arrives (bytes on the wire)."""
+"""Server interceptors for tests: the size of every request message as it arrives (bytes on the wire), and the methods called."""
 
 from __future__ import annotations
 
@@ -34,3 +34,17 @@ class RecordingInterceptor(grpc.aio.ServerInterceptor):
             return parse(data)
 
         return handler._replace(request_deserializer=recording)
+
+
+class MethodRecorder(grpc.aio.ServerInterceptor):
+    """Keeps the LossService methods the server is called with, in order."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        if details.method.startswith("/lossd.v1.LossService/"):
+            self.methods.append(details.method.rsplit("/", 1)[-1])
+        return await continuation(details)
