@@ -98,11 +98,14 @@ def _entropy_terms(view: View, p: Mapping[str, Any]) -> Terms:
     return _terms(h, torch.ones_like(h, dtype=torch.bool))
 
 
+# log_loss and brier read binary truth [N] with logits [N], or class labels with [N, K] scores.
+BINARY_TRUTH = Role("targets", "[N]", "float", "binary truth in [0, 1], with logits [N]", optional=True, one_of="truth")
+
 log_loss = mean_loss(
     name="log_loss",
     family="metric",
     summary="mean negative log-likelihood of the true class (binary: of the target, soft targets allowed)",
-    roles=(LOGITS, LABELS, Role("targets", "[N]", "float", "binary truth in [0, 1], with logits [N]", optional=True, one_of="truth")),
+    roles=(LOGITS, LABELS, BINARY_TRUTH),
     params=(IGNORE_INDEX, INPUT_KIND),
     terms=_log_loss_terms,
     reference="sklearn.metrics.log_loss (which clips probabilities to [eps, 1 − eps]; lossd does not)",
@@ -115,7 +118,7 @@ brier = mean_loss(
     name="brier",
     family="metric",
     summary="Brier score: binary mean (p − y)²; multiclass mean Σ_k (p_k − onehot_k)²",
-    roles=(LOGITS, LABELS, Role("targets", "[N]", "float", "binary truth in [0, 1], with logits [N]", optional=True, one_of="truth")),
+    roles=(LOGITS, LABELS, BINARY_TRUTH),
     params=(IGNORE_INDEX, INPUT_KIND),
     terms=_brier_terms,
     reference="sklearn.metrics.brier_score_loss (binary; multiclass with scale_by_half=False)",
