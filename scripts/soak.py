@@ -14,7 +14,8 @@ EvaluateStream calls of 8 small batches; every answer's value is checked against
 numpy.
 
 Printed: the server's RSS and open file descriptors (/proc/PID/fd) after the
-warm-up and at the end (both measured with no client connected), p50/p99
+warm-up and at the end (both measured with no client connected, after the
+server's idle trim of its heap), RSS samples during the soak (busy), p50/p99
 latency by kind, counts by status code. Exit 1 when RSS grew 5% or more, the
 descriptors grew, or any call ended other than OK or RESOURCE_EXHAUSTED (the
 deliberate refusal); exit 2 when the server did not start. Bounded: every call
@@ -42,10 +43,11 @@ WORKERS = int(os.environ.get("SOAK_WORKERS", "4"))
 THREADS = int(os.environ.get("SOAK_THREADS", "12"))  # callers per worker process during the soak
 RAMP = (1, 2, 4, 8)  # callers per worker process while saturation is measured
 RAMP_STEP_SECONDS = float(os.environ.get("SOAK_RAMP_STEP_SECONDS", "6"))
-# lossd keeps large freed buffers (server/lossd/server/allocator.py): RSS rises to the high-water
-# mark of the largest requests in flight together, then stays. The warm-up reaches that mark; growth
-# after it is what a leak would show.
+# lossd keeps large freed buffers while busy (server/lossd/server/allocator.py) and gives them back
+# when idle; the warm-up fills the caches that do stay (monitoring series, history, gRPC's pools).
+# Growth measured idle after it is what a leak would show.
 WARMUP_SECONDS = float(os.environ.get("SOAK_WARMUP_SECONDS", min(180.0, max(30.0, SOAK_SECONDS / 10))))
+IDLE_TRIM_SECONDS = 3.0  # past the server's 2 s idle delay before it trims the heap
 SAMPLES = 8  # RSS printed this many times during the soak: a plateau or a slope
 MAX_RSS_GROWTH = 0.05
 CALL_TIMEOUT = 60.0
@@ -170,8 +172,13 @@ class Server:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
     def quiet(self, fds_at_most: int | None = None) -> tuple[int, int]:
-        """(RSS, fds) once the clients are gone: sockets take a moment to close on the server's side."""
+        """(RSS, fds) once the clients are gone: sockets take a moment to close on the server's side.
+
+        The server keeps freed message buffers while requests come and gives them
+        back 2 s after the last one (allocator.IdleTrim); the first reading waits
+        past that, so that both readings measure what live objects hold."""
         deadline = time.monotonic() + 10
+        time.sleep(IDLE_TRIM_SECONDS)
         while True:
             time.sleep(1.0)
             rss, fds = self.rss(), self.fds()

@@ -36,6 +36,7 @@ __all__ = [
     "pairwise",
     "ctc_lattice",
     "check_budget",
+    "estimates",
     "MEMORY_SETTING",
     "RESPONSE_SETTING",
 ]
@@ -154,13 +155,18 @@ class Budget(NamedTuple):
 
     def check(self, prepared: Iterable[Any], tensors: Mapping[str, Any]) -> None:
         """Estimate every prepared spec on ``tensors`` (anything with a ``shape``) and refuse the request over the budget."""
-        estimates = []
-        for p in prepared:
-            shapes: dict[str, tuple[int, ...]] = {}
-            for role in p.fdef.roles:
-                shape = getattr(tensors.get(p.inputs.get(role.name, role.name)), "shape", None)
-                if shape is not None:
-                    shapes[role.name] = tuple(int(d) for d in shape)
-            estimate: MemoryFn = p.fdef.memory or chunked
-            estimates.append((p.alias, estimate(shapes, p.params)))
-        check_budget(estimates, max_memory_bytes=self.max_memory_bytes, max_response_bytes=self.max_response_bytes)
+        check_budget(estimates(prepared, tensors), max_memory_bytes=self.max_memory_bytes, max_response_bytes=self.max_response_bytes)
+
+
+def estimates(prepared: Iterable[Any], tensors: Mapping[str, Any]) -> list[tuple[str, Estimate]]:
+    """(alias, Estimate) of every prepared spec on ``tensors`` (anything with a ``shape``: torch, numpy, lossd.v1 Tensor)."""
+    out = []
+    for p in prepared:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for role in p.fdef.roles:
+            shape = getattr(tensors.get(p.inputs.get(role.name, role.name)), "shape", None)
+            if shape is not None:
+                shapes[role.name] = tuple(int(d) for d in shape)
+        estimate: MemoryFn = p.fdef.memory or chunked
+        out.append((p.alias, estimate(shapes, p.params)))
+    return out

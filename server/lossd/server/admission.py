@@ -33,6 +33,7 @@ from typing import TypeVar
 
 from lossd.kernels.cancellation import CancelToken, cancellable
 from lossd.kernels.errors import StateLimitExceeded
+from lossd.server.allocator import IdleTrim
 
 __all__ = ["Admission", "AdmissionLimits", "Lane", "Overloaded"]
 
@@ -59,7 +60,8 @@ class AdmissionLimits:
     large_request_bytes: int = 1 << 20
     compute_threads: int = 2
     retry_after_seconds: float = 1.0
-    inline_request_bytes: int = 0  # work this small (with inline=True) runs on the event loop; 0: never
+    inline_request_bytes: int = 64 << 10  # work this small (with inline=True) runs on the event loop; 0: never
+    inline_memory_bytes: int = 4 << 20  # ... when its functions' memory estimate is at most this (the servicer checks)
 
 
 class Lane:
@@ -105,6 +107,7 @@ class Admission:
         self.small = Lane("compute", limits.compute_threads)
         self.large = Lane("compute-large", limits.compute_threads)
         self.active = 0  # touched on the event loop only
+        self.on_idle: IdleTrim | None = None  # called on the loop when the last call in progress ends
 
     def _refuse(self, what: str, setting: str) -> Overloaded:
         # Jitter spreads the retries of many refused clients over time instead of one burst.
@@ -123,6 +126,8 @@ class Admission:
             yield
         finally:
             self.active -= 1
+            if self.active == 0 and self.on_idle is not None:
+                self.on_idle()
 
     def lane_for(self, nbytes: int) -> Lane:
         """The lane a unit of work of ``nbytes`` request bytes runs on."""
@@ -172,8 +177,15 @@ class Admission:
         """Units of work on a compute thread now, over both lanes."""
         return self.small.running + self.large.running
 
+    def idle(self) -> bool:
+        """No call in progress and nothing on a compute thread."""
+        return self.active == 0 and self.running() == 0
+
     def close(self) -> None:
         """Stop taking work; queued work is dropped, running threads are not waited for."""
+        if self.on_idle is not None:
+            self.on_idle.cancel()
+            self.on_idle = None
         for lane in (self.small, self.large):
             lane.pool.shutdown(wait=False, cancel_futures=True)
 

@@ -11,6 +11,12 @@ the heap and stay there for the next request. The cost is that resident
 memory stays at its high-water mark, bounded by the largest messages
 accepted; ``LOSSD_REUSE_LARGE_BUFFERS=false`` turns it off.
 
+Idle: the buffers are kept while requests keep coming, not forever.
+:class:`IdleTrim` gives every arena's free pages back to the OS
+(``malloc_trim(0)``) once the server has had no request in progress for two
+seconds, so that RSS after a burst returns to what live objects hold (it is
+also what a soak measures: growth that survives a trim is a leak, not a cache).
+
 Threads: each compute thread runs torch ops that torch itself spreads over
 its intra-op threads. Two compute threads with two torch threads each on two
 cores oversubscribe them (the four-function 16 MB case took 94-556 ms against
@@ -20,12 +26,14 @@ torch's threads to the cores it may use divided by the compute threads.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
 import os
+from collections.abc import Callable
 
-__all__ = ["reuse_large_buffers", "available_cores", "torch_threads_for", "set_torch_threads"]
+__all__ = ["reuse_large_buffers", "release_free_memory", "IdleTrim", "available_cores", "torch_threads_for", "set_torch_threads"]
 
 log = logging.getLogger("lossd.server")
 
@@ -33,14 +41,17 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _MAX_THRESHOLD = 1 << 30
 
 
-def reuse_large_buffers(max_message_bytes: int) -> bool:
-    """Tune glibc malloc for messages up to ``max_message_bytes``; False where that is not possible."""
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
+        return ctypes.CDLL(name) if name else None
     except OSError:
-        libc = None
-    mallopt = getattr(libc, "mallopt", None)
+        return None
+
+
+def reuse_large_buffers(max_message_bytes: int) -> bool:
+    """Tune glibc malloc for messages up to ``max_message_bytes``; False where that is not possible."""
+    mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         log.info("not a glibc process: large buffers are returned to the OS after each request")
         return False
@@ -53,6 +64,43 @@ def reuse_large_buffers(max_message_bytes: int) -> bool:
     if not ok:
         log.warning("mallopt refused the buffer-reuse thresholds; large buffers are returned to the OS after each request")
     return ok
+
+
+def release_free_memory() -> bool:
+    """Give the free pages of every malloc arena back to the OS (glibc ``malloc_trim(0)``); False where there is none."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+class IdleTrim:
+    """Called when the last request in progress ends: ``delay`` seconds later, if ``idle()`` still holds, trim the heap.
+
+    Runs on the event loop; the trim itself (it walks the arenas) runs on the
+    loop's default executor. One trim at most is pending at a time.
+    """
+
+    def __init__(self, idle: Callable[[], bool], delay: float = 2.0) -> None:
+        self.idle = idle
+        self.delay = delay
+        self._pending: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().call_later(self.delay, self._fire)
+
+    def _fire(self) -> None:
+        self._pending = None
+        if self.idle():
+            asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+
+    def cancel(self) -> None:
+        """Drop a pending trim (the server is stopping)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
 
 
 def available_cores() -> int:

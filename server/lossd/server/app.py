@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from lossd.kernels import select_device
 from lossd.kernels.budget import Budget
 from lossd.server.admission import Admission, AdmissionLimits
-from lossd.server.allocator import reuse_large_buffers, set_torch_threads
+from lossd.server.allocator import IdleTrim, reuse_large_buffers, set_torch_threads
 from lossd.server.errors import DecodeErrors
 from lossd.server.monitoring.events import Subscriber
 from lossd.server.observability.logging import configure_logging, uvicorn_log_options
@@ -177,11 +177,13 @@ async def create_server(
                 compute_threads=settings.compute_threads,
                 retry_after_seconds=settings.retry_after_seconds,
                 inline_request_bytes=settings.inline_request_bytes,
+                inline_memory_bytes=64 * settings.inline_request_bytes,
             )
         ),
         budget=Budget(settings.max_request_memory_bytes, settings.max_message_bytes),
         subscribers=subscribers,
     )
+    service.admission.on_idle = IdleTrim(service.admission.idle)  # buffers kept through a burst, given back after it
     pb_grpc.add_LossServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]  # generated, untyped
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

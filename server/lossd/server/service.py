@@ -20,8 +20,9 @@ import torch
 
 from lossd.kernels import Accumulator, Evaluation, State, all_functions, evaluate, finalize_states
 from lossd.kernels.batch import Batch
-from lossd.kernels.budget import Budget
+from lossd.kernels.budget import Budget, estimates
 from lossd.kernels.errors import InvalidInput
+from lossd.kernels.evaluate import prepare
 from lossd.kernels.nan_policy import DEFAULT_NAN_POLICY, NAN_POLICIES
 from lossd.server.admission import Admission, AdmissionLimits, deadline_of
 from lossd.server.convert import (
@@ -135,7 +136,7 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
     ) -> T:
         # Decoding, evaluating and encoding run on a compute lane, not on the event loop: health
         # checks, other calls and SIGTERM are answered whatever the load. Only an ``inline`` call
-        # under the admission's inline_request_bytes runs on the loop (its work is shorter than a hop).
+        # under the admission's inline bounds runs on the loop (its work is shorter than the hop).
         deadline = deadline_of(context.time_remaining())
         return await self.admission.run(watch.timed(fn), nbytes=nbytes, deadline=deadline, inline=inline)
 
@@ -168,7 +169,8 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
                     return evaluation, prior, evaluation_to_proto(evaluation, request.request_id)
 
             nbytes = wire_bytes(request.tensors) + sum(wire_bytes(s.fields) for s in request.prior_states.values())
-            evaluation, prior, response = await self._compute(run, nbytes=nbytes, watch=watch, context=context, inline=True)
+            inline = nbytes < self.admission.limits.inline_request_bytes and small_work(request, self.admission.limits.inline_memory_bytes)
+            evaluation, prior, response = await self._compute(run, nbytes=nbytes, watch=watch, context=context, inline=inline)
         response.timing.CopyFrom(watch.timing())
         self._publish(
             EvaluationEvent(
@@ -268,6 +270,22 @@ def _add_stream_message(
         _check_stream_message(message, first, index)
         tensors = decode_request_tensors(message.tensors, device)
     return acc.add(tensors, message.batch_id, request_id=first.request_id)
+
+
+def small_work(request: pb.EvaluateRequest, max_memory_bytes: int) -> bool:
+    """Whether the request's functions declare at most ``max_memory_bytes`` of work on its declared shapes.
+
+    A request of a few KiB can still ask for a large computation (bins × classes,
+    N × N pairs); only work whose memory estimate is small runs on the event loop,
+    where its time is bounded by the memory it touches. Specs that do not parse
+    are refused at once, wherever that happens."""
+    if any(d < 0 for t in request.tensors.values() for d in t.shape):
+        return False  # refused when decoded; a negative dim must not shrink the estimate
+    try:
+        prepared = prepare(specs_from_request(list(request.functions)))
+    except InvalidInput:
+        return True
+    return sum(e.memory for _, e in estimates(prepared, request.tensors)) <= max_memory_bytes
 
 
 def nan_policy_of(request: pb.EvaluateRequest) -> str:

@@ -59,10 +59,10 @@ class Settings(BaseSettings):
     max_queued_bytes: int = Field(1 << 30, gt=0, description="request bytes waiting for a compute thread, per lane")
     large_request_bytes: int = Field(1 << 20, gt=0, description="requests this large or larger run on their own compute threads")
     inline_request_bytes: int = Field(
-        0,
+        64 << 10,
         ge=0,
-        description="Evaluate requests smaller than this run on the event loop instead of a compute thread; 0 (default): never"
-        " (on 2 cores it measured no faster: the thread lets gRPC work overlap compute)",
+        description="Evaluate requests smaller than this, whose functions' memory estimate is at most 64 times it, run on the"
+        " event loop instead of a compute thread (the hop costs more than their work); 0: never",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads of lossd serve; default: available cores // compute_threads (at least 1)"

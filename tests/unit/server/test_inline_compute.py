@@ -1,4 +1,4 @@
-"""Small Evaluate work runs on the event loop; the rest, and anything not marked inline, on a compute thread."""
+"""Small Evaluate work (by bytes and by memory estimate) runs on the event loop; the rest, and anything not marked inline, on a compute thread."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import threading
 import time
 
 import pytest
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
 
 from lossd.kernels.cancellation import DeadlineExceeded, check_cancelled
 from lossd.server.admission import Admission, AdmissionLimits
 from lossd.server.allocator import torch_threads_for
+from lossd.server.service import small_work
+from lossd.v1 import lossd_pb2 as pb
 
 
 def where(admission: Admission, *, nbytes: int, inline: bool) -> str:
@@ -83,3 +87,22 @@ def test_set_torch_threads_in_a_fresh_process() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     n, actual, cores = map(int, out)
     assert n == actual == max(1, cores // 2)
+
+
+def _request(functions: list[pb.FunctionSpec], rows: int, classes: int) -> pb.EvaluateRequest:
+    request = pb.EvaluateRequest(functions=functions)
+    request.tensors["logits"].CopyFrom(pb.Tensor(dtype=pb.FLOAT32, shape=[rows, classes], data=bytes(4 * rows * classes)))
+    request.tensors["labels"].CopyFrom(pb.Tensor(dtype=pb.INT64, shape=[rows], data=bytes(8 * rows)))
+    return request
+
+
+def test_only_work_with_a_small_memory_estimate_counts_as_small() -> None:
+    limit = 4 << 20
+    assert small_work(_request([pb.FunctionSpec(name="cross_entropy")], 64, 10), limit)
+    # 4 KiB of logits, but 1,000 classes x 1,000 bins of classwise calibration: a compute thread's work
+    classwise = pb.FunctionSpec(name="ece", params=json_format.ParseDict({"scope": "classwise", "n_bins": 1000}, Struct()))
+    assert not small_work(_request([classwise], 1, 1000), limit)
+    negative = _request([pb.FunctionSpec(name="cross_entropy")], 64, 10)
+    negative.tensors["logits"].shape[:] = [-64, 10]
+    assert not small_work(negative, limit)  # refused when decoded, never estimated smaller than it is
+    assert small_work(_request([pb.FunctionSpec(name="no_such_function")], 64, 10), limit)  # refused at once
