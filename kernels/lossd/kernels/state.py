@@ -258,9 +258,14 @@ def _check_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str, Mer
             raise InvalidInput.single(f"{path}.fields.bins", f"expected shape {want} with n_bins={n_bins}, got {list(b.shape)}")
     if "histogram" in fields and (fields["histogram"].ndim != 2 or fields["histogram"].shape[-1] != 3):
         raise InvalidInput.single(f"{path}.fields.histogram", f"expected shape [H, 3], got {list(fields['histogram'].shape)}")
+    for name in ("bins", "histogram"):  # (n, Σ confidence, Σ correct) per bin: n counts rows, NaN inputs or not
+        if name in fields and not bool(torch.isfinite(fields[name][..., 0]).all()):
+            raise InvalidInput.single(f"{path}.fields.{name}", "expected finite counts n in [..., 0] of (n, Σ confidence, Σ correct)")
     grid = params.get("grid_points")
     if isinstance(grid, int):
         _expect_shape(fields, "nll", (grid,), path, f"grid_points={grid}")
+    elif "nll" in fields:
+        _expect_shape(fields, "nll", (), path, "a sum over tokens")
     top_k = params.get("top_k")
     if "routed" in fields and isinstance(top_k, int):
         r = fields["routed"]
