@@ -100,7 +100,8 @@ def calibration_bins(shapes: Shapes, params: Mapping[str, Any]) -> Estimate:
 
 def moe_routing(shapes: Shapes, params: Mapping[str, Any]) -> Estimate:
     """top_k × E routing counts, their bincount and conversions; the state holds them."""
-    experts = shapes.get("router_logits", (1,))[-1]
+    router = shapes.get("router_logits", ())
+    experts = router[-1] if router else 1  # a 0-dim tensor is refused when its view is built, after this estimate
     cells = int(params.get("top_k", 2)) * experts
     return Estimate(chunked(shapes, params).memory + 112 * cells)
 
