@@ -58,8 +58,15 @@ def test_helm_lint_is_clean() -> None:
 
 @pytest.mark.parametrize(
     "values",
-    [None, PLAIN, MUTUAL_TLS, {"gpu": {"enabled": True}}, {"autoscaling": {"enabled": False, "cpuUtilization": None}}],
-    ids=["default", "plain", "mutual-tls", "gpu", "no-autoscaling"],
+    [
+        None,
+        PLAIN,
+        MUTUAL_TLS,
+        {"gpu": {"enabled": True}},
+        {"autoscaling": {"enabled": False, "cpuUtilization": None}},
+        {"dashboard": {"prometheusUrl": "http://prometheus-operated.monitoring.svc:9090"}},
+    ],
+    ids=["default", "plain", "mutual-tls", "gpu", "no-autoscaling", "fleet-dashboard"],
 )
 def test_rendered_manifests_match_the_kubernetes_schemas(values: dict[str, Any] | None) -> None:
     objects = _render(values)
@@ -135,6 +142,19 @@ def test_values_schema_refuses_misspelt_and_mistyped_values() -> None:
     with pytest.raises(helm.HelmError, match="'DRAIN' does not match"):
         _render({"extraEnv": {"DRAIN": "1"}})  # not a LOSSD_* setting
     assert _env(_render({"extraEnv": {"LOSSD_LABEL_MAX_VALUES": 50}}))["LOSSD_LABEL_MAX_VALUES"] == "50"
+
+
+def test_dashboard_draws_the_fleet_from_prometheus_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lossd.server.settings import Settings
+
+    url = "http://prometheus-operated.monitoring.svc:9090"
+    env = _env(_render({"dashboard": {"prometheusUrl": url}}))
+    assert env["LOSSD_PROMETHEUS_URL"] == url
+    monkeypatch.setenv("LOSSD_PROMETHEUS_URL", env["LOSSD_PROMETHEUS_URL"])
+    assert Settings(device="cpu").prometheus_url == url, "the chart's variable is the server's prometheus_url setting"
+    assert "LOSSD_PROMETHEUS_URL" not in _env(_render()), "default: each pod's embedded in-memory history"
+    with pytest.raises(helm.HelmError, match="/dashboard/prometheusUrl"):
+        _render({"dashboard": {"prometheusUrl": "prometheus:9090"}})  # no scheme: httpx could not query it
 
 
 def test_gpu_values_request_a_gpu_and_the_cuda_image() -> None:
