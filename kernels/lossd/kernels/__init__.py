@@ -7,6 +7,8 @@ In-process use gives bit-for-bit the numbers the lossd service returns::
     out["cross_entropy"].value
 """
 
+from importlib.metadata import version as _version
+
 from lossd.kernels.declarations import FunctionDef
 from lossd.kernels.device import select_device
 from lossd.kernels.diagnostics import CODES, Diagnostic
@@ -43,5 +45,8 @@ __all__ = [
     "finalize_states",
     "get_function",
     "select_device",
+    "__version__",
     "to_torch",
 ]
+
+__version__: str = _version("lossd-kernels")  # the installed distribution's, as lossd.client.__version__

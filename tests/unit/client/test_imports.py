@@ -32,9 +32,13 @@ def test_the_lossd_command_parses_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_one_version_attribute() -> None:
+def test_one_version_attribute_per_package() -> None:
     from importlib.metadata import version
 
     import lossd.client
+    import lossd.kernels
+    import lossd.server
 
     assert lossd.client.__version__ == version("lossd-client")
+    assert lossd.kernels.__version__ == version("lossd-kernels")
+    assert lossd.server.__version__ == version("lossd-server")
