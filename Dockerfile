@@ -65,12 +65,13 @@ ENV PATH=/opt/lossd/bin:$PATH \
     LOSSD_HOST=0.0.0.0 \
     LOSSD_GRPC_PORT=50051 \
     LOSSD_HTTP_PORT=8000 \
-    LOSSD_DEVICE=auto
+    LOSSD_DEVICE=auto \
+    LOSSD_DATA_DIR=/var/lib/lossd/data
 # A numeric non-root user whose primary group is root (gid 0) and whose writable directory is
 # group-writable: the image also runs under an arbitrary UID (OpenShift's restricted policy
 # assigns one, always with gid 0).
 RUN useradd --system --uid 10001 --gid 0 --home-dir /var/lib/lossd --create-home --shell /usr/sbin/nologin lossd \
-    && mkdir -p /var/lib/lossd/.cache \
+    && mkdir -p /var/lib/lossd/.cache /var/lib/lossd/data \
     && chgrp -R 0 /var/lib/lossd \
     && chmod -R g=u /var/lib/lossd
 COPY --from=build /opt/lossd /opt/lossd
