@@ -51,6 +51,9 @@ class Batch:
     _top1: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     _checked_finite: set[str] = field(default_factory=set)
     _judged_balance: set[str] = field(default_factory=set)  # label tensors already judged for class_imbalance
+    # (labels tensor, K, ignore_index) -> labels checked by classification.class_labels, shared by
+    # every function reading them: (int64 labels with ignored ones set to 0, valid mask, ignored count).
+    checked_labels: dict[tuple[str, int, int | None], tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
 
     def row_stats(self, tensor_name: str, class_dim: int, *, with_entropy: bool = False) -> RowStats:
         """The row statistics of a tensor over ``class_dim``, computed on first use and memoized."""

@@ -14,7 +14,15 @@ import torch
 
 from lossd.kernels.cancellation import check_cancelled
 
-__all__ = ["CHUNK_ELEMENTS", "CACHE_BLOCK_ELEMENTS", "iter_class_last_chunks", "iter_row_chunks", "cache_blocks", "row_count"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "CACHE_BLOCK_ELEMENTS",
+    "iter_class_last_chunks",
+    "iter_row_chunks",
+    "cache_blocks",
+    "only_block",
+    "row_count",
+]
 
 # Rows are processed in chunks of about this many elements (64 MiB of float32)
 # so that no intermediate of the size of the whole logits tensor is ever made.
@@ -54,6 +62,11 @@ def iter_row_chunks(x: torch.Tensor, class_dim: int) -> Iterator[tuple[int, torc
     layouts copy one block at a time, never the whole tensor."""
     k = x.shape[class_dim]
     budget = max(1, CHUNK_ELEMENTS // max(1, k))  # rows per block
+    if x.ndim == 2 and class_dim == 1 and x.shape[0] <= budget:
+        # [N, K] of one chunk, the common small request: the block is x itself (no view ops to pay).
+        check_cancelled()
+        yield 0, x
+        return
     yield from _row_blocks(x.movedim(class_dim, -1), budget, 0)
 
 
@@ -91,6 +104,21 @@ def cache_blocks(x: torch.Tensor, class_dim: int) -> Iterator[tuple[int, torch.T
             continue
         for start in range(0, z.shape[0], step):
             yield row + start, z[start : start + step]
+
+
+def only_block(x: torch.Tensor, class_dim: int) -> torch.Tensor | None:
+    """``x`` itself when :func:`cache_blocks` would yield it as its only block (an [N, K] tensor that fits one), else None.
+
+    A pass over such a tensor needs no block loop and no output buffer to
+    copy each block's rows into: the ops a small request would pay for
+    nothing.  Like the block loops, it checks for cancellation first."""
+    if x.ndim != 2 or class_dim != 1:
+        return None
+    limit = CACHE_BLOCK_ELEMENTS if x.device.type == "cpu" else CHUNK_ELEMENTS  # cache blocks are smaller than chunks
+    if x.shape[0] > max(1, limit // max(1, x.shape[1])):
+        return None
+    check_cancelled()
+    return x
 
 
 def row_count(x: torch.Tensor, class_dim: int) -> int:

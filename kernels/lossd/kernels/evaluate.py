@@ -199,15 +199,23 @@ def _diagnostics_on_error(batch: Batch) -> Iterator[None]:
         raise
 
 
-def _update(p: Prepared, batch: Batch) -> State:
+def _update_fields(p: Prepared, batch: Batch) -> dict[str, torch.Tensor]:
+    """The function's state fields for one batch, detached, on the CPU."""
     with function_span("update", p.fdef.name, p.alias):
         view = p.fdef.view(batch, p.index, p.alias, p.inputs)
         fields = p.fdef.update(view, p.params)
     missing = set(p.fdef.fields) - set(fields)
     if missing:  # a programming error in a function, never the caller's
         raise RuntimeError(f"{p.fdef.name}.update returned no field(s) {sorted(missing)}")
-    cpu = {k: v.detach().to("cpu") for k, v in fields.items()}
-    return State(p.fdef.name, p.fdef.state_version, p.state_params, cpu)
+    return {k: v.detach() if v.device.type == "cpu" else v.detach().to("cpu") for k, v in fields.items()}
+
+
+def _state(p: Prepared, fields: dict[str, torch.Tensor]) -> State:
+    return State(p.fdef.name, p.fdef.state_version, p.state_params, fields)
+
+
+def _update(p: Prepared, batch: Batch) -> State:
+    return _state(p, _update_fields(p, batch))
 
 
 def evaluate(
@@ -253,13 +261,19 @@ def evaluate(
                     p.alias, p.fdef.name, {}, {"value": values.detach().to("cpu", torch.float64).numpy()}, None, "elements", None
                 )
                 continue
-            state = _update(p, batch_of[p.index])
+            fields = _update_fields(p, batch_of[p.index])
+            # A State (and its canonical parameter text, a JSON encoding) only when one is
+            # merged or returned: a plain evaluation finalizes the fields themselves.
+            state = None
             if prior_states and p.alias in prior_states:
                 state = merge_fields(
-                    prior_states[p.alias], state, p.fdef.fields, concat_limit=exact_state_limit, path=f"prior_states.{p.alias}"
+                    prior_states[p.alias], _state(p, fields), p.fdef.fields, concat_limit=exact_state_limit, path=f"prior_states.{p.alias}"
                 )
+                fields = state.fields
                 batches = max(batches, state.batches)
-            result = _result_of(p, state.fields, batch.diagnostics)
+            elif return_state:
+                state = _state(p, fields)
+            result = _result_of(p, fields, batch.diagnostics)
             results[p.alias] = _function_result(p, result, state if return_state else None)
     if prior_states:
         unknown = set(prior_states) - set(results)

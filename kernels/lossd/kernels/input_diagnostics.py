@@ -45,21 +45,24 @@ def count_nonfinite(t: torch.Tensor) -> tuple[int, bool]:
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     if not t.is_contiguous():  # rare (a strided view): check it whole
         return int((~torch.isfinite(t)).sum()), half and bool((t.abs() >= 65504).any())
-    flat = t.reshape(-1)
+    # A tensor of one chunk is its own block: no reshape or slice (each an op of its own, which small requests pay).
+    flat = t if t.numel() <= chunks.CHUNK_ELEMENTS else t.reshape(-1)
     bad, at_limit = 0, False
     for start in range(0, flat.numel(), chunks.CHUNK_ELEMENTS):
-        block = flat[start : start + chunks.CHUNK_ELEMENTS]
+        block = flat if flat is t else flat[start : start + chunks.CHUNK_ELEMENTS]
         # Fast path: a finite sum, or a finite min and max, proves every element finite
         # (NaN and inf propagate); otherwise (possibly mere overflow of the sum) count exactly.
         if block.element_size() == 2:
             # 16-bit floats: aminmax reads them as they are, where sum(dtype=float32) casts the
             # block first (measured: 15x slower); the max and min also give the float16 limit.
             low, high = torch.aminmax(block)
-            finite = bool(torch.isfinite(low) & torch.isfinite(high))
+            # Scalars judged in Python: torch.isfinite on a 0-d tensor is four ops of its own.
+            lowest, highest = float(low), float(high)
+            finite = math.isfinite(lowest) and math.isfinite(highest)
             if half and not at_limit:
-                at_limit = bool((high >= 65504) | (low <= -65504))
+                at_limit = highest >= 65504 or lowest <= -65504
         else:
-            finite = bool(torch.isfinite(block.sum(dtype=acc)))
+            finite = math.isfinite(float(block.sum(dtype=acc)))
         if not finite:
             bad += int((~torch.isfinite(block)).sum())
     return bad, at_limit
@@ -91,8 +94,11 @@ def diagnose_score_kind(batch: Batch, name: str, t: torch.Tensor, stats: RowStat
         return
     if t.shape[class_dim] < 2:
         return
+    # Both kinds need every row's max below a bound: one reduction answers both (a NaN row max gives a NaN peak,
+    # which passes neither bound, as (max <= bound).all() is False for it).
+    peak = float(stats.max.amax())
     if (
-        bool((stats.max <= 1).all())
+        peak <= 1
         and _lse_allows_probabilities(stats.lse, t.shape[class_dim])
         and bool(((stats.sum - 1).abs() < 1e-3).all())
         and bool(t.amin() >= 0)  # a NaN gives NaN here, hence False, as (t >= 0).all() does
@@ -103,7 +109,7 @@ def diagnose_score_kind(batch: Batch, name: str, t: torch.Tensor, stats: RowStat
             "read as logits; pass input_kind='probs' if they are",
             function=function,
         )
-    elif bool((stats.max <= 0).all()) and bool((stats.lse.abs() < 1e-3).all()):
+    elif peak <= 0 and bool((stats.lse.abs() < 1e-3).all()):
         batch.diagnostics.add(
             "log_probs_as_logits",
             f"every row of {name!r} is a normalized log-distribution; results are unaffected for "
@@ -121,6 +127,8 @@ def diagnose_class_imbalance(batch: Batch, name: str, labels: torch.Tensor, vali
     if k > IMBALANCE_MAX_CLASSES or name in batch._judged_balance:
         return
     batch._judged_balance.add(name)
+    if labels.numel() < IMBALANCE_MIN_LABELS:  # fewer valid labels still: judged without selecting them
+        return
     labels = labels[valid]
     n = labels.numel()
     if n < IMBALANCE_MIN_LABELS:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from lossd.kernels.chunks import cache_blocks, iter_row_chunks, row_count
+from lossd.kernels.chunks import cache_blocks, iter_row_chunks, only_block, row_count
 from lossd.kernels.dtypes import compute_dtype
 
 __all__ = ["RowStats", "row_statistics", "row_entropy", "top1_confidence"]
@@ -90,6 +90,9 @@ def _row_reduce(source: tuple[torch.Tensor, int], reduce: Callable[[torch.Tensor
     """reduce(block [m, K] in the compute dtype) -> [m], over every row of the source, flat."""
     x, class_dim = source
     compute = compute_dtype(x.dtype)
+    whole = only_block(x, class_dim)
+    if whole is not None:
+        return reduce(whole.to(compute)).to(dtype)
     out = torch.empty(row_count(x, class_dim), dtype=dtype, device=x.device)
     for row, z in cache_blocks(x, class_dim):
         out[row : row + z.shape[0]] = reduce(z.to(compute))  # argmax of bf16 is 4x slower than of its fp32 copy
@@ -142,6 +145,10 @@ def row_entropy(x: torch.Tensor, class_dim: int) -> torch.Tensor:
 
     For an entropy asked for after the shared statistics were made; a pass of
     its own, as precise as the one :func:`row_statistics` makes on request."""
+    whole = only_block(x, class_dim)
+    if whole is not None:
+        z = whole.to(compute_dtype(x.dtype))
+        return _block_entropy(z, _block_logsumexp(z))
     out = torch.empty(row_count(x, class_dim), dtype=compute_dtype(x.dtype), device=x.device)
     for row, z in cache_blocks(x, class_dim):
         z = z.to(out.dtype)
@@ -165,6 +172,12 @@ def row_statistics(x: torch.Tensor, class_dim: int, with_entropy: bool) -> RowSt
             stats.entropy = row_entropy(x, class_dim)
         return stats
     dtype = compute_dtype(x.dtype)
+    whole = only_block(x, class_dim)
+    if whole is not None:  # one block: its results are the statistics, no buffers to copy them into
+        z = whole.to(dtype)
+        block = _block_logsumexp(z)
+        entropy = _block_entropy(z, block) if with_entropy else None
+        return RowStats(block.lse, block.max, entropy=entropy, source=(x, class_dim))
     out_shape = x.shape[:class_dim] + x.shape[class_dim + 1 :]
     rows = math.prod(out_shape)
     lse = torch.empty(rows, dtype=dtype, device=x.device)
@@ -204,10 +217,17 @@ def top1_confidence(x: torch.Tensor, class_dim: int) -> torch.Tensor:
     The sum runs in the compute dtype, one pass as cheap as the logsumexp.
     :class:`lossd.kernels.batch.Batch` memoizes it: the ECE family and monitoring share one pass."""
     precision = compute_dtype(x.dtype)
+    whole = only_block(x, class_dim)
+    if whole is not None:  # one block: no buffer to copy its rows into
+        return _block_top1_confidence(whole.to(precision))
     out = torch.empty(row_count(x, class_dim), dtype=torch.float64, device=x.device)
     for first, rows in iter_row_chunks(x, class_dim):
-        z = rows.to(precision)
-        peak = z.amax(dim=1, keepdim=True)
-        total = torch.exp(z - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))).sum(dim=1)
-        out[first : first + rows.shape[0]] = 1.0 / total.to(torch.float64)
+        out[first : first + rows.shape[0]] = _block_top1_confidence(rows.to(precision))
     return out.reshape(x.shape[:class_dim] + x.shape[class_dim + 1 :])
+
+
+def _block_top1_confidence(z: torch.Tensor) -> torch.Tensor:
+    """1 / Σ_k exp(z_k − max) per row of a block [m, K] in its compute dtype, as float64 [m]."""
+    peak = z.amax(dim=1, keepdim=True)
+    total = torch.exp(z - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))).sum(dim=1)
+    return 1.0 / total.to(torch.float64)

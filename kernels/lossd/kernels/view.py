@@ -152,6 +152,18 @@ class View(RoleTensors):
 
     def check_labels(self, role: str, labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> torch.Tensor:
         """Refuse labels outside [0, K) that are not ``ignore_index``; return the valid mask."""
+        return self.label_mask(role, labels, num_classes, ignore_index)[0]
+
+    def label_mask(self, role: str, labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> tuple[torch.Tensor, bool]:
+        """(valid mask, whether every label is valid), as :meth:`check_labels` checks them."""
+        if labels.numel():
+            # One reduction proves the common case, every label in [0, K), where the masks
+            # below cost seven ops, which a small request pays in full.
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low >= 0 and high < num_classes:
+                if ignore_index is None or not low <= ignore_index <= high:
+                    return torch.ones_like(labels, dtype=torch.bool), True
+                return labels != ignore_index, False
         valid = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
         bad = valid & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
@@ -167,7 +179,7 @@ class View(RoleTensors):
                 f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; got {value} at flat index {first} "
                 f"({int(bad.sum())} out-of-range labels in all)",
             )
-        return valid
+        return valid, False
 
     def binary_targets(self, role: str) -> torch.Tensor:
         """Targets in [0, 1] as floats (soft targets allowed); anything outside is refused."""

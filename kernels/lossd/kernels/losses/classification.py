@@ -67,19 +67,31 @@ def check_logits(view: View, role: str = "logits") -> torch.Tensor:
 
 
 def class_labels(view: View, z: torch.Tensor, ignore_index: int | None, role: str = "labels") -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels checked against logits [N, K, d...]: (int64 labels with ignored set to 0, valid mask)."""
-    y = view.index_labels(role)
+    """Labels checked against logits [N, K, d...]: (int64 labels with ignored set to 0, valid mask).
+
+    Checked once per request for each labels tensor, K and ignore_index (the
+    batch memo): cross-entropy, accuracy and ECE of the same labels share it."""
+    k = z.shape[1]
+    key = (view.tensor_name(role), k, ignore_index)
+    checked = view.batch.checked_labels.get(key)
+    y = view.index_labels(role) if checked is None else checked[0]
     expected = z.shape[:1] + z.shape[2:]
     if tuple(y.shape) != tuple(expected):
         raise view.error(role, f"expected shape {list(expected)} (logits {list(z.shape)} without the class dim 1), got {list(y.shape)}")
-    valid = view.check_labels(role, y, z.shape[1], ignore_index)
-    view.diagnose_class_imbalance(role, y, valid, z.shape[1])
-    ignored = int((~valid).sum())
+    if checked is None:
+        valid, all_valid = view.label_mask(role, y, k, ignore_index)
+        view.diagnose_class_imbalance(role, y, valid, k)
+        if all_valid:  # nothing to count or zero: the labels as they are
+            checked = (y, valid, 0)
+        else:
+            checked = (torch.where(valid, y, torch.zeros_like(y)), valid, int((~valid).sum()))
+        view.batch.checked_labels[key] = checked
+    y, valid, ignored = checked
     if ignored and valid.numel() and ignored / valid.numel() > 0.5 and ignored < valid.numel():
         view.diag(
             "ignored_fraction", f"{ignored} of {valid.numel()} labels ({ignored / valid.numel():.0%}) equal ignore_index={ignore_index}"
         )
-    return torch.where(valid, y, torch.zeros_like(y)), valid
+    return y, valid
 
 
 def class_weight_vector(view: View, p: Mapping[str, Any], k: int, dtype: torch.dtype, name: str = "weight") -> torch.Tensor | None:
