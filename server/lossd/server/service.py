@@ -172,10 +172,9 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
             inline = nbytes < self.admission.limits.inline_request_bytes and small_work(request, self.admission.limits.inline_memory_bytes)
             evaluation, prior, response = await self._compute(run, nbytes=nbytes, watch=watch, context=context, inline=inline)
         response.timing.CopyFrom(watch.timing())
+        batch, prepared = evaluation.batch, evaluation.prepared
         self._publish(
-            EvaluationEvent(
-                "Evaluate", next(self._calls), request.tags, evaluation, evaluation.batch, evaluation.prepared, prior, phases=watch.phases()
-            )
+            EvaluationEvent("Evaluate", next(self._calls), request.tags, evaluation, batch, prepared, prior, phases=watch.phases())
         )
         return response
 
