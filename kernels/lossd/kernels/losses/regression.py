@@ -268,7 +268,15 @@ gaussian_nll = mean_loss(
     summary="½(log max(σ², eps) + r²/max(σ², eps)) (+ ½log 2π when full)",
     roles=(PREDICTIONS, TARGETS, VARIANCE),
     params=(
-        Param("eps", "float", 1e-6, "floor on the variance (torch clamps the variance to eps)", minimum=0.0, exclusive_minimum=True),
+        Param(
+            "eps",
+            "float",
+            1e-6,
+            "floor on the variance (torch clamps the variance to eps); at most 1e30, which float32 variances can hold",
+            minimum=0.0,
+            exclusive_minimum=True,
+            maximum=1e30,
+        ),
         Param("full", "bool", False, "add the constant ½log 2π"),
     ),
     terms=_gaussian_nll_terms,
