@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-IDLE = ("_queue_SimpleQueue_get", "select_epoll_poll", "epoll_wait", "pthread_cond_timedwait", "sem_wait")
+IDLE = ("_queue_SimpleQueue_get", "select_epoll_poll", "epoll_wait", "pthread_cond_timedwait", "sem_wait", "PyThread_acquire_lock_timed")
 PHASES: list[tuple[str, tuple[str, ...]]] = [
     ("decode", ("decode_request_tensors", "decode_tensor", "to_torch")),
     ("encode", ("evaluation_to_proto", "SerializeToString", "upb_Encode", "_upb_Encode")),

@@ -204,7 +204,8 @@ class FlakyService(pb_grpc.LossServiceServicer):
         with self.lock:
             self.calls += 1
             fail = self.calls <= self.failures
-        if fail:
+        if fail:  # marked retryable: an unmarked UNAVAILABLE may come from a handler that did the work
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", "0"),))
             context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
         return pb.EvaluateResponse(
             results=[pb.FunctionResult(alias="x", function="x", values={"value": 1.0})], request_id=request.request_id

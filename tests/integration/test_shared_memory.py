@@ -62,7 +62,7 @@ def test_shared_memory_gives_the_wire_values_and_sends_only_names(shared: tuple[
         assert values(out) == values(wire.evaluate(data, FUNCTIONS))
     expected = float(F.cross_entropy(torch.from_numpy(data["logits"]).double(), torch.from_numpy(data["labels"])))
     assert out["cross_entropy"].value == pytest.approx(expected, rel=1e-6)
-    assert segments_of(os.getpid()) == []  # unlinked after the response
+    assert segments_of(os.getpid()) == []  # close() unlinks the client's pooled segments
 
 
 def test_async_client_uses_shared_memory(shared: tuple[ServerThread, RecordingInterceptor]) -> None:
@@ -183,6 +183,7 @@ def wait_for(condition: object, seconds: float = 20.0) -> None:
 def test_client_unlinks_when_the_server_dies_mid_request() -> None:
     server = SilentServer()
     errors: list[BaseException] = []
+    left_after_the_error: list[list[str]] = []
 
     def call() -> None:
         with Client(server.address, shared_memory=True, timeout=30, attempts=1) as client:
@@ -190,6 +191,7 @@ def test_client_unlinks_when_the_server_dies_mid_request() -> None:
                 client.evaluate(batch(rows=256), "cross_entropy")
             except LossdError as exc:
                 errors.append(exc)
+                left_after_the_error.append(segments_of(os.getpid()))  # the failed call's segment, not pooled
 
     worker = threading.Thread(target=call)
     worker.start()
@@ -197,6 +199,7 @@ def test_client_unlinks_when_the_server_dies_mid_request() -> None:
     server.die()
     worker.join(30)
     assert errors and not worker.is_alive()
+    assert left_after_the_error == [[]]
     assert segments_of(os.getpid()) == []
 
 

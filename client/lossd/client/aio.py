@@ -19,14 +19,14 @@ import grpc
 from lossd.client.base import ClientBase
 from lossd.client.channel import EVALUATE_METHOD
 from lossd.client.client import Client, open_stream
-from lossd.client.core import finalize_request_of, list_request, lossd_errors, payload_of, run_arguments, unary_payload
+from lossd.client.core import finalize_request_of, list_request, payload_of, run_arguments, unary_payload
 from lossd.client.errors import InvalidArgumentError
 from lossd.client.evaluation import EvaluationResult
-from lossd.client.local import check_compute, without_states
+from lossd.client.local import check_compute
 from lossd.client.messages import Functions, StatesLike, TagsLike, nan_policy_value, new_request_id, with_nan_policy
-from lossd.client.run import AsyncRun
+from lossd.client.retries import call_retrying_async
+from lossd.client.run import AsyncRun, local_stream_async
 from lossd.client.shared_memory import SharedBatch, refusal_reason
-from lossd.client.streams import stream_result
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
@@ -74,6 +74,7 @@ class AsyncClient(ClientBase):
     async def close(self) -> None:
         """Close the channel (and the blocking one streams use)."""
         await self._channel.close()
+        self.core.segments.close()
         if self._blocking is not None:
             self._blocking.close()
 
@@ -92,7 +93,7 @@ class AsyncClient(ClientBase):
         nan_policy_value(nan_policy)  # a bad name fails here, before anything is sent
         arrays, specs = self.core.prepare(tensors, functions)
         if self.core.uses_shared_memory(arrays):
-            with SharedBatch(arrays) as segment:  # unlinked when the call ends, whatever happened
+            with SharedBatch(arrays, self.core.segments) as segment:  # pooled again (unlinked if it failed) when the call ends
                 payload = segment.request(specs, tags=tags, return_state=return_state, request_id=request_id or new_request_id())
                 payload = with_nan_policy(payload, nan_policy)
                 try:
@@ -114,8 +115,8 @@ class AsyncClient(ClientBase):
     async def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult:
         """Send a request built by hand (e.g. with ``prior_states``), as a message or already serialized."""
         payload, deadline = payload_of(request), self.core.deadline(timeout)
-        with lossd_errors():
-            return EvaluationResult(await self._evaluate_bytes(payload, timeout=deadline))
+        response = await call_retrying_async(lambda left: self._evaluate_bytes(payload, timeout=left), self.core.attempts, deadline)
+        return EvaluationResult(response)
 
     async def evaluate_stream(
         self,
@@ -141,19 +142,18 @@ class AsyncClient(ClientBase):
         INVALID_ARGUMENT with its field violations is part of this API.
         """
         if check_compute(compute) == "local":
-            if nan_policy is not None:
-                raise ValueError("nan_policy with compute='local' streams: use run(..., compute='local', nan_policy=...)")
-            return await _local_stream(self, batches, functions, tags=tags, return_state=return_state, timeout=timeout)
+            run = self.run(functions, tags=tags, timeout=timeout, compute="local", nan_policy=nan_policy)
+            return await local_stream_async(run, batches, return_state=return_state)
         loop = asyncio.get_running_loop()
         blocking = self._blocking_client()
         source = _blocking_iter(batches, loop) if isinstance(batches, AsyncIterable) else batches
-        call, guard = open_stream(
+        stream = open_stream(
             blocking, source, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
         )
         try:
-            return await loop.run_in_executor(None, stream_result, call, guard)
+            return await loop.run_in_executor(None, stream.result)
         except asyncio.CancelledError:
-            call.cancel()  # never let the server finalize a partial stream
+            stream.cancel()  # never let the server finalize a partial stream
             raise
 
     def _blocking_client(self) -> Client:
@@ -174,14 +174,13 @@ class AsyncClient(ClientBase):
         """Merge states and return the values of the merged states; see :meth:`lossd.client.Client.finalize`."""
         request = finalize_request_of(states, tags=tags, return_state=return_state, request_id=request_id)
         deadline = self.core.deadline(timeout)
-        with lossd_errors():
-            return EvaluationResult(await self._stub.Finalize(request, timeout=deadline))
+        response = await call_retrying_async(lambda left: self._stub.Finalize(request, timeout=left), self.core.attempts, deadline)
+        return EvaluationResult(response)
 
     async def list_functions(self, family: str = "", *, timeout: float | None = None) -> pb.ListFunctionsResponse:
         """Return the server's catalogue (``family``: only that family); see :meth:`lossd.client.Client.list_functions`."""
         request, deadline = list_request(family), self.core.deadline(timeout)
-        with lossd_errors():
-            response = await self._stub.ListFunctions(request, timeout=deadline)
+        response = await call_retrying_async(lambda left: self._stub.ListFunctions(request, timeout=left), self.core.attempts, deadline)
         return self.core.learn(family, response)
 
     def run(
@@ -196,24 +195,3 @@ class AsyncClient(ClientBase):
         """Accumulate exact totals over many ``await run.update(tensors)`` calls (``nan_policy``: see Client.evaluate)."""
         specs, tags_msg = run_arguments(functions, tags)
         return AsyncRun(self, specs, tags=tags_msg, timeout=timeout, compute=compute, nan_policy=nan_policy)
-
-
-async def _local_stream(
-    client: AsyncClient,
-    batches: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
-    functions: Functions,
-    *,
-    tags: TagsLike,
-    return_state: bool,
-    timeout: float | None,
-) -> EvaluationResult:
-    """A local-compute stream: a local run over the batches, merged once at the end."""
-    run = client.run(functions, tags=tags, timeout=timeout, compute="local")
-    if isinstance(batches, AsyncIterable):
-        async for batch in batches:
-            await run.update(batch)
-    else:
-        for batch in batches:
-            await run.update(batch)
-    result = await run.merge()
-    return result if return_state else without_states(result)

@@ -22,7 +22,9 @@ class ClientBase(abc.ABC):
 
     ``address`` defaults to ``LOSSD_SERVER`` (then 127.0.0.1:50051).
     ``timeout``: default deadline of every call, in seconds. ``attempts``:
-    tries per call answered UNAVAILABLE (1 disables retries).
+    tries per call answered UNAVAILABLE, or RESOURCE_EXHAUSTED by an
+    overloaded server with a retry hint (never a request over a budget or
+    a size limit; :mod:`lossd.client.retries`); 1 disables retries.
     ``chunk_bytes``: batches larger than this go in parts over a stream when
     every function is splittable (None: never split). ``options``: extra gRPC
     channel options, overriding the defaults by name. ``tls`` (system

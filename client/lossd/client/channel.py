@@ -1,4 +1,4 @@
-"""gRPC channel options shared by the client and the server: large messages, retries, deadlines.
+"""gRPC channel options shared by the client and the server: large messages, transparent retries only, deadlines.
 
 ``GRPC_OPTIONS`` is the one definition of the HTTP/2 tuning; the server's
 settings import it from here (the client never imports the server).
@@ -6,13 +6,10 @@ settings import it from here (the client never imports the server).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
-from lossd.v1 import lossd_pb2 as pb
-
-__all__ = ["MiB", "GRPC_OPTIONS", "DEFAULT_TIMEOUT", "DEFAULT_ATTEMPTS", "RETRY_BUFFER_BYTES", "service_config", "channel_options"]
+__all__ = ["MiB", "GRPC_OPTIONS", "DEFAULT_TIMEOUT", "DEFAULT_ATTEMPTS", "RETRY_BUFFER_BYTES", "channel_options"]
 
 MiB = 1 << 20
 
@@ -27,47 +24,34 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
 ]
 
 DEFAULT_TIMEOUT = 60.0  # seconds: the deadline of every call unless the caller gives another
-DEFAULT_ATTEMPTS = 5  # calls answered UNAVAILABLE are tried up to this many times in all (gRPC caps it at 5)
+# A call is tried at most this many times in all, and only as lossd.client.retries allows.
+DEFAULT_ATTEMPTS = 5
 
-# gRPC retries a call only while the messages it sent fit in this buffer: a
-# request larger than this is sent once (a retry would need it buffered).
+# gRPC keeps a call's messages for its transparent retries while they fit in this buffer
+# (lossd.client.streams replays a stream's within the same bound).
 RETRY_BUFFER_BYTES = 64 * MiB
-
-_SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
-
-
-def service_config(attempts: int = DEFAULT_ATTEMPTS) -> dict[str, Any]:
-    """Return the gRPC service config: retry UNAVAILABLE (and overloaded answers) with backoff, ``attempts`` tries in all."""
-    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
-        raise ValueError(f"expected attempts to be an integer >= 1, got {attempts!r}")
-    method: dict[str, Any] = {"name": [{"service": _SERVICE}]}
-    if attempts > 1:  # gRPC refuses a retry policy with maxAttempts < 2
-        method["retryPolicy"] = {
-            "maxAttempts": attempts,
-            "initialBackoff": "0.1s",
-            "maxBackoff": "2s",
-            "backoffMultiplier": 2,
-            # RESOURCE_EXHAUSTED is retried only as the server's grpc-retry-pushback-ms says: after
-            # the jittered hint of an overloaded replica, never for a request over a budget.
-            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-        }
-    return {"methodConfig": [method]}
 
 
 def channel_options(*, attempts: int = DEFAULT_ATTEMPTS, extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     """Return the client's channel options; ``extra`` options override any of them by name.
 
     The HTTP/2 tuning, no client-side size limits (the server enforces its
-    own) and the retry policy.
+    own), and no gRPC retry policy: a policy retrying UNAVAILABLE would
+    replay a request whose server died under it onto the next server (a
+    query of death spreads). Retries are :mod:`lossd.client.retries`'s;
+    gRPC's transparent retries stay on (``grpc.enable_retries``), since they
+    resend only what no server processed. ``attempts`` is checked here
+    (whatever its value, gRPC itself replays nothing a server may have seen).
     """
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+        raise ValueError(f"expected attempts to be an integer >= 1, got {attempts!r}")
     options: dict[str, Any] = dict(GRPC_OPTIONS)
     options.update(
         {
             "grpc.max_send_message_length": -1,
             "grpc.max_receive_message_length": -1,
-            "grpc.enable_retries": 1 if attempts > 1 else 0,
+            "grpc.enable_retries": 1,
             "grpc.per_rpc_retry_buffer_size": RETRY_BUFFER_BYTES,
-            "grpc.service_config": json.dumps(service_config(attempts)),
         }
     )
     for item in extra:

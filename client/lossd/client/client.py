@@ -10,8 +10,11 @@
 
 Tensors are numpy arrays, torch tensors (bfloat16 included) or nested lists.
 Every call has a deadline (``timeout``, default 60 s); calls answered
-UNAVAILABLE are retried by gRPC itself (the channel's service config); every
-other failure raises a :mod:`lossd.client.errors` exception. Validation,
+UNAVAILABLE are retried by gRPC itself (the channel's service config), and
+an overloaded server's RESOURCE_EXHAUSTED after its retry hint
+(:mod:`lossd.client.retries`; a request over a budget or a size limit is
+never retried); every other failure raises a :mod:`lossd.client.errors`
+exception. Validation,
 request building and the split decision live in :mod:`lossd.client.core`;
 this module only calls.
 """
@@ -31,18 +34,18 @@ from lossd.client.core import (
     check_timeout,
     finalize_request_of,
     list_request,
-    lossd_errors,
     payload_of,
     run_arguments,
     unary_payload,
 )
 from lossd.client.errors import InvalidArgumentError
 from lossd.client.evaluation import EvaluationResult
-from lossd.client.local import check_compute, without_states
+from lossd.client.local import check_compute
 from lossd.client.messages import Functions, StatesLike, TagsLike, nan_policy_value, new_request_id, with_nan_policy
-from lossd.client.run import Run
+from lossd.client.retries import call_retrying
+from lossd.client.run import Run, local_stream
 from lossd.client.shared_memory import SharedBatch, refusal_reason
-from lossd.client.streams import GuardedRequests, start_stream, stream_result
+from lossd.client.streams import RetryingStream
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
@@ -74,8 +77,9 @@ class Client(ClientBase):
         self.close()
 
     def close(self) -> None:
-        """Close the channel."""
+        """Close the channel (and unlink the client's shared-memory segments)."""
         self._channel.close()
+        self.core.segments.close()
 
     def evaluate(
         self,
@@ -116,8 +120,8 @@ class Client(ClientBase):
     def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult:
         """Send a request built by hand (e.g. with ``prior_states``), as a message or already serialized."""
         payload, deadline = payload_of(request), self.core.deadline(timeout)
-        with lossd_errors():
-            return EvaluationResult(self._evaluate_bytes(payload, timeout=deadline))
+        response = call_retrying(lambda left: self._evaluate_bytes(payload, timeout=left), self.core.attempts, deadline)
+        return EvaluationResult(response)
 
     def evaluate_stream(
         self,
@@ -141,13 +145,11 @@ class Client(ClientBase):
         """
         if check_compute(compute) == "local":
             run = self.run(functions, tags=tags, timeout=timeout, compute="local", nan_policy=nan_policy)
-            for batch in batches:
-                run.update(batch)
-            return run.result() if return_state else without_states(run.result())
-        call, guard = open_stream(
+            return local_stream(run, batches, return_state=return_state)
+        stream = open_stream(
             self, batches, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy
         )
-        return stream_result(call, guard)
+        return stream.result()
 
     def finalize(
         self,
@@ -161,14 +163,13 @@ class Client(ClientBase):
         """Merge states (from ranks, shards, runs) and return the values of the merged states."""
         request = finalize_request_of(states, tags=tags, return_state=return_state, request_id=request_id)
         deadline = self.core.deadline(timeout)
-        with lossd_errors():
-            return EvaluationResult(self._stub.Finalize(request, timeout=deadline))
+        response = call_retrying(lambda left: self._stub.Finalize(request, timeout=left), self.core.attempts, deadline)
+        return EvaluationResult(response)
 
     def list_functions(self, family: str = "", *, timeout: float | None = None) -> pb.ListFunctionsResponse:
         """Return the server's catalogue (``family``: only that family): roles, parameters, outputs, splittability."""
         request, deadline = list_request(family), self.core.deadline(timeout)
-        with lossd_errors():
-            response = self._stub.ListFunctions(request, timeout=deadline)
+        response = call_retrying(lambda left: self._stub.ListFunctions(request, timeout=left), self.core.attempts, deadline)
         return self.core.learn(family, response)
 
     def run(
@@ -196,8 +197,8 @@ def _evaluate_shared(
     request_id: str | None,
     nan_policy: str | None = None,
 ) -> EvaluationResult | None:
-    """One batch through a shared-memory segment, unlinked when the call ends; None when the server refuses it."""
-    with SharedBatch(arrays) as segment:
+    """One batch through a pooled shared-memory segment (unlinked if the call fails); None when the server refuses it."""
+    with SharedBatch(arrays, client.core.segments) as segment:
         payload = segment.request(specs, tags=tags, return_state=return_state, request_id=request_id or new_request_id())
         payload = with_nan_policy(payload, nan_policy)
         try:
@@ -220,16 +221,16 @@ def open_stream(
     timeout: float | None,
     request_id: str | None,
     nan_policy: str | None = None,
-) -> tuple[grpc.Future, GuardedRequests]:
-    """Start EvaluateStream on ``client``; gRPC reads ``batches`` (encoding each in turn) on its own thread."""
+) -> RetryingStream:
+    """EvaluateStream on ``client``, to start with ``.result()``; gRPC reads ``batches`` (encoding each in turn) on its own thread."""
     deadline = client.core.deadline(timeout)
     messages = client.core.stream_messages(
         batches,
         functions,
         tags=tags,
         return_state=return_state,
-        request_id=request_id,
+        request_id=request_id or new_request_id(),  # one id for every attempt
         catalogue=client.list_functions,
         nan_policy=nan_policy,
     )
-    return start_stream(client._stub.EvaluateStream, messages, deadline)
+    return RetryingStream(client._stub.EvaluateStream, messages, attempts=client.core.attempts, timeout=deadline)

@@ -40,7 +40,7 @@ from lossd.client.messages import (
     wants_per_element,
 )
 from lossd.client.settings import ClientSettings
-from lossd.client.shared_memory import local_or_reason, sweep_stale_segments, worth_sharing
+from lossd.client.shared_memory import SegmentPool, local_or_reason, sweep_stale_segments, worth_sharing
 from lossd.v1 import lossd_pb2 as pb
 
 log = logging.getLogger("lossd.client")
@@ -199,6 +199,7 @@ class ClientCore:
         self._given_credentials = credentials
         self._splittable = _Splittability()
         self.shared_memory = self._shared_memory(shared_memory)
+        self.segments = SegmentPool()  # reused shared-memory segments; close() unlinks them
 
     def _shared_memory(self, wanted: bool) -> bool:
         """Whether large batches go through shared memory (lossd.client.shared_memory): asked for, and the server on this host."""
@@ -221,6 +222,7 @@ class ClientCore:
         """The server refused shared memory: log why, and send this and later batches over the wire."""
         log.warning("the server refused shared memory (%s); tensors go over the wire", reason)
         self.shared_memory = False
+        self.segments.close()
 
     def share_catalogue(self, other: ClientCore) -> None:
         """Use the splittability cache of ``other`` (a twin client to the same server learns once for both)."""

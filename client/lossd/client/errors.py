@@ -3,11 +3,13 @@
 * LossdError                    a call failed; ``.code`` (grpc.StatusCode), ``.message``, ``.status``
   + InvalidArgumentError        INVALID_ARGUMENT: the request is wrong; ``.violations`` [(field, description)]
                                 from google.rpc.BadRequest. Also a ``ValueError``.
-  + ResourceExhaustedError      RESOURCE_EXHAUSTED: message over the server's size limit, or a state
-                                over its bound (``.reason``, ``.setting``: the server setting to raise)
+  + ResourceExhaustedError      RESOURCE_EXHAUSTED: a message over a size limit, a request over a
+                                server budget, or an overloaded server (``.reason``, ``.setting``:
+                                the setting to raise; overloaded answers are retried first)
   + DeadlineExceededError       DEADLINE_EXCEEDED: the call's timeout passed. Also a ``TimeoutError``.
-  + UnavailableError            UNAVAILABLE: no server reachable, or it is draining (retried first,
-                                per the channel's retry policy)
+  + UnavailableError            UNAVAILABLE: no server could be reached (``.unreached``; retried
+                                first), a server that said to retry (retried first), or a server
+                                lost during the call (never retried: the request may have crashed it)
   + CancelledError              CANCELLED
   + UnknownError                UNKNOWN
   + NotFoundError               NOT_FOUND
@@ -33,6 +35,7 @@ Map a ``grpc.RpcError`` with ``raise from_rpc_error(exc) from exc``.
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import grpc
@@ -61,7 +64,11 @@ __all__ = [
     "STATUS_ERRORS",
     "error_class",
     "from_rpc_error",
+    "retry_pushback_ms",
+    "PUSHBACK_KEY",
 ]
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 class FieldViolation(NamedTuple):
@@ -142,16 +149,45 @@ class PermissionDeniedError(LossdError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+# gRPC's own refusal of a message over a peer's size limit, e.g. "SERVER: Received message larger than max (270423 vs. 65536)".
+_SIZE_REFUSAL = re.compile(r"(?:(SERVER|CLIENT): )?(Received|Sent) message larger than max")
+_SERVER_LIMIT = "the server's max_message_bytes (LOSSD_MAX_MESSAGE_BYTES)"
+_SIZE_HINTS: dict[tuple[str, str], tuple[str, str]] = {  # (side, direction) -> (setting, what to do)
+    ("SERVER", "Received"): (
+        "max_message_bytes",
+        f"the request is over {_SERVER_LIMIT}: send smaller batches (evaluate sends a batch over chunk_bytes in parts "
+        "when every function is splittable), or raise that setting",
+    ),
+    ("SERVER", "Sent"): ("max_message_bytes", f"the response is over {_SERVER_LIMIT}: ask for fewer per-element outputs, or raise it"),
+    ("CLIENT", "Received"): (
+        "grpc.max_receive_message_length",
+        "the response is over this client's grpc.max_receive_message_length option",
+    ),
+    ("CLIENT", "Sent"): ("grpc.max_send_message_length", "the request is over this client's grpc.max_send_message_length option"),
+    ("", "Received"): (
+        "max_message_bytes",
+        f"a request over {_SERVER_LIMIT}, or a response over this client's grpc.max_receive_message_length option",
+    ),
+    ("", "Sent"): ("max_message_bytes", f"a response over {_SERVER_LIMIT}, or a request over this client's grpc.max_send_message_length"),
+}
+
+
 class ResourceExhaustedError(LossdError):
-    """Over a limit; ``setting`` names the server setting that raises it, when the server said so."""
+    """Over a limit; ``setting`` names the setting that raises it: the server's, when it said so, or gRPC's message-size limit."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, *, code: grpc.StatusCode | None = None, status: status_pb2.Status | None = None) -> None:
+        refusal = None if status is not None else _SIZE_REFUSAL.search(message)
+        if refusal is not None:  # gRPC's own words name no setting: say which one, and what to do
+            setting, hint = _SIZE_HINTS[(refusal.group(1) or "", refusal.group(2))]
+            message = f"{message}; {hint}"
         super().__init__(message, code=code, status=status)
         infos = self.details(error_details_pb2.ErrorInfo)
         self.reason: str | None = infos[0].reason if infos else None
         self.setting: str | None = infos[0].metadata.get("setting") if infos else None
+        if refusal is not None:
+            self.reason, self.setting = "MESSAGE_TOO_LARGE", setting
 
 
 class FailedPreconditionError(LossdError):
@@ -184,10 +220,43 @@ class InternalError(LossdError):
     code = grpc.StatusCode.INTERNAL
 
 
+# gRPC's words when it could not connect at all (the load-balancing picker failed, or name
+# resolution did): the call never reached any server. Anything else may have reached one.
+_UNREACHED = re.compile(
+    r"(failed to connect to all addresses|connections to all backends failing|DNS resolution failed|empty address list)"
+)
+_LOST_HINT = (
+    "; the server was lost during the call or refused it, and the request may have reached it (a request that crashed "
+    "one server would crash the next): it is not retried"
+)
+
+
 class UnavailableError(LossdError):
-    """UNAVAILABLE: no server reachable, or it is draining (retried first)."""
+    """UNAVAILABLE: no server could be reached, or a server was lost during the call (or refused it).
+
+    ``unreached``: gRPC could not connect to any server, so the call never
+    reached one (safe to retry). ``retry_marked``: the server answered and
+    said to retry (a ``google.rpc.RetryInfo``, or a retry pushback >= 0).
+    Otherwise the request may have reached a server's handler (the
+    server died under it: "Socket closed"), and the message says so.
+    """
 
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        status: status_pb2.Status | None = None,
+        pushback_ms: int | None = None,
+    ) -> None:
+        self.unreached = _UNREACHED.match(message) is not None
+        hinted = status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+        self.retry_marked = hinted or (pushback_ms is not None and pushback_ms >= 0)
+        if not (self.unreached or self.retry_marked):
+            message += _LOST_HINT
+        super().__init__(message, code=code, status=status)
 
 
 class DataLossError(LossdError):
@@ -248,4 +317,18 @@ def from_rpc_error(exc: grpc.RpcError) -> LossdError:
     if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
         code = grpc.StatusCode.UNKNOWN
     message = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return UnavailableError(message, code=code, status=_rich_status(exc), pushback_ms=retry_pushback_ms(exc))
     return STATUS_ERRORS[code](message, code=code, status=_rich_status(exc))
+
+
+def retry_pushback_ms(exc: BaseException | None) -> int | None:
+    """The ``grpc-retry-pushback-ms`` of a failed call's trailers (sync or asyncio), or None; -1 means "do not retry"."""
+    trailing_metadata = getattr(exc, "trailing_metadata", None)
+    for key, value in (trailing_metadata() if callable(trailing_metadata) else None) or ():
+        if key == PUSHBACK_KEY:
+            try:
+                return int(value)
+            except ValueError:
+                return -1  # gRPC reads a pushback that is not an integer as "do not retry"
+    return None

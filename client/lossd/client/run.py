@@ -34,12 +34,12 @@ A run needs only a way to send requests (:class:`Evaluator` or
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from lossd.client.diagnostics import Diagnostic, merge_diagnostics, merge_final_diagnostics
 from lossd.client.evaluation import EvaluationResult
-from lossd.client.local import LocalStates, check_compute
+from lossd.client.local import LocalStates, check_compute, without_states
 from lossd.client.messages import (
     StatesLike,
     TagsLike,
@@ -52,7 +52,7 @@ from lossd.client.messages import (
 )
 from lossd.v1 import lossd_pb2 as pb
 
-__all__ = ["Evaluator", "AsyncEvaluator", "Run", "AsyncRun"]
+__all__ = ["Evaluator", "AsyncEvaluator", "Run", "AsyncRun", "local_stream", "local_stream_async"]
 
 
 class Evaluator(Protocol):
@@ -314,6 +314,28 @@ class AsyncRun(_RunState):
         if self._pending():
             raise ValueError("this run holds exact AUROC/AP states in pieces: await run.merge() first, or use named_states()")
         return self._merged_states()
+
+
+def local_stream(run: Run, batches: Iterable[Mapping[str, Any]], *, return_state: bool) -> EvaluationResult:
+    """``evaluate_stream(..., compute="local")``: ``run`` (a local run, with the stream's nan_policy) over the batches, merged once."""
+    for batch in batches:
+        run.update(batch)
+    result = run.merge()
+    return result if return_state else without_states(result)
+
+
+async def local_stream_async(
+    run: AsyncRun, batches: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]], *, return_state: bool
+) -> EvaluationResult:
+    """The asyncio twin of :func:`local_stream` (``batches`` may be an async iterable)."""
+    if isinstance(batches, AsyncIterable):
+        async for batch in batches:
+            await run.update(batch)
+    else:
+        for batch in batches:
+            await run.update(batch)
+    result = await run.merge()
+    return result if return_state else without_states(result)
 
 
 def first_nonfinite(diagnostics: Sequence[Diagnostic], batch: int, request_id: str) -> list[Diagnostic]:

@@ -16,28 +16,39 @@ costs more system calls than they take to copy).
 
 Ownership and cleanup:
 
-- The client owns every segment: one per request, named
-  ``lossd_<pid>_<random>``, created exclusively with mode 0600 (never
-  readable by other users), unlinked as soon as the response or the error is
-  back, whatever it was (the server crashing mid-request included).
+- The client owns every segment, named ``lossd_<pid>_<random>`` and created
+  exclusively with mode 0600 (never readable by other users). A client keeps
+  a small pool of them (:class:`SegmentPool`: at most :data:`POOL_SEGMENTS`
+  idle segments and :data:`POOL_BYTES` idle bytes) so that a batch is copied
+  into pages already there instead of faulting in a fresh segment per call.
+  ``Client.close()`` (``AsyncClient.close()``) unlinks them; a segment whose
+  call failed (the server crashing mid-request included) is unlinked at once.
+- A segment is written only while this client holds an exclusive ``flock`` on
+  it, and the server holds a shared ``flock`` for as long as the request's
+  tensors live (the evaluation, and the monitoring work queued after the
+  response): so a pooled segment is reused only once the response is back
+  *and* the server has let go of it; one still held is skipped, never
+  overwritten (another segment serves that call).
 - A finalizer (run by ``atexit`` too) unlinks a segment the code did not
-  close. A client killed outright (``kill -9``) cannot: its segments are
-  unlinked by the next ``shared_memory=True`` client of the same user on this
-  host, which sweeps the ``lossd_<pid>_*`` segments whose process is gone
-  (a segment survives until then, and a recycled pid keeps its segments
-  until that process ends too).
-- The server never creates, keeps or unlinks a segment: it maps it
-  read-only for the request's lifetime only (:mod:`lossd.server.shared_memory`).
+  close, in the process that created it only (a forked child never unlinks its
+  parent's segments, nor writes to them). A client killed outright
+  (``kill -9``) cannot: its segments are unlinked by the next
+  ``shared_memory=True`` client of the same user on this host, which sweeps
+  the ``lossd_<pid>_*`` segments whose process is gone (a segment survives
+  until then, and a recycled pid keeps its segments until that process ends too).
+- The server never creates or unlinks a segment (:mod:`lossd.server.shared_memory`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import logging
 import mmap
 import os
 import re
+import threading
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -50,13 +61,23 @@ from lossd.client.errors import InvalidArgumentError
 from lossd.client.messages import batch_bytes, tags_proto
 from lossd.v1 import lossd_pb2 as pb
 
-__all__ = ["MIN_SHARED_BYTES", "SEGMENT_DIRECTORY", "SharedBatch", "is_local_address", "refusal_reason", "sweep_stale_segments"]
+__all__ = [
+    "MIN_SHARED_BYTES",
+    "SEGMENT_DIRECTORY",
+    "SegmentPool",
+    "SharedBatch",
+    "is_local_address",
+    "refusal_reason",
+    "sweep_stale_segments",
+]
 
 log = logging.getLogger("lossd.client")
 
 SEGMENT_DIRECTORY = Path("/dev/shm")
 PREFIX = "lossd_"
 MIN_SHARED_BYTES = 64 * 1024
+POOL_SEGMENTS = 4  # idle segments a client keeps for reuse
+POOL_BYTES = 1 << 30  # idle bytes a client keeps for reuse (tmpfs pages are memory)
 _ALIGN = 64  # each tensor starts on a cache line
 _OWN_SEGMENT = re.compile(r"lossd_(\d+)_[0-9a-f]{32}")
 
@@ -112,40 +133,137 @@ def sweep_stale_segments(directory: Path = SEGMENT_DIRECTORY) -> list[str]:
     return removed
 
 
-class SharedBatch:
-    """One request's segment holding a batch's tensors; ``close()`` (or the context manager) unmaps and unlinks it."""
+def _release(path: str, fd: int, owner: int) -> None:
+    """Close the descriptor and, in the process that created the segment only, unlink it."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    if os.getpid() == owner:
+        _unlink(path)
 
-    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+
+class Segment:
+    """One segment this process created: its descriptor (which carries the write lock), its writable mapping."""
+
+    def __init__(self, size: int) -> None:
         self.name = f"{PREFIX}{os.getpid()}_{uuid.uuid4().hex}"
         self.path = str(SEGMENT_DIRECTORY / self.name)
+        self.size = max(size, 1)
+        self.owner = os.getpid()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._finalizer = weakref.finalize(self, _release, self.path, self.fd, self.owner)  # even if close() is never called
+        try:
+            os.fchmod(self.fd, 0o600)  # whatever the umask
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size)
+        except BaseException:
+            self._finalizer()
+            raise
+
+    def lock(self) -> bool:
+        """Take the exclusive write lock; False while a server still holds its shared lock (it still reads the segment)."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock(self) -> None:
+        """Let the server take its shared lock (done before the request is sent)."""
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Unmap, close and unlink (idempotent)."""
+        if not self.map.closed:
+            self.map.close()
+        self._finalizer()
+
+
+class SegmentPool:
+    """A client's idle segments, reused for later batches: bounded, thread-safe, emptied by ``close()``.
+
+    A segment leaves the pool only under its exclusive lock, so never while a
+    server still reads it; one that cannot be locked stays for a later call.
+    """
+
+    def __init__(self, max_segments: int = POOL_SEGMENTS, max_bytes: int = POOL_BYTES) -> None:
+        self.max_segments, self.max_bytes = max_segments, max_bytes
+        self._idle: list[Segment] = []  # least recently used first
+        self._mutex = threading.Lock()
+        self._owner = os.getpid()
+        self._closed = False
+
+    def acquire(self, size: int) -> Segment:
+        """A locked segment of at least ``size`` bytes: an idle one if one is free, else a new one."""
+        with self._mutex:
+            if os.getpid() == self._owner:  # a forked child never writes to its parent's segments
+                for segment in sorted(self._idle, key=lambda s: s.size):
+                    if segment.size >= size and segment.lock():
+                        self._idle.remove(segment)
+                        return segment
+        segment = Segment(-(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        segment.lock()
+        return segment
+
+    def release(self, segment: Segment, *, reusable: bool) -> None:
+        """Back to the pool after its call (``reusable``: the call completed), or unlinked."""
+        with self._mutex:
+            keep = reusable and not self._closed and os.getpid() == self._owner == segment.owner
+            if keep:
+                self._idle.append(segment)
+            evicted = [] if keep else [segment]
+            while len(self._idle) > self.max_segments or sum(s.size for s in self._idle) > self.max_bytes:
+                evicted.append(self._idle.pop(0))
+        for old in evicted:
+            old.close()
+
+    def idle_names(self) -> list[str]:
+        """The names of the idle segments (for tests and diagnostics)."""
+        with self._mutex:
+            return [s.name for s in self._idle]
+
+    def close(self) -> None:
+        """Unlink every idle segment; segments in flight are unlinked when their call ends."""
+        with self._mutex:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for segment in idle:
+            segment.close()
+
+
+class SharedBatch:
+    """One request's tensors in a segment (from ``pool``, else its own); ``close()`` (or the context manager) gives it back.
+
+    Leaving the context manager with an exception unlinks the segment instead
+    of pooling it: after a failed call nothing says the server is done with it.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], pool: SegmentPool | None = None) -> None:
         offsets, size = {}, 0
         for name, array in arrays.items():
             offsets[name] = size
             size += -(-array.nbytes // _ALIGN) * _ALIGN
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        self._finalizer = weakref.finalize(self, _unlink, self.path)  # unlinked even if close() is never called
+        self._pool, self._closed = pool, False
+        if pool is None:
+            self._segment = Segment(size)
+            self._segment.lock()
+        else:
+            self._segment = pool.acquire(size)
+        self.name, self.path = self._segment.name, self._segment.path
         try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            os.ftruncate(fd, max(size, 1))
-            self._map = mmap.mmap(fd, max(size, 1))
+            self.tensors = {name: self._write(name, array, offsets[name]) for name, array in arrays.items()}
+            self._segment.unlock()
         except BaseException:
-            self._finalizer()
+            self._segment.close()
             raise
-        finally:
-            os.close(fd)
-        self.tensors: dict[str, pb.Tensor] = {}
-        for name, array in arrays.items():
-            self.tensors[name] = self._write(name, array, offsets[name])
 
     def _write(self, name: str, array: np.ndarray, offset: int) -> pb.Tensor:
         dtype = dtype_of(array, f"tensors.{name}")
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
-        source = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        target = np.frombuffer(self._map, dtype=np.uint8, count=source.size, offset=offset)
-        target[:] = source
+        target = np.ndarray(array.shape, dtype=array.dtype, buffer=self._segment.map, offset=offset)
+        np.copyto(target, array, casting="no")  # one pass, whatever the source's strides
         del target  # no view may outlive the mapping (close() would refuse)
-        region = pb.SharedMemoryRegion(name=self.name, offset=offset, byte_size=source.size)
+        region = pb.SharedMemoryRegion(name=self.name, offset=offset, byte_size=array.nbytes)
         return pb.Tensor(dtype=dtype, shape=list(array.shape), shared_memory=region)
 
     def request(
@@ -159,17 +277,21 @@ class SharedBatch:
         payload: bytes = message.SerializeToString()
         return payload
 
-    def close(self) -> None:
-        """Unmap and unlink the segment (idempotent)."""
-        if not self._map.closed:
-            self._map.close()
-        self._finalizer()
+    def close(self, *, failed: bool = False) -> None:
+        """Give the segment back to its pool (unlink it when the call ``failed`` or there is no pool); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is None:
+            self._segment.close()
+        else:
+            self._pool.release(self._segment, reusable=not failed)
 
     def __enter__(self) -> SharedBatch:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def worth_sharing(arrays: Mapping[str, np.ndarray]) -> bool:

@@ -1,22 +1,27 @@
 """EvaluateStream on a blocking channel: the request iterator gRPC reads on its own thread, and the wait for the answer.
 
 Both clients stream this way (the asyncio one from a worker thread; see
-:meth:`lossd.client.AsyncClient.evaluate_stream` for why).
+:meth:`lossd.client.AsyncClient.evaluate_stream` for why). A failure that
+:mod:`lossd.client.retries` allows to retry (no connection could be made,
+or an overloaded answer) is retried, the messages sent so far replayed,
+while they fit the retry buffer.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
+from lossd.client.channel import RETRY_BUFFER_BYTES
 from lossd.client.core import lossd_errors
 from lossd.client.evaluation import EvaluationResult
+from lossd.client.retries import RETRIED, Attempts, ReplayableMessages
 from lossd.v1 import lossd_pb2 as pb
 
-__all__ = ["GuardedRequests", "start_stream", "stream_result"]
+__all__ = ["GuardedRequests", "start_stream", "stream_result", "RetryingStream"]
 
 
 class GuardedRequests:
@@ -69,3 +74,47 @@ def stream_result(call: grpc.Future, guard: GuardedRequests) -> EvaluationResult
             raise guard.error from None
         raise
     return EvaluationResult(response)
+
+
+class RetryingStream:
+    """One EvaluateStream call, attempted again (messages replayed) as :mod:`lossd.client.retries` allows.
+
+    ``method`` is a stub's EvaluateStream; ``timeout`` covers every attempt.
+    :meth:`result` blocks (the asyncio client runs it in a worker thread);
+    :meth:`cancel` may come from any thread.
+    """
+
+    def __init__(self, method: Any, messages: Iterator[pb.EvaluateRequest], *, attempts: int, timeout: float) -> None:
+        self._method = method
+        self._messages = ReplayableMessages(messages, RETRY_BUFFER_BYTES)
+        self._attempts = Attempts(attempts, timeout)
+        self._cancelled = threading.Event()
+        self._call: grpc.Future | None = None
+        self._lock = threading.Lock()
+
+    def _start(self) -> tuple[grpc.Future, GuardedRequests]:
+        with self._lock:
+            call, guard = start_stream(self._method, self._messages.attempt(), self._attempts.remaining())
+            self._call = call
+            if self._cancelled.is_set():
+                call.cancel()
+            return call, guard
+
+    def result(self) -> EvaluationResult:
+        """The stream's response; a retryable failure (never one a server may have worked on) is retried while the messages can be replayed."""
+        wait: Callable[[float], bool] = self._cancelled.wait
+        while True:
+            call, guard = self._start()
+            try:
+                return stream_result(call, guard)
+            except RETRIED as error:
+                delay = self._attempts.next_wait(error)
+                if delay is None or not self._messages.replayable or wait(delay):
+                    raise
+
+    def cancel(self) -> None:
+        """Cancel the attempt in flight and any later one (the server never finalizes a partial stream)."""
+        self._cancelled.set()
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()

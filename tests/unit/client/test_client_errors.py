@@ -55,8 +55,10 @@ def test_every_status_code_maps(code: grpc.StatusCode) -> None:
     assert cls.__name__ in errors.__all__ and cls.__name__ in lossd.client.__all__
     assert cls.__name__ in (errors.__doc__ or ""), f"{cls.__name__} is not documented at the top of lossd.client.errors"
     exc = from_rpc_error(FakeRpcError(code, "what happened"))
-    assert type(exc) is cls and exc.code is code and exc.message == "what happened"
-    assert str(exc) == f"{code.name}: what happened"
+    # UNAVAILABLE says too that the call may have reached the server it lost (so it is not retried)
+    hint = "; the server was lost during the call" if code is grpc.StatusCode.UNAVAILABLE else ""
+    assert type(exc) is cls and exc.code is code and exc.message.startswith("what happened" + hint)
+    assert str(exc) == f"{code.name}: {exc.message}" and (hint or exc.message == "what happened")
 
 
 def test_classes_are_distinct() -> None:
@@ -103,8 +105,27 @@ def test_resource_exhausted_setting() -> None:
     assert isinstance(exc, ResourceExhaustedError)
     assert exc.reason == "STATE_LIMIT_EXCEEDED" and exc.setting == "exact_state_limit"
     assert [i.domain for i in exc.details(error_details_pb2.ErrorInfo)] == ["lossd"]
-    plain = from_rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"))
+    plain = from_rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"))
     assert isinstance(plain, ResourceExhaustedError) and plain.setting is None and plain.reason is None
+
+
+@pytest.mark.parametrize(
+    ("message", "setting", "named"),
+    [
+        ("SERVER: Received message larger than max (270423 vs. 65536)", "max_message_bytes", "the request is over the server's"),
+        ("SERVER: Sent message larger than max (270423 vs. 65536)", "max_message_bytes", "the response is over the server's"),
+        ("Stream removed (CLIENT: Received message larger than max (996 vs. 200))", "grpc.max_receive_message_length", "this client's"),
+        ("CLIENT: Sent message larger than max (996 vs. 200)", "grpc.max_send_message_length", "this client's"),
+        ("Received message larger than max (996 vs. 200)", "max_message_bytes", "or a response over this client's"),
+    ],
+)
+def test_grpcs_own_message_size_refusal_names_the_setting(message: str, setting: str, named: str) -> None:
+    exc = from_rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+    assert isinstance(exc, ResourceExhaustedError)
+    assert exc.setting == setting and exc.reason == "MESSAGE_TOO_LARGE"
+    assert exc.message.startswith(message) and named in exc.message and setting in exc.message
+    if setting == "max_message_bytes":
+        assert "LOSSD_MAX_MESSAGE_BYTES" in exc.message
 
 
 def test_builtin_bases() -> None:

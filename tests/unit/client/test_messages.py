@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from lossd.client.channel import DEFAULT_ATTEMPTS, GRPC_OPTIONS, channel_options, service_config
+from lossd.client.channel import DEFAULT_ATTEMPTS, GRPC_OPTIONS, channel_options
 from lossd.client.codec import decode_tensor
 from lossd.client.messages import (
     arrays_of,
@@ -153,16 +151,14 @@ def test_splittable_names_include_aliases() -> None:
     assert splittable_names(catalogue) == {"mae": True, "l1": True, "nt_xent": False}
 
 
-def test_service_config_retries_unavailable() -> None:
-    config = service_config()
-    (method,) = config["methodConfig"]
-    assert method["name"] == [{"service": "lossd.v1.LossService"}]
-    policy = method["retryPolicy"]
-    assert policy["maxAttempts"] == DEFAULT_ATTEMPTS and policy["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
-    assert "retryPolicy" not in service_config(1)["methodConfig"][0]
+def test_channel_options_have_no_grpc_retry_policy() -> None:
+    # A policy retrying UNAVAILABLE would replay a request that crashed its server (lossd.client.retries retries).
+    for attempts in (1, DEFAULT_ATTEMPTS):
+        options = dict(channel_options(attempts=attempts))
+        assert "grpc.service_config" not in options and options["grpc.enable_retries"] == 1  # transparent retries only
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="expected attempts to be an integer >= 1"):
-            service_config(bad)  # type: ignore[arg-type]
+            channel_options(attempts=bad)  # type: ignore[arg-type]
 
 
 def test_channel_options() -> None:
@@ -171,11 +167,9 @@ def test_channel_options() -> None:
         assert options[name] == value
     assert options["grpc.enable_retries"] == 1
     assert options["grpc.max_receive_message_length"] == -1 and options["grpc.max_send_message_length"] == -1
-    assert json.loads(options["grpc.service_config"]) == service_config()
     assert len(channel_options()) == len(options)  # every option once
     overridden = dict(channel_options(attempts=1, extra=[("grpc.max_send_message_length", 1024), ("grpc.primary_user_agent", "me")]))
     assert overridden["grpc.max_send_message_length"] == 1024 and overridden["grpc.primary_user_agent"] == "me"
-    assert overridden["grpc.enable_retries"] == 0
     with pytest.raises(TypeError, match="expected channel options as \\(name, value\\) pairs"):
         channel_options(extra=["grpc.x"])  # type: ignore[list-item]
 

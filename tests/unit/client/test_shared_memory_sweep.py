@@ -36,3 +36,28 @@ def test_local_addresses() -> None:
         assert is_local_address(address), address
     for address in ("10.0.0.1:50051", "lossd.example:50051", "[2001:db8::1]:50051", "0.0.0.0:50051"):
         assert not is_local_address(address), address
+
+
+FORKED = """
+import os, sys
+import numpy as np
+from lossd.client.shared_memory import SegmentPool, SharedBatch
+pool = SegmentPool()
+with SharedBatch({"x": np.ones(1000, np.float32)}, pool) as batch:
+    pass
+pid = os.fork()
+if pid == 0:  # a forked child (a DataLoader worker, say): its exit runs the finalizers, which must leave the parent's segment alone
+    with SharedBatch({"x": np.zeros(1000, np.float32)}, pool) as child:
+        assert child.name != batch.name and child.name.startswith(f"lossd_{os.getpid()}_")
+    sys.exit(0)
+assert os.waitpid(pid, 0)[1] == 0
+assert os.path.exists(batch.path), "the child unlinked its parent's segment"
+with SharedBatch({"x": np.full(1000, 2.0, np.float32)}, pool) as again:
+    assert again.name == batch.name
+pool.close()
+assert not os.path.exists(batch.path)
+"""
+
+
+def test_a_forked_child_never_touches_its_parents_segments() -> None:
+    subprocess.run([sys.executable, "-c", FORKED], check=True, timeout=60)

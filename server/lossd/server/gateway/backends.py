@@ -1,10 +1,14 @@
 """The gateway's gRPC backends: round-robin over replicas, with health-aware failover.
 
 Each call starts at the next replica in turn and skips replicas marked down;
-a replica that answers UNAVAILABLE (refused connection, draining) is marked
-down for ``cooldown`` seconds and the call moves on to the next one within
-the same deadline. Every other status is the answer and goes back to the
-client. When every replica is down, they are all tried anyway (a cooldown is
+a replica that answers UNAVAILABLE is marked down for ``cooldown`` seconds.
+The call moves on to the next one within the same deadline only when the
+request cannot have reached the first one's handler: the connection could
+not be made, or the replica said to retry (RetryInfo or a retry pushback,
+as a draining or overloaded replica does). A replica lost during the call
+("Socket closed") may have died of this very request, so it is not replayed
+onto the next (the client's rule, :class:`lossd.client.errors.UnavailableError`).
+Every other status is the answer and goes back to the client. When every replica is down, they are all tried anyway (a cooldown is
 a guess, not a verdict). ``check()`` asks each replica's grpc.health.v1
 service and refreshes the marks; /readyz uses it.
 
@@ -33,6 +37,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lossd.client.errors import UnavailableError, from_rpc_error
 from lossd.client.settings import is_loopback
 from lossd.server.security.policy import InsecureBindError
 from lossd.server.security.watch import FileSignature, signature
@@ -209,6 +214,9 @@ class BackendPool:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 self._mark(backend, up=False)
+                lost = from_rpc_error(exc)
+                if isinstance(lost, UnavailableError) and not (lost.unreached or lost.retry_marked):
+                    raise  # it may have reached the handler: never replayed onto another replica
                 error = exc
                 continue
             self._mark(backend, up=True)
