@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from lossd.kernels.cancellation import CancelToken, cancellable
 from lossd.kernels.errors import StateLimitExceeded
-from lossd.server.allocator import IdleTrim
+from lossd.server.allocator import IdleTrim, match_torch_threads
 
 __all__ = ["Admission", "AdmissionLimits", "Lane", "Overloaded"]
 
@@ -71,7 +71,7 @@ class Lane:
         self.name = name
         # Daemon-like: shutdown(wait=False) never joins a stuck thread (the process exits after the grace).
         self.threads = threads
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"lossd-{name}")
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"lossd-{name}", initializer=match_torch_threads)
         self._lock = threading.Lock()
         self.queued = 0
         self.queued_bytes = 0

@@ -166,3 +166,49 @@ def test_submitted_events_are_observed_after_flush() -> None:
     text = asyncio.run(monitoring.exposition()).decode()
     assert 'lossd_evaluations_total{dataset="",method="Evaluate",model="m",split=""} 5.0' in text
     monitoring.close()
+
+
+def test_queued_events_are_handled_together_in_order() -> None:
+    release, batches = threading.Event(), []
+
+    def handle_batch(items: Any) -> None:
+        release.wait(10)
+        batches.append(list(items))
+
+    worker: Worker[int] = Worker(lambda item: pytest.fail("handle_batch is set"), max_events=8, max_bytes=100, on_drop=lambda item: None)
+    worker.handle_batches(handle_batch)
+    for item in range(5):
+        assert worker.submit(item, 1)
+    release.set()
+    assert worker.flush_sync(timeout=10) and worker.pending == (0, 0)
+    assert [item for batch in batches for item in batch] == [0, 1, 2, 3, 4] and len(batches) < 5
+    worker.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        worker.submit(5, 1)
+
+
+def test_observing_events_together_exports_what_one_at_a_time_exports() -> None:
+    g = torch.Generator().manual_seed(9)
+    events = []
+    for call in range(6):
+        tensors = {"logits": torch.randn(40, 7, generator=g) * 3, "labels": torch.randint(0, 7, (40,), generator=g)}
+        events.append(_event(tensors, ["cross_entropy", "accuracy", "ece"], call=call))
+    one, together = Monitoring(Settings(device="cpu", calibration_bins=BINS)), Monitoring(Settings(device="cpu", calibration_bins=BINS))
+    for event in events:
+        one.observe(event)
+    together.observe_many(events)
+
+    def samples(m: Monitoring) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        skip = ("lossd_last_evaluation", "process_", "python_")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in m.registry.collect()
+            for s in f.samples
+            if not s.name.startswith(skip)
+        }
+
+    assert samples(one) == samples(together)  # bit for bit: == on every float
+    assert samples(one)[("lossd_evaluations_total", (("dataset", ""), ("method", "Evaluate"), ("model", "m"), ("split", "")))] == 6
+    series = one.history.snapshot()["series"], together.history.snapshot()["series"]
+    timeless = [{k: v for k, v in s[0]["summary"].items() if k != "last_seen"} for s in series]  # the clock moved on
+    assert timeless[0] == timeless[1] and series[0][0]["reliability"] == series[1][0]["reliability"]

@@ -55,10 +55,12 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 
 from lossd.kernels import Evaluation, select_device
+from lossd.server.allocator import match_torch_threads
 from lossd.server.monitoring.device import DeviceCollector, DeviceStatsProvider, torch_cuda_stats
 from lossd.server.monitoring.events import EvaluationEvent, Subscriber
+from lossd.server.monitoring.exporter import Exporter, Pending, TagSeries
 from lossd.server.monitoring.families import METHODS, PHASES, Families, LimitsCollector, bin_upper_labels
-from lossd.server.monitoring.history import SeriesKey, open_history
+from lossd.server.monitoring.history import Record, open_history
 from lossd.server.monitoring.interceptor import GrpcMetrics, MetricsInterceptor
 from lossd.server.monitoring.labels import Admission, LabelGuard, SeriesBudget, function_label
 from lossd.server.monitoring.statistics import OpenStreams, RowSummary, loss_sums, summarize_batch
@@ -130,8 +132,9 @@ class Monitoring(Families):
         self.worker: Worker[EvaluationEvent] = Worker(
             self.observe, max_events=max_pending_events, max_bytes=max_pending_bytes, on_drop=self._dropped
         )
+        self.worker.handle_batches(self.observe_many, initializer=match_torch_threads)
         self._streams = OpenStreams(on_forgotten=self.dropped.inc)
-        self._seen: set[SeriesKey] = set()
+        self._exporter = Exporter(self, self.admission, self.bin_labels)
 
     def interceptor(self) -> MetricsInterceptor:
         """Return the grpc.aio server interceptor exporting the ``grpc_server_*`` families."""
@@ -166,73 +169,78 @@ class Monitoring(Families):
             self._streams.lost_message(event.call)
 
     def observe(self, event: EvaluationEvent) -> None:
-        """Count one event now (the worker calls this; tests may too); never raises."""
+        """Count one event now (tests may call this; the worker calls :meth:`observe_many`); never raises."""
+        self.observe_many([event])
+
+    def observe_many(self, events: Sequence[EvaluationEvent]) -> None:
+        """Count events now, in order, as one :meth:`observe` each would (see :mod:`.exporter`); never raises."""
+        pending, records = Pending(), []
+        for event in events:
+            try:
+                record = self._observe(event, pending)
+                if record is not None:
+                    records.append(record)
+            except Exception:
+                self.errors.inc()
+                log.exception("monitoring failed to observe a %s evaluation", event.method)
         try:
-            self._observe(event)
+            pending.apply()
+            self.history.record_many(records)
         except Exception:
             self.errors.inc()
-            log.exception("monitoring failed to observe a %s evaluation", event.method)
+            log.exception("monitoring failed to export %d evaluations", len(events))
 
-    def _observe(self, event: EvaluationEvent) -> None:
+    def _observe(self, event: EvaluationEvent, pending: Pending) -> Record | None:
         if event.aborted:
             self._streams.finish(event.call)  # a failed stream exports nothing
-            return
+            return None
         if event.evaluation is None:  # a stream message: summed until the stream succeeds
             if event.batch is not None:
                 self._streams.add(event.call, summarize_batch(event.batch, event.prepared, self.bins))
-            return
-        for phase, seconds in event.phases.items():
-            if phase in PHASES and event.method in METHODS:
-                self.phases.labels(event.method, phase).observe(seconds)
-        key = self.admission.tags(event.tags.model, event.tags.dataset, event.tags.split)
-        self._first_sight(key)
-        self.evaluations.labels(*key, event.method).inc()
-        self.last_seen.labels(*key).set(time.time())
+            return None
+        x = self._exporter
+        if event.method in METHODS:
+            for phase, seconds in event.phases.items():
+                if phase in PHASES:
+                    x.child(self.phases, event.method, phase).observe(seconds)
+        series = x.tag_series(event.tags.model, event.tags.dataset, event.tags.split)
+        x.fold(pending, series.folds)
+        pending.add(x.evaluations(series, event.method), 1.0)
+        series.last_seen.set(time.time())
         if event.method == "Finalize":
-            return  # merges states computed (and observed) elsewhere: counting them again would double them
-        guarded = self._export_means(key, event.evaluation, event)
+            return None  # merges states computed (and observed) elsewhere: counting them again would double them
+        guarded = self._export_means(series, event.evaluation, event, pending)
         if event.batch is not None:
             summary = summarize_batch(event.batch, event.prepared, self.bins)
         else:
             summary = self._streams.finish(event.call)
-        _export_rows(self, key, summary, self.bin_labels)
+        _export_rows(x, pending, series, summary)
         calibration = summary.calibration
-        self.history.record(
-            key,
-            losses=guarded,
-            calibration=None if calibration is None else (calibration.count, calibration.confidence, calibration.correct),
-            rows=summary.rows,
-            tokens=summary.tokens,
-            extra=event.tags.extra,  # free-form tags (step, epoch...): history only, never labels
+        return Record(
+            series.key,
+            guarded,
+            None if calibration is None else (calibration.count, calibration.confidence, calibration.correct),
+            summary.rows,
+            summary.tokens,
+            event.tags.extra,  # free-form tags (step, epoch...): history only, never labels
         )
 
-    def _export_means(self, key: SeriesKey, evaluation: Evaluation, event: EvaluationEvent) -> dict[str, tuple[float, float]]:
+    def _export_means(
+        self, series: TagSeries, evaluation: Evaluation, event: EvaluationEvent, pending: Pending
+    ) -> dict[str, tuple[float, float]]:
         sums = loss_sums(evaluation, event.prior_states)
+        x = self._exporter
         for reason in sums.skipped.values():
-            self.skipped.labels(reason).inc()
+            pending.add(x.child(self.skipped, reason), 1.0)
         guarded: dict[str, tuple[float, float]] = {}
         for alias, (num, den) in sums.sums.items():
-            labels, metric = self.admission.function(key, alias, evaluation.results[alias].function)
-            numerator, denominator = (
-                (self.metric_numerator, self.metric_denominator) if metric else (self.loss_numerator, self.loss_denominator)
-            )
-            numerator.labels(*labels).inc(num)
-            denominator.labels(*labels).inc(den)
-            function = labels[-1]
-            prior = guarded.get(function, (0.0, 0.0))
-            guarded[function] = (prior[0] + num, prior[1] + den)
+            function = x.function_series(series, alias, evaluation.results[alias].function)
+            x.fold(pending, function.folds)
+            function.numerator.inc(num)  # fractional amounts: added one evaluation at a time, in order
+            function.denominator.inc(den)
+            prior = guarded.get(function.label, (0.0, 0.0))
+            guarded[function.label] = (prior[0] + num, prior[1] + den)
         return guarded
-
-    def _first_sight(self, key: SeriesKey) -> None:
-        """Create every per-label-set series at 0, so sums over bins and replicas never miss one."""
-        if key in self._seen:
-            return
-        self._seen.add(key)
-        self.rows.labels(*key)
-        self.tokens.labels(*key)
-        for upper in self.bin_labels:
-            for family in (self.cal_predictions, self.cal_confidence, self.cal_correct):
-                family.labels(*key, upper)
 
     def close(self) -> None:
         """Stop the worker (events already queued are still observed), then close the history file."""
@@ -241,15 +249,15 @@ class Monitoring(Families):
         self.history.close()
 
 
-def _export_rows(m: Families, key: SeriesKey, summary: RowSummary, bin_labels: Sequence[str]) -> None:
+def _export_rows(x: Exporter, pending: Pending, series: TagSeries, summary: RowSummary) -> None:
     """Add one evaluation's rows, tokens and calibration bins to the per-label-set counters."""
     calibration = summary.calibration
     if calibration is not None:
-        for b, upper in enumerate(bin_labels):
-            m.cal_predictions.labels(*key, upper).inc(float(calibration.count[b]))
-            m.cal_confidence.labels(*key, upper).inc(float(calibration.confidence[b]))
-            m.cal_correct.labels(*key, upper).inc(float(calibration.correct[b]))
+        pending.add_bins(series.predictions, calibration.count)
+        pending.add_bins(series.correct, calibration.correct)
+        for b in calibration.count.nonzero()[0].tolist():  # an empty bin's Σ confidence is 0: adding it changes nothing
+            series.confidence[b].inc(float(calibration.confidence[b]))
     for reason, batches in summary.skipped.items():
-        m.cal_skipped.labels(reason).inc(batches)
-    m.rows.labels(*key).inc(summary.rows)
-    m.tokens.labels(*key).inc(summary.tokens)
+        pending.add(x.child(x.m.cal_skipped, reason), batches)
+    pending.add(series.rows, summary.rows)
+    pending.add(series.tokens, summary.tokens)

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from lossd.server.monitoring.families import is_metric_family
 from lossd.server.monitoring.history_store import HistoryStore, StoredBucket
 from lossd.server.monitoring.tags import progress_of
 
-__all__ = ["History", "SeriesKey", "expected_calibration_error", "open_history"]
+__all__ = ["History", "Record", "SeriesKey", "expected_calibration_error", "open_history"]
 
 log = logging.getLogger("lossd.monitoring")
 
@@ -90,6 +90,28 @@ class _Bucket:
     def __post_init__(self) -> None:
         self.calibration = np.zeros((3, self.bins), dtype=np.float64)
 
+    def add_sums(
+        self,
+        losses: Mapping[str, tuple[float, float]],
+        calibration: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+        rows: int,
+        tokens: int,
+        now: float,
+        extra: dict[str, str],
+    ) -> None:
+        """Add one evaluation (what :meth:`add` of a bucket holding only it would add, in the same order)."""
+        for alias, (num, den) in losses.items():
+            pair = self.losses.setdefault(alias, [0.0, 0.0])
+            pair[0] += num
+            pair[1] += den
+        if calibration is not None:
+            self.calibration += calibration
+        self.rows += rows
+        self.tokens += tokens
+        self.evaluations += 1
+        self.last = max(self.last, now)
+        self.extra.update(extra)
+
     def add(self, other: _Bucket) -> None:
         for alias, (num, den) in other.losses.items():
             pair = self.losses.setdefault(alias, [0.0, 0.0])
@@ -101,6 +123,18 @@ class _Bucket:
         self.evaluations += other.evaluations
         self.last = max(self.last, other.last)
         self.extra.update(other.extra)
+
+
+class Record(NamedTuple):
+    """One evaluation's sums for :meth:`History.record_many` (the arguments of :meth:`History.record`)."""
+
+    key: SeriesKey
+    losses: Mapping[str, tuple[float, float]]
+    calibration: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    rows: int = 0
+    tokens: int = 0
+    extra: Mapping[str, str] | None = None
+    now: float | None = None
 
 
 def _mean(pair: list[float] | None) -> float | None:
@@ -170,21 +204,26 @@ class History:
         now: float | None = None,
     ) -> None:
         """Add one evaluation's sums to the bucket of ``now`` (and of its step/epoch free-form tags)."""
-        now = self._clock() if now is None else now
-        extra = dict(extra or {})
-        step, epoch = progress_of(extra)
-        part = _Bucket(self.bins, {k: [n, d] for k, (n, d) in losses.items()}, rows=rows, tokens=tokens, evaluations=1, last=now)
-        part.extra = extra
-        if calibration is not None:
-            part.calibration += np.stack(calibration)
-        series = (*key, _group(key, losses))
-        point = (math.floor(now / self.interval) * self.interval, step, epoch)
-        with self._lock:
-            bucket = self._merge(series, point, part)
-            if self._store is not None:
-                self._write(series, point, bucket, now)
+        self.record_many([Record(key, losses, calibration, rows, tokens, extra, now)])
 
-    def _merge(self, series: _Series, point: _Point, part: _Bucket) -> _Bucket:
+    def record_many(self, records: Iterable[Record]) -> None:
+        """:meth:`record` each, in order, under one lock; each bucket touched is written to the store once."""
+        touched: dict[tuple[_Series, _Point], tuple[_Bucket, float]] = {}
+        with self._lock:
+            for r in records:
+                now = self._clock() if r.now is None else r.now
+                extra = dict(r.extra or {})
+                series = (*r.key, _group(r.key, r.losses))
+                step, epoch = progress_of(extra)
+                point, bucket = self._bucket(series, (math.floor(now / self.interval) * self.interval, step, epoch))
+                bucket.add_sums(r.losses, r.calibration, r.rows, r.tokens, now, extra)
+                touched[series, point] = (bucket, now)
+            if self._store is not None:
+                for (series, point), (bucket, now) in touched.items():
+                    self._write(series, point, bucket, now)
+
+    def _bucket(self, series: _Series, point: _Point) -> tuple[_Point, _Bucket]:
+        """The bucket of ``point`` in ``series`` (made if new: the series is the most recent from now on)."""
         buckets = self._series.get(series)
         if buckets is None:
             buckets = self._series[series] = OrderedDict()
@@ -199,6 +238,10 @@ class History:
             bucket = buckets[point] = _Bucket(self.bins)
             while len(buckets) > self.max_points:
                 buckets.popitem(last=False)
+        return point, bucket
+
+    def _merge(self, series: _Series, point: _Point, part: _Bucket) -> _Bucket:
+        bucket = self._bucket(series, point)[1]
         bucket.add(part)
         return bucket
 

@@ -141,28 +141,43 @@ class Admission:
         for costs in (tag_costs(bins), function_costs(False), function_costs(True)):
             budget.reserve(costs)  # the folded (__other__) series of each group never pass the caps
 
-    def _value(self, label: str, value: str) -> str:
+    def _value(self, label: str, value: str, folds: list[str]) -> str:
         reason = self.guard.refusal(label, value)
         if reason is None:
             return value
-        self._on_fold(reason)
+        folds.append(reason)
         return OTHER
 
-    def tags(self, model: str, dataset: str, split: str) -> tuple[str, str, str]:
-        """(model, dataset, split) as exported: themselves, or folded into ``__other__`` (and counted)."""
-        key = (self._value("model", model), self._value("dataset", dataset), self._value("split", split))
-        reason = self.budget.admit("tags", key, tag_costs(self.bins))
-        if reason is None:
-            return key
-        self._on_fold(reason)
-        return FOLDED_TAGS
+    def _counted(self, folds: list[str], given: list[str] | None) -> None:
+        if given is not None:
+            given.extend(folds)  # the caller counts them (on every observation they apply to)
+        else:
+            for reason in folds:
+                self._on_fold(reason)
 
-    def function(self, key: tuple[str, str, str], alias: str, function: str) -> tuple[tuple[str, ...], bool]:
-        """The labels (tags + function) of a result's numerator and denominator, and whether it is a metric."""
+    def tags(self, model: str, dataset: str, split: str, *, folds: list[str] | None = None) -> tuple[str, str, str]:
+        """(model, dataset, split) as exported: themselves, or folded into ``__other__``.
+
+        The reasons of the folds go to ``on_fold``, or into ``folds`` when given."""
+        reasons: list[str] = []
+        key = (self._value("model", model, reasons), self._value("dataset", dataset, reasons), self._value("split", split, reasons))
+        refusal = self.budget.admit("tags", key, tag_costs(self.bins))
+        if refusal is not None:
+            reasons.append(refusal)
+            key = FOLDED_TAGS
+        self._counted(reasons, folds)
+        return key
+
+    def function(
+        self, key: tuple[str, str, str], alias: str, function: str, *, folds: list[str] | None = None
+    ) -> tuple[tuple[str, ...], bool]:
+        """The labels (tags + function) of a result's numerator and denominator, and whether it is a metric (folds: see :meth:`tags`)."""
         metric = is_metric_family(get_function(function).family)
-        labels = (*key, self._value("function", function_label(alias, function)))
-        reason = self.budget.admit("metric_functions" if metric else "loss_functions", labels, function_costs(metric))
-        if reason is None:
-            return labels, metric
-        self._on_fold(reason)
-        return (*FOLDED_TAGS, OTHER), metric
+        reasons: list[str] = []
+        labels: tuple[str, ...] = (*key, self._value("function", function_label(alias, function), reasons))
+        refusal = self.budget.admit("metric_functions" if metric else "loss_functions", labels, function_costs(metric))
+        if refusal is not None:
+            reasons.append(refusal)
+            labels = (*FOLDED_TAGS, OTHER)
+        self._counted(reasons, folds)
+        return labels, metric

@@ -3,44 +3,79 @@
 The servicer's subscribers run on the event loop right after a response is
 produced; they only :meth:`Worker.submit` the event here, so that no response
 waits for monitoring. One thread keeps the events in order (a stream's messages
-before its result). Memory is bounded: past ``max_events`` queued events or
-``max_bytes`` of tensors they hold, new events are dropped and counted, never
-queued (one event is always admitted into an empty queue, and small control
-events, which hold no tensors, get four times the event bound before they are
-dropped too). :meth:`Worker.flush` waits until everything submitted before it is
-done (tests, and a scrape that must see the responses sent before it).
+before its result). When several are queued it takes them together, up to
+``max_batch``, and hands them, in order, to ``handle_batch`` (when set; else
+to ``handle`` one at a time): under load the per-batch work (metric updates,
+history writes) is paid once for all of them. Memory is bounded: past
+``max_events`` queued events or ``max_bytes`` of tensors they hold, new events
+are dropped and counted, never queued (one event is always admitted into an
+empty queue, and small control events, which hold no tensors, get four times
+the event bound before they are dropped too). An event counts against the bounds
+until the batch it was taken in is handled. :meth:`Worker.flush` waits until
+everything submitted before it is done (tests, and a scrape that must see the
+responses sent before it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Generic, TypeVar
 
 __all__ = ["Worker"]
 
 T = TypeVar("T")
 
+log = logging.getLogger("lossd.monitoring")
+
+# Events handed to ``handle_batch`` at most at once: a flush never waits for more than this many behind it.
+MAX_BATCH = 64
+
 
 class Worker(Generic[T]):
-    """Runs ``handle(item)`` for each submitted item, in order, on one daemon-like worker thread."""
+    """Runs ``handle(item)`` (or ``handle_batch(items)``, see :meth:`handle_batches`) for each submitted item, in order, on one daemon thread."""
 
     def __init__(
-        self, handle: Callable[[T], None], *, max_events: int, max_bytes: int, on_drop: Callable[[T], None], name: str = "lossd-monitoring"
+        self,
+        handle: Callable[[T], None],
+        *,
+        max_events: int,
+        max_bytes: int,
+        on_drop: Callable[[T], None],
+        name: str = "lossd-monitoring",
+        max_batch: int = MAX_BATCH,
     ) -> None:
-        if max_events < 1 or max_bytes < 1:
-            raise ValueError(f"max_events and max_bytes: expected >= 1, got {max_events} and {max_bytes}")
+        if max_events < 1 or max_bytes < 1 or max_batch < 1:
+            raise ValueError(f"max_events, max_bytes and max_batch: expected >= 1, got {max_events}, {max_bytes} and {max_batch}")
         self._handle = handle
+        self._handle_batch: Callable[[Sequence[T]], None] | None = None
+        self._initializer: Callable[[], None] | None = None
         self._on_drop = on_drop
         self.max_events = max_events
         self.max_bytes = max_bytes
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.max_batch = max_batch
+        self.name = name
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[tuple[T, int]] = deque()
         self._events = 0
         self._bytes = 0
-        self._last: Future[None] | None = None
+        self._submitted = 0  # items accepted so far
+        self._done = 0  # items handled so far
+        self._waiters: deque[tuple[int, Future[None]]] = deque()  # (items that must be done, future), ascending
+        self._thread: threading.Thread | None = None
+        self._sleeping = False
+        self._closed = False
+
+    def handle_batches(self, handle_batch: Callable[[Sequence[T]], None], *, initializer: Callable[[], None] | None = None) -> None:
+        """Hand queued items to ``handle_batch`` together (in order) instead of to ``handle`` one at a time; call before submitting.
+
+        ``initializer`` runs first on the worker thread (per-thread library state)."""
+        self._handle_batch, self._initializer = handle_batch, initializer
 
     @property
     def pending(self) -> tuple[int, int]:
@@ -51,48 +86,101 @@ class Worker(Generic[T]):
     def submit(self, item: T, nbytes: int, *, control: bool = False) -> bool:
         """Queue ``item`` (holding ``nbytes`` of tensors); False (and ``on_drop``) when the queue is full."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.name}: cannot queue work after close()")
             limit = self.max_events * (4 if control else 1)
             full = self._events + 1 > limit or (self._events > 0 and self._bytes + nbytes > self.max_bytes)
             if not full:
                 self._events += 1
                 self._bytes += nbytes
-                self._last = self._pool.submit(self._run, item, nbytes)
+                self._submitted += 1
+                self._queue.append((item, nbytes))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                    self._thread.start()
+                elif self._sleeping:
+                    self._wake.notify()
         if full:
             self._on_drop(item)
         return not full
 
-    def _run(self, item: T, nbytes: int) -> None:
-        try:
-            self._handle(item)
-        finally:
-            with self._lock:
-                self._events -= 1
-                self._bytes -= nbytes
+    def _take(self) -> list[tuple[T, int]] | None:
+        """The next batch, waiting for one; None once closed and drained."""
+        with self._lock:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._sleeping = True
+                self._wake.wait()
+                self._sleeping = False
+            n = min(len(self._queue), self.max_batch)
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _loop(self) -> None:
+        if self._initializer is not None:
+            try:
+                self._initializer()
+            except Exception:
+                log.exception("%s: the thread's initializer raised", self.name)
+        while (batch := self._take()) is not None:
+            try:
+                if self._handle_batch is not None:
+                    self._handle_batch([item for item, _ in batch])
+                else:
+                    for item, _ in batch:
+                        self._handle(item)
+            except Exception:  # handlers count their own failures; this thread must outlive any
+                log.exception("%s: a handler raised", self.name)
+            finally:
+                self._finished(batch)
+
+    def _finished(self, batch: list[tuple[T, int]]) -> None:
+        with self._lock:
+            self._events -= len(batch)
+            self._bytes -= sum(nbytes for _, nbytes in batch)
+            self._done += len(batch)
+            ready = []
+            while self._waiters and self._waiters[0][0] <= self._done:
+                ready.append(self._waiters.popleft()[1])
+        for future in ready:
+            future.set_result(None)
+
+    def _done_future(self) -> Future[None] | None:
+        """A future done once every item submitted so far is handled; None when they already are."""
+        with self._lock:
+            target = self._submitted
+            if self._done >= target:
+                return None
+            if self._waiters and self._waiters[-1][0] == target:
+                return self._waiters[-1][1]  # a flush already waits for the same items
+            future: Future[None] = Future()
+            self._waiters.append((target, future))
+            return future
 
     def flush_sync(self, timeout: float | None = None) -> bool:
         """Block until every item submitted so far is handled; False on timeout."""
-        with self._lock:
-            last = self._last
-        if last is None:
+        future = self._done_future()
+        if future is None:
             return True
         try:
-            last.result(timeout)
+            future.result(timeout)
         except TimeoutError:
             return False
         return True
 
     async def flush(self, timeout: float | None = None) -> bool:
         """:meth:`flush_sync` without blocking the event loop."""
-        with self._lock:
-            last = self._last
-        if last is None or last.done():
+        future = self._done_future()
+        if future is None:
             return True
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(last)), timeout)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
         except TimeoutError:
             return False
         return True
 
     def close(self) -> None:
         """Stop taking work; what is queued still runs."""
-        self._pool.shutdown(wait=False)
+        with self._lock:
+            self._closed = True
+            self._wake.notify()

@@ -1,0 +1,97 @@
+"""The small-batch calibration path gives the general path's counters bit for bit (ties, edges, non-finite rows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lossd.kernels import evaluate
+from lossd.server.monitoring import calibration, calibration_counts
+from lossd.server.monitoring.small_calibration import SMALL_ELEMENTS, is_small
+
+BINS = (10, 15, 7)
+
+
+def _hostile_logits(g: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Random scores with tied rows (top-1 exactly 1/2, 1/3: bin edges), huge and non-finite entries."""
+    z = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    flat = z.reshape(-1, shape[-1])
+    flat[0::7, :2] = 1.25  # two tied maxima: confidence exactly 1/2 when the rest is far below
+    flat[0::7, 2:] = -80.0
+    flat[3::11, :3] = 0.0  # three tied maxima: 1/3
+    flat[3::11, 3:] = -90.0
+    flat[5::13] *= 40  # maxima beyond ±60: the shifted exponentials
+    flat[1::17, 1] = float("inf")
+    flat[2::19, 0] = float("nan")
+    flat[4::23, :] = float("-inf")
+    return z.to(dtype)
+
+
+def _labels(g: torch.Generator, shape: tuple[int, ...], k: int) -> torch.Tensor:
+    y = torch.randint(0, k, shape, generator=g)
+    flat = y.reshape(-1)
+    flat[6::9] = -100  # the default ignore_index: never binned
+    return y
+
+
+def _both_paths(monkeypatch: pytest.MonkeyPatch, tensors: dict[str, torch.Tensor], functions: list[Any], bins: int) -> tuple[Any, Any]:
+    evaluation = evaluate(tensors, functions, nan_policy="propagate")
+    small = calibration_counts(evaluation.batch, evaluation.prepared, bins)
+    with monkeypatch.context() as m:
+        m.setattr(calibration, "is_small", lambda z, class_dim: False)
+        general = calibration_counts(evaluate(tensors, functions, nan_policy="propagate").batch, evaluation.prepared, bins)
+    return small, general
+
+
+def _assert_identical(small: Any, general: Any) -> None:
+    assert isinstance(small, calibration.Calibration) and isinstance(general, calibration.Calibration)
+    for field in ("count", "confidence", "correct"):
+        a, b = getattr(small, field), getattr(general, field)
+        assert a.dtype == b.dtype == np.float64 and a.shape == b.shape
+        assert a.tobytes() == b.tobytes(), f"{field}: {a} != {b}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 10), (1, 3), (257, 2), (300, 100)])
+def test_multiclass_counters_equal_the_general_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(shape[0] * shape[1])
+    tensors = {"logits": _hostile_logits(g, shape, dtype), "labels": _labels(g, shape[:1], shape[1])}
+    assert is_small(tensors["logits"], 1)
+    for bins in BINS:
+        small, general = _both_paths(monkeypatch, tensors, ["cross_entropy"], bins)
+        _assert_identical(small, general)
+        assert small.total > 0
+
+
+def test_float_labels_ece_memo_and_ignore_index_equal_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(7)
+    logits = _hostile_logits(g, (128, 6), torch.float32)
+    labels = _labels(g, (128,), 6)
+    labels[labels == -100] = 3  # this request's ignore_index (the others count these rows)
+    labels = labels.to(torch.float32)  # integer-valued floats: rounded and cast, as the general path does
+    functions = [{"name": "cross_entropy", "params": {"ignore_index": 3}}, "ece", "accuracy"]
+    small, general = _both_paths(monkeypatch, {"logits": logits, "labels": labels}, functions, 15)
+    _assert_identical(small, general)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_token_level_counters_equal_the_general_path(monkeypatch: pytest.MonkeyPatch, shift: bool) -> None:
+    g = torch.Generator().manual_seed(11)
+    logits = _hostile_logits(g, (4, 9, 33), torch.float32)
+    labels = _labels(g, (4, 9), 33)
+    functions = [{"name": "lm_cross_entropy", "params": {"shift": shift}}]
+    assert is_small(logits, 2)
+    small, general = _both_paths(monkeypatch, {"logits": logits, "labels": labels}, functions, 15)
+    _assert_identical(small, general)
+
+
+def test_large_non_class_last_and_shape_mismatch_take_or_refuse_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = torch.randn(SMALL_ELEMENTS // 8 + 1, 8)
+    assert not is_small(big, 1) and not is_small(torch.randn(4, 3, 5), 1) and not is_small(torch.randn(8, 4).t(), 1)
+    evaluation = evaluate({"logits": torch.randn(6, 4), "labels": torch.randint(0, 4, (6,))}, ["cross_entropy"])
+    mismatched = {**evaluation.batch.tensors, "labels": torch.randint(0, 4, (6, 1))}
+    evaluation.batch.tensors = mismatched
+    assert calibration_counts(evaluation.batch, evaluation.prepared, 15) == "shape_mismatch"
