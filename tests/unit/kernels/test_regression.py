@@ -267,7 +267,13 @@ P, T = torch.randn(4, 3), torch.randn(4, 3)
             r"expected shape \[4, 3\]",
         ),
         ("gaussian_nll", {"predictions": P, "targets": T}, {}, "tensors.variance", "needs role 'variance'"),
-        ("gaussian_nll", {"predictions": P, "targets": T, "variance": torch.ones(4, 3)}, {"eps": 0.0}, "functions[0].params.eps", r"in \(0, 1e\+30\]"),
+        (
+            "gaussian_nll",
+            {"predictions": P, "targets": T, "variance": torch.ones(4, 3)},
+            {"eps": 0.0},
+            "functions[0].params.eps",
+            r"in \(0, 1e\+30\]",
+        ),
         ("poisson_nll", {"predictions": P, "targets": -T.abs() - 1}, {}, "tensors.targets", "non-negative counts"),
         (
             "poisson_nll",
