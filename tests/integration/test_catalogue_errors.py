@@ -143,12 +143,15 @@ def test_unknown_parameter(stub, name):
 
 def out_of_range(p: Param) -> list[float]:
     """Return values just outside each declared bound (the bound itself when it is exclusive)."""
-    step = 1 if p.kind == "int" else 1e-3
+
+    def step(bound: float) -> float:  # relative for floats: 1e30 + 1e-3 is 1e30
+        return 1 if p.kind == "int" else max(1e-3, abs(bound) * 1e-6)
+
     bad = []
     if p.minimum is not None:
-        bad.append(p.minimum if p.exclusive_minimum else p.minimum - step)
+        bad.append(p.minimum if p.exclusive_minimum else p.minimum - step(p.minimum))
     if p.maximum is not None:
-        bad.append(p.maximum if p.exclusive_maximum else p.maximum + step)
+        bad.append(p.maximum if p.exclusive_maximum else p.maximum + step(p.maximum))
     return bad
 
 
