@@ -22,7 +22,8 @@ from integration.wire_recording import RecordingInterceptor
 
 from lossd.client import AsyncClient, Client
 from lossd.client.errors import InvalidArgumentError, LossdError
-from lossd.client.shared_memory import SEGMENT_DIRECTORY, SharedBatch, is_local_address
+from lossd.client.settings import is_loopback
+from lossd.client.shared_memory import SEGMENT_DIRECTORY, SharedBatch
 from lossd.v1 import lossd_pb2 as pb
 
 pytestmark = pytest.mark.skipif(not SEGMENT_DIRECTORY.is_dir(), reason="POSIX shared memory (/dev/shm) is Linux-only")
@@ -95,8 +96,8 @@ def test_a_refusing_server_gets_the_wire_with_a_logged_reason(address: str, capl
 
 
 def test_a_remote_server_gets_the_wire(caplog: pytest.LogCaptureFixture) -> None:
-    assert is_local_address("127.0.0.1:1") and is_local_address("localhost:1") and is_local_address("[::1]:1")
-    assert is_local_address("unix:/tmp/lossd.sock") and not is_local_address("10.1.2.3:50051")
+    assert is_loopback("127.0.0.1:1") and is_loopback("localhost:1") and is_loopback("[::1]:1")
+    assert is_loopback("unix:/tmp/lossd.sock") and not is_loopback("10.1.2.3:50051")
     with caplog.at_level(logging.WARNING, logger="lossd.client"), Client("192.0.2.1:50051", shared_memory=True) as client:
         assert not client.core.shared_memory
     assert any("not on this host" in r.getMessage() for r in caplog.records)

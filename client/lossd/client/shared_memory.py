@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import logging
 import mmap
 import os
@@ -59,6 +58,7 @@ import numpy as np
 from lossd.client.codec import dtype_of
 from lossd.client.errors import InvalidArgumentError
 from lossd.client.messages import batch_bytes, tags_proto
+from lossd.client.settings import is_loopback
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = [
@@ -66,7 +66,6 @@ __all__ = [
     "SEGMENT_DIRECTORY",
     "SegmentPool",
     "SharedBatch",
-    "is_local_address",
     "refusal_reason",
     "sweep_stale_segments",
 ]
@@ -80,20 +79,6 @@ POOL_SEGMENTS = 4  # idle segments a client keeps for reuse
 POOL_BYTES = 1 << 30  # idle bytes a client keeps for reuse (tmpfs pages are memory)
 _ALIGN = 64  # each tensor starts on a cache line
 _OWN_SEGMENT = re.compile(r"lossd_(\d+)_[0-9a-f]{32}")
-
-
-def is_local_address(address: str) -> bool:
-    """Whether ``address`` (``host:port`` or ``unix:path``) is this host: loopback or a unix socket."""
-    if address.startswith("unix:"):
-        return True
-    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def refusal_reason(exc: InvalidArgumentError) -> str | None:
@@ -303,6 +288,6 @@ def local_or_reason(address: str) -> str | None:
     """None when shared memory can reach the server at ``address``, else why not."""
     if not SEGMENT_DIRECTORY.is_dir():
         return f"this host has no {SEGMENT_DIRECTORY} (POSIX shared memory)"
-    if not is_local_address(address):
+    if not is_loopback(address):  # the one rule of "this host" (settings: plaintext/token checks use it too)
         return f"the server {address} is not on this host (loopback or unix socket)"
     return None

@@ -8,7 +8,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from lossd.client.shared_memory import is_local_address, sweep_stale_segments
+from lossd.client.settings import is_loopback
+from lossd.client.shared_memory import sweep_stale_segments
 
 
 def dead_pid() -> int:
@@ -33,9 +34,9 @@ def test_sweep_of_a_missing_directory_is_a_no_op(tmp_path: Path) -> None:
 
 def test_local_addresses() -> None:
     for address in ("127.0.0.1:50051", "127.1.2.3:1", "localhost:50051", "[::1]:50051", "unix:/run/lossd.sock", "unix:///run/x"):
-        assert is_local_address(address), address
+        assert is_loopback(address), address
     for address in ("10.0.0.1:50051", "lossd.example:50051", "[2001:db8::1]:50051", "0.0.0.0:50051"):
-        assert not is_local_address(address), address
+        assert not is_loopback(address), address
 
 
 FORKED = """
