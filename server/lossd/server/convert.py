@@ -12,6 +12,7 @@ import torch
 from google.protobuf import json_format, struct_pb2
 
 from lossd.client.codec import dtype_name, encode_tensor
+from lossd.client.local import state_to_proto  # one encoding of a State: compute="local" sends what the server would
 from lossd.kernels import CODES, Evaluation, FunctionDef, FunctionSpec, State, get_function
 from lossd.kernels.diagnostics import Diagnostic
 from lossd.kernels.errors import InvalidInput
@@ -164,17 +165,6 @@ def state_from_proto(state: pb.State, path: str) -> State:
     decoded = State.from_arrays(state.function, state.version, state.params_json, arrays, batches=max(1, state.batches))
     check_state(decoded, fdef.fields, params, path)
     return decoded
-
-
-def state_to_proto(state: State) -> pb.State:
-    """A state as it travels back to the client."""
-    return pb.State(
-        function=state.function,
-        version=state.version,
-        params_json=state.params,
-        fields={k: encode_tensor(v, k) for k, v in state.to_arrays().items()},
-        batches=state.batches,
-    )
 
 
 def diagnostic_to_proto(d: Diagnostic) -> pb.Diagnostic:
