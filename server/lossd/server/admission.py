@@ -61,7 +61,11 @@ class AdmissionLimits:
     compute_threads: int = 2
     retry_after_seconds: float = 1.0
     inline_request_bytes: int = 64 << 10  # work this small (with inline=True) runs on the event loop; 0: never
-    inline_memory_bytes: int = 4 << 20  # ... when its functions' memory estimate is at most this (the servicer checks)
+
+    @property
+    def inline_memory_bytes(self) -> int:
+        """Inline work must also have a memory estimate at most this (the servicer checks): 64 times its byte bound."""
+        return 64 * self.inline_request_bytes
 
 
 class Lane:

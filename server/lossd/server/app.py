@@ -177,7 +177,6 @@ async def create_server(
                 compute_threads=settings.compute_threads,
                 retry_after_seconds=settings.retry_after_seconds,
                 inline_request_bytes=settings.inline_request_bytes,
-                inline_memory_bytes=64 * settings.inline_request_bytes,
             )
         ),
         budget=Budget(settings.max_request_memory_bytes, settings.max_message_bytes),
