@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     reuse_large_buffers: bool = Field(
         True, description="keep freed message buffers for the next request (glibc): fewer page faults, RSS stays at its high-water mark"
     )
+    malloc_arenas: int = Field(
+        2,
+        ge=0,
+        le=1024,
+        description="glibc malloc arenas at most (0: glibc's 8 per core); fewer arenas keep idle RSS low and steady (MALLOC_ARENA_MAX wins when set)",
+    )
     # -- security (README "Security") --
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve gRPC and HTTPS over TLS (with tls_key_file)")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")

@@ -82,3 +82,37 @@ def test_admission_calls_its_idle_hook_when_the_last_call_ends() -> None:
         return seen
 
     assert asyncio.run(main()) == [0]
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_malloc_arenas_bounded_unless_the_operator_set_malloc_arena_max() -> None:
+    # Threads started after the bound share it: 8 allocating threads, at most 2 arenas (a thread arena's heap is a 64 MiB-aligned mapping).
+    code = """
+import re, sys, threading
+from lossd.server.allocator import limit_malloc_arenas
+applied = limit_malloc_arenas(int(sys.argv[1]))
+def work():
+    keep = [bytearray(4096) for _ in range(2000)]
+    barrier.wait()
+barrier = threading.Barrier(8)
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+heaps = 0
+for line in open("/proc/self/maps"):
+    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+    heaps += lo % (64 << 20) == 0 and len(line.split()) == 5 and line.split()[1].startswith("rw")
+print(applied, heaps)
+"""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    run = lambda arenas, extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code, str(arenas)], capture_output=True, text=True, check=True, env={**env, **extra}
+    ).stdout.split()
+    applied, heaps = run(2, {})
+    assert applied == "True" and int(heaps) <= 1  # the main arena is the heap; one thread arena at most besides it
+    applied, heaps = run(0, {})
+    assert applied == "False" and int(heaps) >= 4  # glibc's default: a thread arena per allocating thread
+    applied, _ = run(2, {"MALLOC_ARENA_MAX": "4"})
+    assert applied == "False"  # the operator's setting stands
