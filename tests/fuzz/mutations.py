@@ -305,11 +305,23 @@ def hostile_value(rng: random.Random, depth: int = 0) -> struct_pb2.Value:
         v.bool_value = rng.random() < 0.5
     elif choice < 0.8:
         v.null_value = struct_pb2.NULL_VALUE
+    elif choice < 0.81 and depth == 0:  # nested about as deep as protobuf parses (100 message levels, ~32 JSON objects)
+        v.CopyFrom(deep_value(rng.choice((10, 25, 32))))
     elif choice < 0.9 and depth < 3:
         v.list_value.values.extend(hostile_value(rng, depth + 1) for _ in range(rng.choice((0, 1, 3, 20))))
     elif depth < 3:
         v.struct_value.fields["k"].CopyFrom(hostile_value(rng, depth + 1))
     # else: an empty Value (no kind set)
+    return v
+
+
+def deep_value(depth: int) -> struct_pb2.Value:
+    """A Value of objects nested ``depth`` deep."""
+    v = struct_pb2.Value(number_value=1.0)
+    for _ in range(depth):
+        outer = struct_pb2.Value()
+        outer.struct_value.fields["k"].CopyFrom(v)
+        v = outer
     return v
 
 

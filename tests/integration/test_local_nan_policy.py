@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lossd.client import AsyncClient, Client, EvaluationResult
+from lossd.client.errors import FieldViolation, InvalidArgumentError
 
 FUNCTIONS = ["cross_entropy", "accuracy"]
 BAD_ROW = 3  # of batch 1
@@ -48,11 +49,11 @@ async def as_async(items: list[dict[str, np.ndarray]]) -> AsyncIterator[dict[str
         yield item
 
 
-def async_local(address: str, nan_policy: str, *, async_batches: bool = False) -> EvaluationResult:
+def async_local(address: str, nan_policy: str, *, async_batches: bool = False, request_id: str | None = None) -> EvaluationResult:
     async def main() -> EvaluationResult:
         async with AsyncClient(address, timeout=30) as client:
             source = as_async(batches()) if async_batches else batches()
-            return await client.evaluate_stream(source, FUNCTIONS, compute="local", nan_policy=nan_policy)
+            return await client.evaluate_stream(source, FUNCTIONS, compute="local", nan_policy=nan_policy, request_id=request_id)
 
     return asyncio.run(main())
 
@@ -70,20 +71,54 @@ def test_omit_drops_the_same_rows_locally_in_both_clients_and_on_the_server(addr
         assert len(first) == 1 and first[0].startswith("batch 1 "), result.diagnostics
 
 
-def test_raise_names_the_tensor_and_index_locally_in_both_clients_and_on_the_server(address: str) -> None:
-    messages = []
+def test_raise_names_the_tensor_index_and_batch_locally_in_both_clients_and_on_the_server(address: str) -> None:
+    errors: list[InvalidArgumentError] = []
     with Client(address, timeout=30) as client:
         for compute in ("server", "local"):
-            with pytest.raises(ValueError) as info:
-                client.evaluate_stream(batches(), FUNCTIONS, compute=compute, nan_policy="raise")
-            messages.append(str(info.value))
-    with pytest.raises(ValueError) as async_info:
-        async_local(address, "raise")
-    messages.append(str(async_info.value))
+            with pytest.raises(InvalidArgumentError) as info:
+                client.evaluate_stream(batches(), FUNCTIONS, compute=compute, nan_policy="raise", request_id="nan-stream")
+            errors.append(info.value)
+    with pytest.raises(InvalidArgumentError) as async_info:
+        async_local(address, "raise", request_id="nan-stream")
+    errors.append(async_info.value)
     flat_index = BAD_ROW * 5 + 2
-    for message in messages:
-        assert f"tensors.logits: holds NaN at flat index {flat_index} (row {BAD_ROW})" in message, messages
-        assert "nan_policy='raise'" in message
+    expected = (
+        f"holds NaN at flat index {flat_index} (row {BAD_ROW}); nan_policy='raise' refuses NaN and infinite values "
+        "(nan_policy='omit' drops such rows, 'propagate' computes NaN values); in batch 1 (request id 'nan-stream')"
+    )
+    for error in errors:
+        assert error.violations == [FieldViolation("tensors.logits", expected)], errors
+        assert str(error) == f"INVALID_ARGUMENT: tensors.logits: {expected}"
+
+
+@pytest.mark.parametrize("compute", ["server", "local"])
+def test_a_run_names_the_batch_that_raised_and_keeps_going(address: str, compute: str) -> None:
+    data = batches()
+    with Client(address, timeout=30) as client:
+        run = client.run(FUNCTIONS, compute=compute, nan_policy="raise")
+        run.update(data[0])
+        with pytest.raises(InvalidArgumentError) as info:
+            run.update(data[1])
+        run.update(data[2])
+        totals = values(run.result())
+    (violation,) = info.value.violations
+    assert violation.field == "tensors.logits"
+    assert f"(row {BAD_ROW}); nan_policy='raise'" in violation.description
+    assert violation.description.endswith("; in batch 1" if compute == "local" else "')")
+    assert "; in batch 1 (request id '" in violation.description or compute == "local"
+    both = [data[0], data[2]]
+    logits = torch.from_numpy(np.concatenate([b["logits"] for b in both])).double()
+    labels = torch.from_numpy(np.concatenate([b["labels"] for b in both]))
+    assert totals["cross_entropy"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-6)
+
+
+def test_a_local_stream_carries_its_request_id(address: str) -> None:
+    with Client(address, timeout=30) as client:
+        local = client.evaluate_stream(batches(), FUNCTIONS, compute="local", nan_policy="omit", request_id="local-7")
+    for result in (local, async_local(address, "omit", request_id="local-7")):
+        assert result.response.request_id == "local-7"
+        (first,) = [d.message for d in result.diagnostics if d.code == "first_nonfinite_batch"]
+        assert first.startswith("batch 1 (request id 'local-7') first brought NaN"), first
 
 
 def test_propagate_is_the_default_locally_in_both_clients(address: str) -> None:

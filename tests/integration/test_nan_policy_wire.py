@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lossd.client import Client
-from lossd.client.errors import InvalidArgumentError
+from lossd.client.codec import encode_tensor
+from lossd.client.errors import InvalidArgumentError, from_rpc_error
+from lossd.v1 import lossd_pb2 as pb
+from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 N, K = 32, 4
 
@@ -94,13 +98,32 @@ def test_stream_names_the_first_batch_with_nan_and_omits(client: Client) -> None
     message = next(d.message for d in out.diagnostics if d.code == "first_nonfinite_batch")
     assert message.startswith("batch 1 (request id 'stream-1') first brought NaN")
     with pytest.raises(InvalidArgumentError) as info:
-        client.evaluate_stream(batches, ["cross_entropy"], nan_policy="raise")
-    assert info.value.violations[0].field == "tensors.logits"
+        client.evaluate_stream(batches, ["cross_entropy"], nan_policy="raise", request_id="stream-2")
+    (violation,) = info.value.violations
+    assert violation.field == "tensors.logits"
+    assert violation.description.startswith("holds NaN at flat index 9 (row 2); nan_policy='raise'")
+    assert violation.description.endswith("; in batch 1 (request id 'stream-2')")
+
+
+def test_raw_stream_raise_names_the_batch_of_a_batch_sent_in_parts(address: str) -> None:
+    """Parts sharing a batch_id are one batch: a NaN in the second part of the second batch is in batch 1."""
+    second = batch(9, nan_row=20)
+    tensors = [batch(8), {k: v[:16] for k, v in second.items()}, {k: v[16:] for k, v in second.items()}]
+    messages = [pb.EvaluateRequest(tensors={k: encode_tensor(v, k) for k, v in t.items()}) for t in tensors]
+    messages[0].functions.add(name="cross_entropy")
+    messages[0].request_id, messages[0].nan_policy = "raw-3", pb.NAN_POLICY_RAISE
+    messages[1].batch_id = messages[2].batch_id = "b1"
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.LossServiceStub(channel).EvaluateStream(iter(messages), timeout=30)
+    error = from_rpc_error(info.value)  # type: ignore[arg-type]
+    assert isinstance(error, InvalidArgumentError)
+    (violation,) = error.violations
+    assert violation.field == "tensors.logits"
+    assert violation.description.endswith("; in batch 1 (batch_id 'b1', request id 'raw-3')"), violation.description
 
 
 def test_gateway_body_carries_nan_policy() -> None:
     from lossd.server.gateway.models import EvaluateBody, request_to_proto
-    from lossd.v1 import lossd_pb2 as pb
 
     tensors = {
         "logits": {"dtype": "float32", "shape": [1, 2], "data": [[0.0, "nan"]]},

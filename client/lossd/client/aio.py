@@ -142,7 +142,9 @@ class AsyncClient(ClientBase):
         INVALID_ARGUMENT with its field violations is part of this API.
         """
         if check_compute(compute) == "local":
-            run = self.run(functions, tags=tags, timeout=timeout, compute="local", nan_policy=nan_policy)
+            specs, tags_msg = run_arguments(functions, tags)
+            rid = request_id or new_request_id()  # one id for the stream's calls and its batches, as a server stream has
+            run = AsyncRun(self, specs, tags=tags_msg, timeout=timeout, compute="local", nan_policy=nan_policy, request_id=rid)
             return await local_stream_async(run, batches, return_state=return_state)
         loop = asyncio.get_running_loop()
         blocking = self._blocking_client()

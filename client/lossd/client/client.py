@@ -144,7 +144,9 @@ class Client(ClientBase):
         diagnostic names the first batch that brought NaN or inf.
         """
         if check_compute(compute) == "local":
-            run = self.run(functions, tags=tags, timeout=timeout, compute="local", nan_policy=nan_policy)
+            specs, tags_msg = run_arguments(functions, tags)
+            rid = request_id or new_request_id()  # one id for the stream's calls and its batches, as a server stream has
+            run = Run(self, specs, tags=tags_msg, timeout=timeout, compute="local", nan_policy=nan_policy, request_id=rid)
             return local_stream(run, batches, return_state=return_state)
         stream = open_stream(
             self, batches, functions, tags=tags, return_state=return_state, timeout=timeout, request_id=request_id, nan_policy=nan_policy

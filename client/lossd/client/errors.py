@@ -31,15 +31,19 @@ that cannot be encoded), both ``ValueError`` subclasses; ``TypeError`` /
 ``ValueError`` for other bad arguments.
 
 Map a ``grpc.RpcError`` with ``raise from_rpc_error(exc) from exc``.
+``compute="local"`` raises the :class:`InvalidArgumentError` the server would
+answer for the same bad batch (:func:`invalid_argument`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 __all__ = [
@@ -64,6 +68,8 @@ __all__ = [
     "STATUS_ERRORS",
     "error_class",
     "from_rpc_error",
+    "invalid_argument",
+    "naming_batch",
     "retry_pushback_ms",
     "PUSHBACK_KEY",
 ]
@@ -293,6 +299,24 @@ STATUS_ERRORS: dict[grpc.StatusCode, type[LossdError]] = {
         UnauthenticatedError,
     )
 }
+
+
+def invalid_argument(violations: Sequence[tuple[str, str]], details: Sequence[any_pb2.Any] = ()) -> InvalidArgumentError:
+    """The InvalidArgumentError a server answers with for these (field, description) violations (and further status details)."""
+    bad = error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
+    )
+    packed = any_pb2.Any()
+    packed.Pack(bad)
+    message = "; ".join(f"{f}: {d}" for f, d in violations)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[packed, *details])
+    return InvalidArgumentError(message, status=status)
+
+
+def naming_batch(exc: InvalidArgumentError, batch: str) -> InvalidArgumentError:
+    """``exc`` with each violation saying which batch of a run or stream brought it (``batch``: see ``batch_label``)."""
+    others = [d for d in exc.status.details if not d.Is(error_details_pb2.BadRequest.DESCRIPTOR)] if exc.status is not None else []
+    return invalid_argument([(v.field, f"{v.description}; in {batch}") for v in exc.violations], others)
 
 
 def error_class(code: grpc.StatusCode) -> type[LossdError]:

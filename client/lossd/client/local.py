@@ -7,6 +7,10 @@ merges and finalizes (:mod:`lossd.client.run`). For [B, T, 128k] logits this
 is the only practical way to evaluate remotely: the wire carries bytes of the
 order of the state, not of the logits.
 
+Bad input raises what the server answers for the same batch: an
+:class:`~lossd.client.errors.InvalidArgumentError` with the same field
+violations (and the diagnostics found before the error, as status details).
+
 torch and the kernels stay optional for the client: they are imported when a
 local run is created, and their absence is a clear ``ImportError`` saying
 what to install.
@@ -17,20 +21,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf import json_format
+from google.protobuf import any_pb2, json_format
 
 from lossd.client.codec import encode_tensor
 from lossd.client.diagnostics import Diagnostic
+from lossd.client.errors import InvalidArgumentError, invalid_argument
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.messages import arrays_of
 from lossd.v1 import lossd_pb2 as pb
 
 if TYPE_CHECKING:
-    from lossd.kernels import State
+    from lossd.kernels import InvalidInput, State
 
 __all__ = ["COMPUTE_MODES", "LocalStates", "check_compute", "without_states"]
 
 COMPUTE_MODES = ("server", "local")
+_SEVERITY = {"info": pb.INFO, "warning": pb.WARNING, "error": pb.ERROR}
 INSTALL_HINT = (
     "compute='local' computes states in this process with lossd.kernels (and torch), which are not installed: pip install lossd-kernels"
 )
@@ -86,13 +92,16 @@ class LocalStates:
                 self.exact.add(spec.alias or spec.name)
 
     def evaluate(self, tensors: Mapping[str, Any]) -> tuple[dict[str, pb.State], list[Diagnostic]]:
-        """The states of one batch (alias -> State) and its diagnostics; bad input raises ``InvalidInput`` (a ValueError)."""
+        """The states of one batch (alias -> State) and its diagnostics; bad input raises ``InvalidArgumentError`` (a ValueError)."""
         arrays = arrays_of(tensors)
-        torch_tensors = {name: self._kernels.to_torch(array, name) for name, array in arrays.items()}
-        # No limit here: the server applies its exact-state limit when it merges the run's states.
-        evaluation = self._kernels.evaluate(
-            torch_tensors, self.specs, return_state=True, exact_state_limit=2**62, nan_policy=self.nan_policy
-        )
+        try:
+            torch_tensors = {name: self._kernels.to_torch(array, name) for name, array in arrays.items()}
+            # No limit here: the server applies its exact-state limit when it merges the run's states.
+            evaluation = self._kernels.evaluate(
+                torch_tensors, self.specs, return_state=True, exact_state_limit=2**62, nan_policy=self.nan_policy
+            )
+        except self._kernels.InvalidInput as exc:
+            raise as_invalid_argument(exc) from exc
         states: dict[str, pb.State] = {}
         for alias, result in evaluation.results.items():
             if result.state is None:
@@ -102,3 +111,13 @@ class LocalStates:
             states[alias] = state_to_proto(result.state)
         diagnostics = [Diagnostic(d.code, d.severity, d.message, d.function, d.count) for d in evaluation.diagnostics]
         return states, diagnostics
+
+
+def as_invalid_argument(exc: InvalidInput) -> InvalidArgumentError:
+    """The server's answer to a batch that raised ``exc`` (lossd.server.errors.status_for), as this client raises it."""
+    details = []
+    for d in exc.diagnostics:
+        packed = any_pb2.Any()
+        packed.Pack(pb.Diagnostic(code=d.code, severity=_SEVERITY[d.severity], message=d.message, function=d.function, count=d.count))
+        details.append(packed)
+    return invalid_argument([(v.field, v.description) for v in exc.violations], details)

@@ -26,6 +26,7 @@ __all__ = [
     "function_specs",
     "tags_proto",
     "new_request_id",
+    "batch_label",
     "nan_policy_value",
     "with_nan_policy",
     "arrays_of",
@@ -78,6 +79,12 @@ def tags_proto(tags: TagsLike) -> pb.Tags | None:
         if key not in _TAG_KEYS:
             extra[str(key)] = value
     return pb.Tags(**{k: v for k, v in tags.items() if k in _TAG_KEYS}, extra=extra)
+
+
+def batch_label(index: int, batch_id: str = "", request_id: str = "") -> str:
+    """Name batch ``index`` (from 0) of a run or stream, as errors and diagnostics do: batch 1 (batch_id 'b', request id 'r')."""
+    where = ", ".join(f"{k} {v[:64]!r}" for k, v in (("batch_id", batch_id), ("request id", request_id)) if v)
+    return f"batch {index}{f' ({where})' if where else ''}"
 
 
 def new_request_id() -> str:

@@ -28,22 +28,30 @@ states it is sent.
 computed in this process by :mod:`lossd.kernels` and only states travel: a
 ``Finalize`` of the merged bounded states with the batch's (no tensors).
 
+A batch refused as bad input raises the same
+:class:`~lossd.client.errors.InvalidArgumentError` whether computed here or on
+the server, each violation naming the batch (by index, and request id when the
+batch had one), as a stream's refusal does.
+
 A run needs only a way to send requests (:class:`Evaluator` or
 :class:`AsyncEvaluator`), not a particular client.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from lossd.client.diagnostics import Diagnostic, merge_diagnostics, merge_final_diagnostics
+from lossd.client.errors import InvalidArgumentError, naming_batch
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.local import LocalStates, check_compute, without_states
 from lossd.client.messages import (
     StatesLike,
     TagsLike,
     arrays_of,
+    batch_label,
     nan_policy_value,
     new_request_id,
     serialized_evaluate,
@@ -61,7 +69,13 @@ class Evaluator(Protocol):
     def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult: ...
 
     def finalize(
-        self, states: StatesLike, *, tags: TagsLike = None, return_state: bool = False, timeout: float | None = None
+        self,
+        states: StatesLike,
+        *,
+        tags: TagsLike = None,
+        return_state: bool = False,
+        timeout: float | None = None,
+        request_id: str | None = None,
     ) -> EvaluationResult: ...
 
 
@@ -71,7 +85,13 @@ class AsyncEvaluator(Protocol):
     async def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult: ...
 
     async def finalize(
-        self, states: StatesLike, *, tags: TagsLike = None, return_state: bool = False, timeout: float | None = None
+        self,
+        states: StatesLike,
+        *,
+        tags: TagsLike = None,
+        return_state: bool = False,
+        timeout: float | None = None,
+        request_id: str | None = None,
     ) -> EvaluationResult: ...
 
 
@@ -83,9 +103,17 @@ class _RunState:
     """The bookkeeping shared by :class:`Run` and :class:`AsyncRun` (no I/O)."""
 
     def __init__(
-        self, functions: Sequence[pb.FunctionSpec], tags: pb.Tags | None, timeout: float | None, compute: str, nan_policy: str | None
+        self,
+        functions: Sequence[pb.FunctionSpec],
+        tags: pb.Tags | None,
+        timeout: float | None,
+        compute: str,
+        nan_policy: str | None,
+        request_id: str = "",
     ) -> None:
         self.functions = list(functions)
+        # A local stream's id (evaluate_stream(compute="local")): its Finalize calls carry it, and it names its batches.
+        self.request_id = request_id
         self.nan_policy = nan_policy
         nan_policy_value(nan_policy)  # a bad name fails here, not at the first update
         if wants_per_element(self.functions):
@@ -105,6 +133,14 @@ class _RunState:
         self._nonfinite_seen = False
 
     # -- updates ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _naming_batch(self, request_id: str) -> Iterator[None]:
+        """A bad batch's InvalidArgumentError says which batch of the run it was (the server's for a stream does too)."""
+        try:
+            yield
+        except InvalidArgumentError as exc:
+            raise naming_batch(exc, batch_label(self._batches, request_id=request_id)) from exc
 
     def _request(self, tensors: Mapping[str, Any]) -> bytes:
         self._request_id = new_request_id()
@@ -150,7 +186,8 @@ class _RunState:
     def _local_batch(self, tensors: Mapping[str, Any]) -> tuple[dict[str, pb.State], list[tuple[str, pb.State]]]:
         """compute="local": this batch's states, and the bounded pairs for the server to merge (the run's, then the batch's)."""
         assert self.local is not None
-        states, self._local_diagnostics = self.local.evaluate(tensors)
+        with self._naming_batch(self.request_id):
+            states, self._local_diagnostics = self.local.evaluate(tensors)
         pairs: list[tuple[str, pb.State]] = []
         for alias, state in states.items():
             if alias in self.local.exact or alias in self._pieces:
@@ -163,7 +200,7 @@ class _RunState:
     def _accept_local(self, states: dict[str, pb.State], merged: EvaluationResult | None) -> EvaluationResult:
         """compute="local": the server's merge of the bounded states (None when there are none) and the batch's exact ones."""
         assert self.local is not None
-        first = [] if self._nonfinite_seen else first_nonfinite(self._local_diagnostics, self._batches, "")
+        first = [] if self._nonfinite_seen else first_nonfinite(self._local_diagnostics, self._batches, self.request_id)
         self._nonfinite_seen = self._nonfinite_seen or bool(first)
         self._diagnostics = merge_diagnostics(self._diagnostics + self._local_diagnostics + first)
         exact = {a: s for a, s in states.items() if a in self.local.exact or a in self._pieces}
@@ -181,6 +218,9 @@ class _RunState:
         return out
 
     # -- merging ---------------------------------------------------------------------------------
+
+    def _finalize_options(self) -> dict[str, Any]:
+        return {"tags": self.tags, "return_state": True, "timeout": self.timeout, "request_id": self.request_id or None}
 
     def _pending(self) -> bool:
         """Whether the values need a merge on the server (exact pieces not merged since the last update)."""
@@ -241,16 +281,20 @@ class Run(_RunState):
         timeout: float | None = None,
         compute: str = "server",
         nan_policy: str | None = None,
+        request_id: str = "",
     ) -> None:
-        super().__init__(functions, tags, timeout, compute, nan_policy)
+        super().__init__(functions, tags, timeout, compute, nan_policy, request_id)
         self.client = client
 
     def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:
         """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`result`)."""
         if self.local is None:
-            return self._accept(self.client.evaluate_request(self._request(tensors), timeout=self.timeout))
+            request = self._request(tensors)
+            with self._naming_batch(self._request_id):
+                response = self.client.evaluate_request(request, timeout=self.timeout)
+            return self._accept(response)
         states, bounded = self._local_batch(tensors)
-        merged = self.client.finalize(bounded, tags=self.tags, return_state=True, timeout=self.timeout) if bounded else None
+        merged = self.client.finalize(bounded, **self._finalize_options()) if bounded else None
         return self._accept_local(states, merged)
 
     def merge(self) -> EvaluationResult:
@@ -258,7 +302,7 @@ class Run(_RunState):
         self._check_started()
         if not self._pending():
             return self._merged if self._merged is not None else EvaluationResult(self._last or pb.EvaluateResponse(), self._diagnostics)
-        return self._take_merge(self.client.finalize(self.named_states(), tags=self.tags, return_state=True, timeout=self.timeout))
+        return self._take_merge(self.client.finalize(self.named_states(), **self._finalize_options()))
 
     def result(self) -> EvaluationResult:
         """Return the values over every batch so far (exact functions included), with the diagnostics of all of them."""
@@ -283,16 +327,20 @@ class AsyncRun(_RunState):
         timeout: float | None = None,
         compute: str = "server",
         nan_policy: str | None = None,
+        request_id: str = "",
     ) -> None:
-        super().__init__(functions, tags, timeout, compute, nan_policy)
+        super().__init__(functions, tags, timeout, compute, nan_policy, request_id)
         self.client = client
 
     async def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:
         """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`merge`)."""
         if self.local is None:
-            return self._accept(await self.client.evaluate_request(self._request(tensors), timeout=self.timeout))
+            request = self._request(tensors)
+            with self._naming_batch(self._request_id):
+                response = await self.client.evaluate_request(request, timeout=self.timeout)
+            return self._accept(response)
         states, bounded = self._local_batch(tensors)
-        merged = await self.client.finalize(bounded, tags=self.tags, return_state=True, timeout=self.timeout) if bounded else None
+        merged = await self.client.finalize(bounded, **self._finalize_options()) if bounded else None
         return self._accept_local(states, merged)
 
     async def merge(self) -> EvaluationResult:
@@ -300,7 +348,7 @@ class AsyncRun(_RunState):
         self._check_started()
         if not self._pending():
             return self._merged if self._merged is not None else EvaluationResult(self._last or pb.EvaluateResponse(), self._diagnostics)
-        return self._take_merge(await self.client.finalize(self.named_states(), tags=self.tags, return_state=True, timeout=self.timeout))
+        return self._take_merge(await self.client.finalize(self.named_states(), **self._finalize_options()))
 
     def result(self) -> EvaluationResult:
         """The values over every batch so far; a run with exact AUROC/AP needs ``await run.merge()`` first."""
@@ -344,8 +392,6 @@ def first_nonfinite(diagnostics: Sequence[Diagnostic], batch: int, request_id: s
     A run reports it once, for the first such batch."""
     for d in diagnostics:
         if d.code in ("nan_or_inf", "rows_omitted"):
-            where = f" (request id {request_id!r})" if request_id else ""
-            return [
-                Diagnostic("first_nonfinite_batch", "warning", f"batch {batch}{where} first brought NaN or infinite values: {d.message}")
-            ]
+            label = batch_label(batch, request_id=request_id)
+            return [Diagnostic("first_nonfinite_batch", "warning", f"{label} first brought NaN or infinite values: {d.message}")]
     return []

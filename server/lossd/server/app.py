@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from lossd.kernels import select_device
 from lossd.kernels.budget import Budget
 from lossd.server.admission import Admission, AdmissionLimits
-from lossd.server.allocator import IdleTrim, reuse_large_buffers, set_torch_threads
+from lossd.server.allocator import IdleTrim, limit_malloc_arenas, reuse_large_buffers, set_torch_threads
 from lossd.server.errors import DecodeErrors
 from lossd.server.monitoring.events import Subscriber
 from lossd.server.observability.logging import configure_logging, uvicorn_log_options
@@ -43,8 +43,8 @@ from lossd.server.security import (
 )
 from lossd.server.service import LossService
 from lossd.server.settings import GRPC_OPTIONS, Settings
+from lossd.server.wire_request import add_loss_service
 from lossd.v1 import lossd_pb2 as pb
-from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 __all__ = ["RunningServer", "create_server", "serve", "SERVICE_NAME", "bind_http_socket", "check_port_free"]
 
@@ -153,6 +153,7 @@ async def create_server(
     device = select_device(settings.device)
     bind = f"{settings.host}:{settings.grpc_port}"
     check_port_free(settings.host, settings.grpc_port, "gRPC", "grpc_port")  # gRPC core would print its own error lines
+    limit_malloc_arenas(settings.malloc_arenas)  # before the server's threads start: they share the bounded set
     if settings.reuse_large_buffers:
         reuse_large_buffers(settings.max_message_bytes)
     server = grpc.aio.server(
@@ -183,7 +184,7 @@ async def create_server(
         subscribers=subscribers,
     )
     service.admission.on_idle = IdleTrim(service.admission.idle)  # buffers kept through a burst, given back after it
-    pb_grpc.add_LossServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]  # generated, untyped
+    add_loss_service(service, server)  # the generated registration, Evaluate's tensor bytes left in the received message
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled(settings):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from lossd.kernels.params import resolve_params
 from lossd.kernels.state import check_state
 from lossd.server.shared_memory import shared_tensor
 from lossd.server.wire_dtypes import tensor_over, wire_dtype
+from lossd.server.wire_request import tensor_data_views
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = [
@@ -40,6 +42,17 @@ _SEVERITY = {"info": pb.INFO, "warning": pb.WARNING, "error": pb.ERROR}
 MAX_TENSOR_NDIM = 32
 MAX_TENSOR_DIM = 2**31 - 1
 MAX_PARAMS_JSON_BYTES = 64 * 1024
+# json.loads recurses once per level: "[" * 5000 reaches Python's recursion limit, where a garbage
+# collection that finalizes async generators fails in their hooks (stderr noise, "Exception ignored").
+MAX_PARAMS_JSON_NESTING = 32
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def json_nesting(text: str) -> int:
+    """How deep ``[`` and ``{`` nest in ``text`` (outside strings), counted without recursing."""
+    marks = np.frombuffer(_JSON_STRING.sub("", text).encode(), dtype=np.uint8)
+    steps = np.isin(marks, (ord("["), ord("{"))).astype(np.int64) - np.isin(marks, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
 
 
 def _check_wire_shape(t: pb.Tensor, field: str) -> None:
@@ -53,14 +66,16 @@ def _check_wire_shape(t: pb.Tensor, field: str) -> None:
         raise InvalidInput.single(field, "expected a shape whose non-zero dimensions multiply to at most 2^37 elements")
 
 
-def _wire_array(t: pb.Tensor, field: str) -> tuple[np.ndarray, torch.dtype]:
+def _wire_array(t: pb.Tensor, field: str, data: memoryview | None = None) -> tuple[np.ndarray, torch.dtype]:
     """A read-only numpy view of a wire tensor's bytes (bfloat16 as uint16), after checking dtype, shape and length.
 
-    ``t.data`` is read once: each read of a protobuf bytes field is a fresh copy of it."""
+    ``data``: the tensor's bytes as a view into the received message (lossd.server.wire_request);
+    without it ``t.data`` is read, once: each read of a protobuf bytes field is a fresh copy of it."""
     _check_wire_shape(t, field)
     wire = wire_dtype(t, field)
     shape = tuple(t.shape)
-    data = t.data
+    if data is None:
+        data = memoryview(t.data)
     expected = math.prod(shape) * wire[0].itemsize
     if len(data) != expected:
         raise InvalidInput.single(
@@ -70,23 +85,24 @@ def _wire_array(t: pb.Tensor, field: str) -> tuple[np.ndarray, torch.dtype]:
     return np.frombuffer(data, dtype=wire[0]).reshape(shape), wire[1]
 
 
-def _to_torch(t: pb.Tensor, field: str) -> torch.Tensor:
+def _to_torch(t: pb.Tensor, field: str, data: memoryview | None) -> torch.Tensor:
     """A wire tensor as a torch tensor over the message's bytes: no copy, bfloat16 included."""
-    return tensor_over(*_wire_array(t, field))
+    return tensor_over(*_wire_array(t, field, data))
 
 
 def decode_request_tensors(
     tensors: Mapping[str, pb.Tensor], device: torch.device, *, allow_shared_memory: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Wire tensors -> torch tensors on ``device`` (zero-copy on the CPU)."""
+    """Wire tensors -> torch tensors on ``device`` (zero-copy on the CPU: views into the received message's bytes)."""
+    views = tensor_data_views(tensors) or {}
     out = {}
     for name, t in tensors.items():
         if not name:
             raise InvalidInput.single("tensors", "expected tensor names, got an empty name")
         if t.HasField("shared_memory"):  # the client's segment, mapped read-only (lossd.server.shared_memory)
-            tensor = shared_tensor(t, f"tensors.{name}", allowed=allow_shared_memory)
+            tensor = shared_tensor(t, f"tensors.{name}", allowed=allow_shared_memory, data=views.get(name))
         else:
-            tensor = _to_torch(t, f"tensors.{name}")
+            tensor = _to_torch(t, f"tensors.{name}", views.get(name))
         out[name] = tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
     return out
 
@@ -129,6 +145,8 @@ def _state_params(state: pb.State, fdef: FunctionDef, path: str) -> dict[str, An
     field = f"{path}.params_json"
     if len(state.params_json) > MAX_PARAMS_JSON_BYTES:
         raise InvalidInput.single(field, f"expected at most {MAX_PARAMS_JSON_BYTES} bytes, got {len(state.params_json)}")
+    if json_nesting(state.params_json) > MAX_PARAMS_JSON_NESTING:
+        raise InvalidInput.single(field, f"expected JSON nested at most {MAX_PARAMS_JSON_NESTING} levels deep, got deeper")
     try:
         params = json.loads(state.params_json) if state.params_json else {}
     except (ValueError, RecursionError):

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message_factory
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -26,6 +26,7 @@ from lossd.client.specs import SpecError
 from lossd.kernels.cancellation import Cancelled, DeadlineExceeded
 from lossd.kernels.errors import InvalidInput, StateLimitExceeded
 from lossd.server.convert import diagnostic_to_proto
+from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["rpc_errors", "status_for", "DecodeErrors"]
 
@@ -117,19 +118,34 @@ def _with_pushback(status: grpc.Status, exc: BaseException) -> grpc.Status:
 # wire format).  gRPC would answer UNKNOWN from its own deserializer; DecodeErrors
 # has it hand the handler an empty message and note the error here instead (the
 # deserializer runs in the call's task, so the note is the call's own).
-_undecodable: contextvars.ContextVar[str | None] = contextvars.ContextVar("lossd_undecodable", default=None)
+_undecodable: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("lossd_undecodable", default=None)
 
 
-def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    message_type = getattr(deserialize, "__self__", None)  # Message.FromString is a classmethod
+# The request type of each lossd.v1 method, from the proto itself: the deserializer gRPC holds may
+# be wrapped (monitoring measures the bytes), so it cannot say which message it parses.
+_REQUEST_TYPES: dict[str, type[Any]] = {
+    f"/{service.full_name}/{method.name}": message_factory.GetMessageClass(method.input_type)
+    for service in pb.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+}
+# protobuf refuses messages nested deeper than 100 levels. In lossd.v1 only a function's params (a
+# google.protobuf.Struct: three levels per JSON object or list) nest, so that is what nests too deep.
+NESTING_FIELD = "functions.params"
+_TOO_DEEP = "MaxDepth"
 
+
+def _undecodable_reason(message_type: type[Any], exc: DecodeError) -> str:
+    if _TOO_DEEP in str(exc):
+        return "expected JSON parameters nested at most about 30 levels deep (protobuf parses 100 message levels), got deeper"
+    return f"expected a serialized {message_type.DESCRIPTOR.full_name}, got bytes that do not parse ({exc})"
+
+
+def _lenient(deserialize: Callable[[bytes], Any], message_type: type[Any]) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
             return deserialize(data)
         except DecodeError as exc:
-            if message_type is None:
-                raise
-            _undecodable.set(f"expected a serialized {message_type.DESCRIPTOR.full_name}, got bytes that do not parse ({exc})")
+            _undecodable.set((NESTING_FIELD if _TOO_DEEP in str(exc) else "request", _undecodable_reason(message_type, exc)))
             return message_type()
 
     return parse
@@ -142,15 +158,16 @@ class DecodeErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc's 
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None or not details.method.startswith("/lossd.v1."):
+        message_type = _REQUEST_TYPES.get(details.method)
+        if handler is None or handler.request_deserializer is None or message_type is None:
             return handler
-        return handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+        return handler._replace(request_deserializer=_lenient(handler.request_deserializer, message_type))
 
 
 def _check_decoded() -> None:
     error = _undecodable.get()
     if error is not None:
-        raise InvalidInput.single("request", error)
+        raise InvalidInput.single(*error)
 
 
 async def _decoded(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:

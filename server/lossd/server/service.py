@@ -18,10 +18,11 @@ from typing import TypeVar
 import grpc
 import torch
 
+from lossd.client.messages import batch_label
 from lossd.kernels import Accumulator, Evaluation, State, all_functions, evaluate, finalize_states
 from lossd.kernels.batch import Batch
 from lossd.kernels.budget import Budget, estimates
-from lossd.kernels.errors import InvalidInput
+from lossd.kernels.errors import FieldViolation, InvalidInput
 from lossd.kernels.evaluate import prepare
 from lossd.kernels.nan_policy import DEFAULT_NAN_POLICY, NAN_POLICIES
 from lossd.server.admission import Admission, AdmissionLimits, deadline_of
@@ -193,6 +194,7 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
         finished = False
         try:
             index = 0
+            batch, last_batch_id = -1, ""  # the batch a message belongs to: parts of one share its batch_id
             async for message in request_iterator:
                 if acc is None:
                     with watch.decoding():
@@ -205,9 +207,12 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
                             nan_policy=nan_policy_of(message),
                         )
                 first = first if first is not None else message
-                add = functools.partial(_add_stream_message, acc, message, first, index, watch, self.device)
-                batch = await self._compute(add, nbytes=wire_bytes(message.tensors), watch=watch, context=context)
-                self._publish(EvaluationEvent("EvaluateStream", call, first.tags, None, batch, tuple(acc.prepared)))
+                batch += 0 if message.batch_id and message.batch_id == last_batch_id else 1
+                last_batch_id = message.batch_id
+                label = batch_label(batch, message.batch_id, first.request_id)
+                add = functools.partial(_add_stream_message, acc, message, first, index, label, watch, self.device)
+                added = await self._compute(add, nbytes=wire_bytes(message.tensors), watch=watch, context=context)
+                self._publish(EvaluationEvent("EvaluateStream", call, first.tags, None, added, tuple(acc.prepared)))
                 index += 1
             if acc is None or first is None:
                 raise InvalidInput.single("messages", "expected at least one message in the stream, got none")
@@ -262,13 +267,33 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
 
 
 def _add_stream_message(
-    acc: Accumulator, message: pb.EvaluateRequest, first: pb.EvaluateRequest, index: int, watch: Stopwatch, device: torch.device
+    acc: Accumulator,
+    message: pb.EvaluateRequest,
+    first: pb.EvaluateRequest,
+    index: int,
+    label: str,
+    watch: Stopwatch,
+    device: torch.device,
 ) -> Batch:
-    """One stream message checked, decoded and added to the stream's accumulator (on a compute thread)."""
+    """One stream message checked, decoded and added to the stream's accumulator (on a compute thread).
+
+    Its bad tensors are refused naming the batch (``label``): in a stream of
+    thousands, "tensors.logits holds NaN at row 3" alone does not say where."""
     with watch.decoding():
         _check_stream_message(message, first, index)
-        tensors = decode_request_tensors(message.tensors, device)
-    return acc.add(tensors, message.batch_id, request_id=first.request_id)
+    try:
+        with watch.decoding():
+            tensors = decode_request_tensors(message.tensors, device)
+        return acc.add(tensors, message.batch_id, request_id=first.request_id)
+    except InvalidInput as exc:
+        raise naming_batch(exc, label) from None
+
+
+def naming_batch(exc: InvalidInput, label: str) -> InvalidInput:
+    """``exc`` with each violation saying which batch of the stream brought it (the client's runs say it the same way)."""
+    named = InvalidInput([FieldViolation(v.field, f"{v.description}; in {label}") for v in exc.violations])
+    named.diagnostics = exc.diagnostics
+    return named
 
 
 def small_work(request: pb.EvaluateRequest, max_memory_bytes: int) -> bool:

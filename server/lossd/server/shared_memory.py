@@ -174,13 +174,15 @@ def _open_locked(path: str, name: str, offset: int, size: int, field: str) -> tu
     return fd, info
 
 
-def shared_tensor(t: pb.Tensor, field: str, *, allowed: bool) -> torch.Tensor:
-    """The torch tensor over a shared-memory region (no copy); refused when ``allowed`` is False."""
+def shared_tensor(t: pb.Tensor, field: str, *, allowed: bool, data: memoryview | None = None) -> torch.Tensor:
+    """The torch tensor over a shared-memory region (no copy); refused when ``allowed`` is False.
+
+    ``data``: the tensor's data as a view into the received message, where it was parsed that way (it must be empty)."""
     region = t.shared_memory
     where = f"{field}.shared_memory"
     if not allowed:
         raise InvalidInput.single(where, DISABLED_MESSAGE)
-    if t.data:
+    if len(data if data is not None else t.data):
         raise InvalidInput.single(f"{field}.data", "expected no data when the tensor lies in shared memory, got bytes")
     if not SEGMENT_NAME.fullmatch(region.name):
         raise InvalidInput.single(f"{where}.name", f"expected 'lossd_' and letters, digits or underscores, got {region.name!r}")

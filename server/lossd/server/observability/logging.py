@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lossd.server.observability.tracing import context_metadata
 from lossd.server.security import current_caller
 from lossd.server.settings import Settings
+from lossd.server.wire_request import received_bytes
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = [
@@ -112,7 +113,7 @@ class _CallRecord:
         self.bytes_out = 0
 
     def received(self, message: Any) -> Any:
-        self.bytes_in += message.ByteSize()  # O(fields): sizes of bytes fields are not recomputed
+        self.bytes_in += received_bytes(message)  # ByteSize(), with tensor data left in the received bytes
         if not self.request_id:  # the first message of a stream names the call
             if hasattr(message, "request_id"):
                 if not message.request_id:
