@@ -121,10 +121,11 @@ def _entry(buf: memoryview, pos: int, end: int) -> tuple[str, memoryview, bytes]
                 else:
                     tensor += buf[t_start:t_after]
             kept += _length_delimited(_ENTRY_VALUE, bytes(tensor))
-        else:
-            if number == _ENTRY_KEY and wire == _LEN:
-                key = bytes(buf[body:after])
+        elif number == _ENTRY_KEY and wire == _LEN:
+            key = bytes(buf[body:after])
             kept += buf[start:after]
+        else:  # upb keeps an entry with any other field out of the map (as an unknown field): leave it to upb
+            raise _Malformed
     try:
         return key.decode("utf-8"), data, bytes(kept)
     except UnicodeDecodeError:
