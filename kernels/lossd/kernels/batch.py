@@ -50,6 +50,7 @@ class Batch:
     _row_stats: dict[tuple[str, int], RowStats] = field(default_factory=dict)
     _top1: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     _checked_finite: set[str] = field(default_factory=set)
+    _deferred_finite: set[str] = field(default_factory=set)  # see input_diagnostics.defer_nonfinite
     _judged_balance: set[str] = field(default_factory=set)  # label tensors already judged for class_imbalance
     # (labels tensor, K, ignore_index) -> labels checked by classification.class_labels, shared by
     # every function reading them: (int64 labels with ignored ones set to 0, valid mask, ignored count).
@@ -61,8 +62,11 @@ class Batch:
         stats = self._row_stats.get(key)
         if stats is None:
             with_entropy = with_entropy or key in self.entropy_for
-            stats = row_statistics(self.tensors[tensor_name], class_dim, with_entropy)
+            scores = self.tensors[tensor_name]
+            stats = row_statistics(scores, class_dim, with_entropy)
             self._row_stats[key] = stats
+            if stats.finite and scores.dtype != torch.float16:  # float16's ±65504 limit is the full check's to judge
+                self._checked_finite.add(tensor_name)  # proven finite: a deferred nan_or_inf check has nothing to find
         elif with_entropy and stats.entropy is None:  # one more pass, for the entropy alone
             stats.entropy = row_entropy(self.tensors[tensor_name], class_dim)
         return stats

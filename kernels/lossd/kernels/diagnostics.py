@@ -6,6 +6,7 @@ up silently.  The codes are part of the API (CATALOGUE.md, "Diagnostics").
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["Diagnostic", "Diagnostics", "CODES", "INFO", "WARNING", "ERROR"]
@@ -71,13 +72,32 @@ class Diagnostic:
 
 @dataclass
 class Diagnostics:
-    """An ordered, de-duplicated collection of diagnostics."""
+    """An ordered, de-duplicated collection of diagnostics.
+
+    A check may be deferred (:meth:`defer`): it runs before the next
+    diagnostic is added and before the collection is read, so the order of
+    the findings is the one of an immediate check, and a check that a later
+    pass settles for free (the row statistics proving scores finite) costs
+    nothing."""
 
     items: dict[tuple[str, str], Diagnostic] = field(default_factory=dict)
+    _deferred: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
+
+    def defer(self, check: Callable[[], None]) -> None:
+        """Run ``check`` (which may add diagnostics) before the next add or read."""
+        self._deferred.append(check)
+
+    def settle(self) -> None:
+        """Run the deferred checks now."""
+        while self._deferred:
+            checks, self._deferred = self._deferred, []  # a check that adds a diagnostic does not rerun itself
+            for check in checks:
+                check()
 
     def add(self, code: str, message: str, *, function: str = "", severity: str | None = None, count: int = 1) -> None:
         if code not in CODES:
             raise KeyError(f"unknown diagnostic code {code!r}")
+        self.settle()
         d = Diagnostic(code, severity or CODES[code][0], message, function, count)
         existing = self.items.get(d.key())
         if existing is None:
@@ -86,14 +106,16 @@ class Diagnostics:
             existing.count += count
 
     def extend(self, other: Diagnostics | list[Diagnostic]) -> None:
-        for d in other.items.values() if isinstance(other, Diagnostics) else other:
+        for d in list(other):
             self.add(d.code, d.message, function=d.function, severity=d.severity, count=d.count)
 
     def codes(self) -> list[str]:
-        return [d.code for d in self.items.values()]
+        return [d.code for d in self]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Diagnostic]:
+        self.settle()
         return iter(self.items.values())
 
     def __len__(self) -> int:
+        self.settle()
         return len(self.items)

@@ -23,6 +23,7 @@ __all__ = [
     "IMBALANCE_MAX_CLASSES",
     "count_nonfinite",
     "diagnose_nonfinite",
+    "defer_nonfinite",
     "diagnose_score_kind",
     "diagnose_class_imbalance",
 ]
@@ -86,6 +87,26 @@ def diagnose_nonfinite(batch: Batch, name: str, t: torch.Tensor) -> None:
             batch.diagnostics.add(
                 "precision_loss", f"float16 tensor {name!r} holds values at the float16 limit ±65504; send float32 or bfloat16"
             )
+
+
+# Dtypes whose finiteness the CPU row statistics can prove (float16 also needs its ±65504 limit checked).
+_SCREENED_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+
+
+def defer_nonfinite(batch: Batch, name: str, t: torch.Tensor) -> None:
+    """:func:`diagnose_nonfinite` for a score tensor, deferred until the next diagnostic is added or the diagnostics are read.
+
+    Scores are usually read for their row statistics next, whose pass proves
+    them finite for free (:attr:`lossd.kernels.row_stats.RowStats.finite`):
+    then the full check is never run.  Deferred to the next diagnostic, the
+    nan_or_inf finding keeps its place among the others."""
+    if name in batch._checked_finite or name in batch._deferred_finite:
+        return
+    if t.device.type != "cpu" or t.dtype not in _SCREENED_DTYPES or t.ndim < 2 or not t.numel():
+        diagnose_nonfinite(batch, name, t)
+        return
+    batch._deferred_finite.add(name)
+    batch.diagnostics.defer(lambda: diagnose_nonfinite(batch, name, t))
 
 
 def diagnose_score_kind(batch: Batch, name: str, t: torch.Tensor, stats: RowStats, class_dim: int, function: str) -> None:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from lossd.kernels.chunks import cache_blocks, iter_row_chunks, only_block, row_count
+from lossd.kernels.chunks import CACHE_BLOCK_ELEMENTS, cache_blocks, only_block, row_count
 from lossd.kernels.dtypes import compute_dtype
 
 __all__ = ["RowStats", "row_statistics", "row_entropy", "top1_confidence"]
@@ -36,9 +36,11 @@ class RowStats:
     are always there; ``argmax`` and ``sum`` may be left to their first use
     (computed then from ``source``, the scores and their class dim), because
     on CPU each is a pass over the scores of its own that cross-entropy alone
-    never needs.  ``entropy`` is None unless it was asked for."""
+    never needs.  ``entropy`` is None unless it was asked for.  ``finite`` is
+    True when the pass proved every score finite (the nan_or_inf check then
+    needs no pass of its own), False when it could not."""
 
-    __slots__ = ("lse", "max", "entropy", "_argmax", "_sum", "_source")
+    __slots__ = ("lse", "max", "entropy", "finite", "_argmax", "_sum", "_source")
 
     def __init__(
         self,
@@ -49,10 +51,11 @@ class RowStats:
         entropy: torch.Tensor | None = None,  # −Σ_k p_k log p_k, only when asked for
         *,
         source: tuple[torch.Tensor, int] | None = None,
+        finite: bool = False,
     ) -> None:
         if source is None and (argmax is None or sum is None):
             raise ValueError("RowStats needs argmax and sum, or the source (scores, class_dim) to compute them from")
-        self.lse, self.max, self.entropy = lse, max, entropy
+        self.lse, self.max, self.entropy, self.finite = lse, max, entropy, finite
         self._argmax, self._sum, self._source = argmax, sum, source
 
     @property
@@ -144,16 +147,11 @@ def row_entropy(x: torch.Tensor, class_dim: int) -> torch.Tensor:
     """Predictive entropy per row of ``x`` (its shape without the class dim), in the compute dtype.
 
     For an entropy asked for after the shared statistics were made; a pass of
-    its own, as precise as the one :func:`row_statistics` makes on request."""
-    whole = only_block(x, class_dim)
-    if whole is not None:
-        z = whole.to(compute_dtype(x.dtype))
-        return _block_entropy(z, _block_logsumexp(z))
-    out = torch.empty(row_count(x, class_dim), dtype=compute_dtype(x.dtype), device=x.device)
-    for row, z in cache_blocks(x, class_dim):
-        z = z.to(out.dtype)
-        out[row : row + z.shape[0]] = _block_entropy(z, _block_logsumexp(z))
-    return out.reshape(x.shape[:class_dim] + x.shape[class_dim + 1 :])
+    its own, bit for bit the one :func:`row_statistics` makes on request."""
+    entropy = _row_pass(x, class_dim, True).entropy
+    if entropy is None:  # asked for, so always computed: a programming error, never the caller's
+        raise RuntimeError("the row pass asked for the entropy returned none")
+    return entropy
 
 
 def row_statistics(x: torch.Tensor, class_dim: int, with_entropy: bool) -> RowStats:
@@ -171,27 +169,94 @@ def row_statistics(x: torch.Tensor, class_dim: int, with_entropy: bool) -> RowSt
         if with_entropy:
             stats.entropy = row_entropy(x, class_dim)
         return stats
+    done = _row_pass(x, class_dim, with_entropy)
+    return RowStats(done.lse, done.max, entropy=done.entropy, source=(x, class_dim), finite=done.finite)
+
+
+class _Pass(NamedTuple):
+    """What one pass over scores gives: per-row max, lse and entropy (when asked for), and whether every score is finite."""
+
+    max: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor | None
+    finite: bool  # True only when proven (the CPU path); False when unknown or not
+
+
+def _row_pass(x: torch.Tensor, class_dim: int, with_entropy: bool) -> _Pass:
+    """Max, lse (and entropy) of every row of ``x`` over ``class_dim``, block by block, shaped as ``x`` without it."""
     dtype = compute_dtype(x.dtype)
     whole = only_block(x, class_dim)
     if whole is not None:  # one block: its results are the statistics, no buffers to copy them into
-        z = whole.to(dtype)
-        block = _block_logsumexp(z)
-        entropy = _block_entropy(z, block) if with_entropy else None
-        return RowStats(block.lse, block.max, entropy=entropy, source=(x, class_dim))
+        return _block_pass(whole.to(dtype), with_entropy, None, None)
     out_shape = x.shape[:class_dim] + x.shape[class_dim + 1 :]
     rows = math.prod(out_shape)
     lse = torch.empty(rows, dtype=dtype, device=x.device)
     mx = torch.empty(rows, dtype=dtype, device=x.device)
     ent = torch.empty(rows, dtype=dtype, device=x.device) if with_entropy else None
+    on_cpu = x.device.type == "cpu"
+    k = x.shape[class_dim]
+    step = max(1, CACHE_BLOCK_ELEMENTS // max(1, k))  # cache_blocks' rows per block on CPU
+    # Cache-sized buffers reused by every block: a fresh 4 MiB tensor per block pays its page faults each time.
+    log_p = torch.empty((step, k), dtype=dtype) if on_cpu else None
+    p = torch.empty((step, k), dtype=dtype) if on_cpu and with_entropy else None
+    converted = torch.empty((step, k), dtype=dtype) if on_cpu and x.dtype != dtype else None
+    finite = on_cpu
     for row, z in cache_blocks(x, class_dim):
-        z = z.to(dtype)
+        m = z.shape[0]
+        z = converted[:m].copy_(z) if converted is not None else z.to(dtype)
+        done = _block_pass(z, with_entropy, None if log_p is None else log_p[:m], None if p is None else p[:m])
+        stop = row + m
+        mx[row:stop], lse[row:stop] = done.max, done.lse
+        if ent is not None and done.entropy is not None:
+            ent[row:stop] = done.entropy
+        finite = finite and done.finite
+    return _Pass(mx.reshape(out_shape), lse.reshape(out_shape), None if ent is None else ent.reshape(out_shape), finite)
+
+
+def _block_pass(z: torch.Tensor, with_entropy: bool, log_p_out: torch.Tensor | None, p_out: torch.Tensor | None) -> _Pass:
+    """One block [m, K] in its compute dtype: on CPU the log_softmax path (the exp path for odd rows), elsewhere the exp path."""
+    if z.device.type != "cpu":
         block = _block_logsumexp(z)
-        stop = row + z.shape[0]
-        lse[row:stop], mx[row:stop] = block.lse, block.max
-        if ent is not None:  # from the same e: no second exp
-            ent[row:stop] = _block_entropy(z, block)
-    entropy = None if ent is None else ent.reshape(out_shape)
-    return RowStats(lse.reshape(out_shape), mx.reshape(out_shape), entropy=entropy, source=(x, class_dim))
+        return _Pass(block.max, block.lse, _block_entropy(z, block) if with_entropy else None, False)
+    values = z.amax(dim=1)  # amax: max(dim) also tracks indices, 4x slower on CPU
+    finite_max = torch.isfinite(values)
+    done = _cpu_block(z, values, with_entropy, log_p_out, p_out)
+    if bool(finite_max.all()):
+        return done
+    # Rows with a NaN or +inf score, or all −inf, take the exp path, row by row alike whatever
+    # block they fall in: the values torch defines for such rows (log_softmax makes them NaN).
+    odd = torch.nonzero(~finite_max).reshape(-1)
+    rows = z.index_select(0, odd)
+    block = _block_logsumexp(rows)
+    done.lse.index_copy_(0, odd, block.lse)
+    if done.entropy is not None:
+        done.entropy.index_copy_(0, odd, _block_entropy(rows, block))
+    return _Pass(values, done.lse, done.entropy, False)
+
+
+def _cpu_block(
+    z: torch.Tensor, values: torch.Tensor, with_entropy: bool, log_p_out: torch.Tensor | None, p_out: torch.Tensor | None
+) -> _Pass:
+    """A CPU block's lse from torch's log_softmax kernel, its entropy from the softmax kernel (right where row maxima are finite).
+
+    Those kernels do the shift, exp and sum in one vectorized pass (their exp
+    is much faster on CPU than torch.exp's).  At the row max log_softmax is
+    exactly −log Σ e^(z − max), so lse = max − max_k log_softmax.  The entropy
+    −Σ p log p has only terms of one sign: no cancellation, even for logits
+    near 1e4 in float32."""
+    log_p = torch.log_softmax(z, 1) if log_p_out is None else torch.log_softmax(z, 1, out=log_p_out)
+    lse = values - log_p.amax(dim=1)
+    # Every row max being finite, a −inf score is −inf in log_p too (and so is a score so far
+    # below its row's lse that z − lse overflows: a false alarm, which the full check clears).
+    finite = log_p.numel() == 0 or math.isfinite(float(log_p.amin()))
+    if not with_entropy:
+        return _Pass(values, lse, None, finite)
+    p = torch.softmax(z, 1) if p_out is None else torch.softmax(z, 1, out=p_out)
+    if not finite:  # p log p counts as 0 where p is 0 and log p is −inf (z = −inf), as 0·log 0 = 0
+        log_p = log_p.clamp_min(torch.finfo(log_p.dtype).min)
+    # +0.0 turns the −0.0 of a one-hot row into 0.0.
+    entropy = p.mul_(log_p).sum(dim=1).neg_().add_(0.0)
+    return _Pass(values, lse, entropy, finite)
 
 
 @functools.cache
@@ -221,13 +286,20 @@ def top1_confidence(x: torch.Tensor, class_dim: int) -> torch.Tensor:
     if whole is not None:  # one block: no buffer to copy its rows into
         return _block_top1_confidence(whole.to(precision))
     out = torch.empty(row_count(x, class_dim), dtype=torch.float64, device=x.device)
-    for first, rows in iter_row_chunks(x, class_dim):
-        out[first : first + rows.shape[0]] = _block_top1_confidence(rows.to(precision))
+    # Cache-sized blocks on CPU, with one buffer for all: each step then reads the cache, and no
+    # intermediate of a whole chunk (16M elements, its page faults included) is made for each of them.
+    k = x.shape[class_dim]
+    scratch = torch.empty((max(1, CACHE_BLOCK_ELEMENTS // max(1, k)), k), dtype=precision) if x.device.type == "cpu" else None
+    for first, rows in cache_blocks(x, class_dim):
+        m = rows.shape[0]
+        buffer = scratch[:m] if scratch is not None and m <= scratch.shape[0] else None
+        out[first : first + m] = _block_top1_confidence(rows.to(precision), buffer)
     return out.reshape(x.shape[:class_dim] + x.shape[class_dim + 1 :])
 
 
-def _block_top1_confidence(z: torch.Tensor) -> torch.Tensor:
-    """1 / Σ_k exp(z_k − max) per row of a block [m, K] in its compute dtype, as float64 [m]."""
+def _block_top1_confidence(z: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """1 / Σ_k exp(z_k − max) per row of a block [m, K] in its compute dtype, as float64 [m] (``buffer``: [m, K] scratch)."""
     peak = z.amax(dim=1, keepdim=True)
-    total = torch.exp(z - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))).sum(dim=1)
-    return 1.0 / total.to(torch.float64)
+    shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    e = torch.exp(z - shift) if buffer is None else torch.exp(torch.sub(z, shift, out=buffer), out=buffer)
+    return 1.0 / e.sum(dim=1).to(torch.float64)

@@ -19,7 +19,7 @@ import torch
 from lossd.kernels.batch import Batch
 from lossd.kernels.dtypes import FLOAT_DTYPES, INT_DTYPES, compute_dtype
 from lossd.kernels.errors import InvalidInput
-from lossd.kernels.input_diagnostics import diagnose_class_imbalance, diagnose_nonfinite, diagnose_score_kind
+from lossd.kernels.input_diagnostics import defer_nonfinite, diagnose_class_imbalance, diagnose_nonfinite, diagnose_score_kind
 from lossd.kernels.row_stats import RowStats
 
 __all__ = ["RoleTensors", "View", "first_index"]
@@ -77,6 +77,11 @@ class RoleTensors:
 
     def tensor(self, role: str) -> torch.Tensor:
         """The role's tensor as sent (dtype unchanged), on the compute device."""
+        t = self._sent(role)
+        diagnose_nonfinite(self.batch, self.tensor_name(role), t)
+        return t
+
+    def _sent(self, role: str) -> torch.Tensor:
         name = self.tensor_name(role)
         t = self.batch.tensors.get(name)
         if t is None:
@@ -85,7 +90,6 @@ class RoleTensors:
                 f"{self.function} needs role {role!r} ({self.role_shapes.get(role, '?')}); no tensor named {name!r} was sent"
                 + (f" (map it with inputs: {{{role!r}: TENSOR_NAME}})" if role not in self.inputs else ""),
             )
-        diagnose_nonfinite(self.batch, name, t)
         return t
 
     def optional(self, role: str) -> torch.Tensor | None:
@@ -113,8 +117,12 @@ class RoleTensors:
         return self.float(role, dtype=dtype)
 
     def scores(self, role: str) -> torch.Tensor:
-        """A floating-point score tensor (logits, probabilities...) as sent; integer dtypes refused."""
-        t = self.tensor(role)
+        """A floating-point score tensor (logits, probabilities...) as sent; integer dtypes refused.
+
+        Its nan_or_inf check is deferred (:func:`lossd.kernels.input_diagnostics.defer_nonfinite`):
+        the row statistics of scores usually prove them finite without a pass of its own."""
+        t = self._sent(role)
+        defer_nonfinite(self.batch, self.tensor_name(role), t)
         if t.dtype not in FLOAT_DTYPES:
             raise self.error(role, f"expected a floating-point tensor (float32, float16, bfloat16 or float64), got {_dtype_name(t.dtype)}")
         return t
