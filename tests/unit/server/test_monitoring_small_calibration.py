@@ -10,7 +10,7 @@ import torch
 
 from lossd.kernels import evaluate
 from lossd.server.monitoring import calibration, calibration_counts
-from lossd.server.monitoring.small_calibration import SMALL_ELEMENTS, is_small
+from lossd.server.monitoring.small_calibration import SMALL_ELEMENTS, SmallBatch, is_small, small_multiclass, small_multiclass_many
 
 BINS = (10, 15, 7)
 
@@ -95,3 +95,39 @@ def test_large_non_class_last_and_shape_mismatch_take_or_refuse_as_before(monkey
     mismatched = {**evaluation.batch.tensors, "labels": torch.randint(0, 4, (6, 1))}
     evaluation.batch.tensors = mismatched
     assert calibration_counts(evaluation.batch, evaluation.prepared, 15) == "shape_mismatch"
+
+
+def test_batches_binned_together_equal_each_alone() -> None:
+    g = torch.Generator().manual_seed(21)
+    batches = []
+    for i in range(70):  # one size, more batches than one torch call takes (SMALL_ELEMENTS // 640 = 51)
+        batches.append(SmallBatch(_hostile_logits(g, (64, 10), torch.float32), _labels(g, (64,), 10), False, -100 if i % 3 else None))
+    for shape, dtype in [((257, 2), torch.float64), ((1, 3), torch.float32), ((64, 10), torch.bfloat16), ((9, 10), torch.float32)]:
+        batches.insert(len(batches) // 2, SmallBatch(_hostile_logits(g, shape, dtype), _labels(g, shape[:1], shape[1]), False, -100))
+    batches += [SmallBatch(_hostile_logits(g, (64, 10), torch.float16), _labels(g, (64,), 10), False, 7)]  # apart from its size's others
+    for b, t in [(4, 9), (3, 5), (4, 9)]:  # token-level, shifted: pairs stay within each sequence
+        batches.append(SmallBatch(_hostile_logits(g, (b, t, 33), torch.float32), _labels(g, (b, t), 33), True, -100))
+    assert all(is_small(b.scores, b.scores.ndim - 1) and b.labels_fit() for b in batches)
+    for bins in BINS:
+        together = small_multiclass_many(batches, bins)
+        assert len(together) == len(batches)
+        for b, sums in zip(batches, together, strict=True):
+            alone = small_multiclass(b.scores, b.labels, bins, shift=b.shift, ignore_index=b.ignore_index)
+            assert not isinstance(alone, str)
+            for name, x, y in zip(("count", "confidence", "correct"), sums, alone, strict=True):
+                assert x.dtype == y.dtype == np.float64 and x.tobytes() == y.tobytes(), f"{name}: {x} != {y}"
+        assert sum(float(s[0].sum()) for s in together) > 0
+
+
+def test_token_level_batches_binned_together_equal_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(23)
+    evaluations, functions = [], [{"name": "lm_cross_entropy", "params": {"shift": True}}]
+    for b, t in [(4, 9), (2, 6), (4, 9)]:
+        tensors = {"logits": _hostile_logits(g, (b, t, 17), torch.float32), "labels": _labels(g, (b, t), 17)}
+        evaluations.append((tensors, evaluate(tensors, functions, nan_policy="propagate")))
+    together = calibration.calibration_counts_many([(e.batch, e.prepared) for _, e in evaluations], 15)
+    with monkeypatch.context() as m:
+        m.setattr(calibration, "is_small", lambda z, class_dim: False)
+        for (tensors, e), small in zip(evaluations, together, strict=True):
+            general = calibration_counts(evaluate(tensors, functions, nan_policy="propagate").batch, e.prepared, 15)
+            _assert_identical(small, general)

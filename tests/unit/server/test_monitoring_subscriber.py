@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -212,3 +213,79 @@ def test_observing_events_together_exports_what_one_at_a_time_exports() -> None:
     series = one.history.snapshot()["series"], together.history.snapshot()["series"]
     timeless = [{k: v for k, v in s[0]["summary"].items() if k != "last_seen"} for s in series]  # the clock moved on
     assert timeless[0] == timeless[1] and series[0][0]["reliability"] == series[1][0]["reliability"]
+
+
+def _recording_worker(**kwargs: Any) -> tuple[Worker[int], list[list[int]], threading.Event]:
+    batches: list[list[int]] = []
+    handled = threading.Event()
+
+    def handle_batch(items: Any) -> None:
+        batches.append(list(items))
+        handled.set()
+
+    worker: Worker[int] = Worker(
+        lambda item: pytest.fail("handle_batch is set"), max_events=64, max_bytes=100, on_drop=lambda item: None, **kwargs
+    )
+    worker.handle_batches(handle_batch)
+    return worker, batches, handled
+
+
+def test_the_worker_gathers_a_batch_after_each_and_a_flush_cuts_the_gathering_short() -> None:
+    worker, batches, handled = _recording_worker(gather_seconds=1.0)
+    assert worker.submit(0, 1)
+    assert handled.wait(0.6) and batches == [[0]]  # idle: the first event is taken at once
+    for item in (1, 2, 3):  # queued while the next batch gathers: they wake nobody
+        assert worker.submit(item, 1)
+    started = time.monotonic()
+    assert worker.flush_sync(timeout=10)
+    assert time.monotonic() - started < 0.6, "a flush waited for the gathering to time out"
+    assert batches == [[0], [1, 2, 3]] and worker.pending == (0, 0)
+    worker.close()
+
+
+def test_a_full_batch_is_taken_without_waiting_the_gathering_out() -> None:
+    worker, batches, handled = _recording_worker(gather_seconds=1.0, max_batch=3)
+    assert worker.submit(0, 1) and handled.wait(0.6)
+    handled.clear()
+    started = time.monotonic()
+    for item in range(1, 4):
+        assert worker.submit(item, 1)
+    assert handled.wait(2.0) and batches == [[0], [1, 2, 3]]
+    assert time.monotonic() - started < 0.6, "a full batch waited for the gathering to time out"
+    worker.close()
+    with pytest.raises(ValueError, match=r"gather_seconds: expected a number of seconds in \[0, 1\], got -1"):
+        Worker(lambda item: None, max_events=1, max_bytes=1, on_drop=lambda item: None, gather_seconds=-1)
+
+
+def _exported(m: Monitoring) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    skip = ("lossd_last_evaluation", "process_", "python_")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in m.registry.collect() for s in f.samples if not s.name.startswith(skip)
+    }
+
+
+def test_a_mixed_queue_observed_together_exports_what_one_at_a_time_exports() -> None:
+    g = torch.Generator().manual_seed(13)
+    events = []
+    for call in range(30):  # several label sets, sizes, dtypes and function sets, interleaved
+        rows, k = (64, 10) if call % 3 else (17, 4)
+        logits = torch.randn(rows, k, generator=g) * 3
+        tensors = {"logits": logits.double() if call % 5 == 0 else logits, "labels": torch.randint(0, k, (rows,), generator=g)}
+        functions: list[Any] = ["cross_entropy"] if call % 2 else ["cross_entropy", "accuracy", {"name": "ece", "params": {"n_bins": 10}}]
+        evaluation = evaluate(tensors, functions)
+        tags = pb.Tags(model=f"m{call % 4}", dataset="d")
+        events.append(
+            EvaluationEvent("Evaluate", call, tags, evaluation, evaluation.batch, evaluation.prepared, phases={"compute": 1e-4 * call})
+        )
+    tokens = {"logits": torch.randn(3, 7, 11, generator=g), "labels": torch.randint(0, 11, (3, 7), generator=g)}
+    lm = evaluate(tokens, [{"name": "lm_cross_entropy", "params": {"shift": True}}])
+    stream = [EvaluationEvent("EvaluateStream", 99, pb.Tags(model="s"), None, lm.batch, lm.prepared) for _ in range(3)]
+    events[5:5] = [*stream, EvaluationEvent("EvaluateStream", 99, pb.Tags(model="s"), lm, None, lm.prepared)]
+    one, together = Monitoring(Settings(device="cpu", calibration_bins=BINS)), Monitoring(Settings(device="cpu", calibration_bins=BINS))
+    for event in events:
+        one.observe(event)
+    together.observe_many(events)
+    assert _exported(one) == _exported(together)  # bit for bit: == on every float
+    assert (
+        sum(v for (name, _), v in _exported(one).items() if name == "lossd_calibration_predictions_total") == 20 * 64 + 10 * 17 + 3 * 3 * 6
+    )

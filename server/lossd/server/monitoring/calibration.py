@@ -31,9 +31,9 @@ import torch
 from lossd.kernels.batch import Batch
 from lossd.kernels.calibration.bins import bin_sums
 from lossd.kernels.prepared import Prepared
-from lossd.server.monitoring.small_calibration import is_small, small_multiclass
+from lossd.server.monitoring.small_calibration import SmallBatch, is_small, small_multiclass_many
 
-__all__ = ["SKIP_REASONS", "Calibration", "calibration_counts"]
+__all__ = ["SKIP_REASONS", "Calibration", "calibration_counts", "calibration_counts_many"]
 
 F64 = torch.float64
 
@@ -88,17 +88,16 @@ def _binary(z: torch.Tensor, t: torch.Tensor, bins: int) -> Calibration | str:
     return _binned(torch.sigmoid(x.abs()), predicted == (t == 1), torch.isfinite(x), bins)
 
 
-def _multiclass(p: Prepared, batch: Batch, name: str, labels: torch.Tensor, bins: int) -> Calibration | str:
+def _multiclass(p: Prepared, batch: Batch, name: str, labels: torch.Tensor, bins: int) -> Calibration | SmallBatch | str:
     z = batch.tensors[name]
     token_level = _is_token_level(p)
     class_dim = 2 if token_level else 1
     stats = batch.memoized_row_stats(name, class_dim)
     if stats is None:
         return "no_row_statistics"
-    if is_small(z, class_dim):  # the same numbers, without a dozen torch calls on a few hundred elements
-        shift = token_level and bool(p.params.get("shift", False))
-        sums = small_multiclass(z, labels, bins, shift=shift, ignore_index=p.params.get("ignore_index"))
-        return sums if isinstance(sums, str) else Calibration(*sums)
+    if is_small(z, class_dim):  # the same numbers, without a dozen torch calls on a few hundred elements (binned later, together)
+        small = SmallBatch(z, labels, token_level and bool(p.params.get("shift", False)), p.params.get("ignore_index"))
+        return small if small.labels_fit() else "shape_mismatch"
     # The ECE functions' own confidences when they ran (exact at bin edges); otherwise one
     # pass here, on the monitoring worker, off the response path.
     confidence, predicted = batch.top1_confidence(name, class_dim), stats.argmax
@@ -115,7 +114,7 @@ def _multiclass(p: Prepared, batch: Batch, name: str, labels: torch.Tensor, bins
     return _binned(confidence, predicted == y, keep, bins)
 
 
-def _counts_of(p: Prepared, batch: Batch, bins: int) -> Calibration | str:
+def _counts_of(p: Prepared, batch: Batch, bins: int) -> Calibration | SmallBatch | str:
     roles = {r.name for r in p.fdef.roles}
     if "logits" not in roles:
         return "no_class_scores"
@@ -145,10 +144,22 @@ def calibration_counts(batch: Batch, prepared: Sequence[Prepared], bins: int) ->
 
     Reads the row statistics memoized on ``batch`` by the evaluation: never
     computes them (a lazily kept argmax is computed on its first read, once)."""
+    return calibration_counts_many([(batch, prepared)], bins)[0]
+
+
+def calibration_counts_many(batches: Sequence[tuple[Batch, Sequence[Prepared]]], bins: int) -> list[Calibration | str]:
+    """:func:`calibration_counts` of each (batch, its functions), the small ones binned together (the same numbers)."""
+    found = [_first_counts(batch, prepared, bins) for batch, prepared in batches]
+    small = {i: counts for i, counts in enumerate(found) if isinstance(counts, SmallBatch)}
+    done = dict(zip(small, (Calibration(*sums) for sums in small_multiclass_many(list(small.values()), bins)), strict=True))
+    return [done[i] if isinstance(counts, SmallBatch) else counts for i, counts in enumerate(found)]
+
+
+def _first_counts(batch: Batch, prepared: Sequence[Prepared], bins: int) -> Calibration | SmallBatch | str:
     reasons = []
     for p in prepared:
         counts = _counts_of(p, batch, bins)
-        if isinstance(counts, Calibration):
+        if not isinstance(counts, str):
             return counts
         reasons.append(counts)
     informative = [r for r in reasons if r != "no_class_scores"]

@@ -49,8 +49,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
@@ -63,7 +65,7 @@ from lossd.server.monitoring.families import METHODS, PHASES, Families, LimitsCo
 from lossd.server.monitoring.history import Record, open_history
 from lossd.server.monitoring.interceptor import GrpcMetrics, MetricsInterceptor
 from lossd.server.monitoring.labels import Admission, LabelGuard, SeriesBudget, function_label
-from lossd.server.monitoring.statistics import OpenStreams, RowSummary, loss_sums, summarize_batch
+from lossd.server.monitoring.statistics import OpenStreams, RowSummary, loss_sums, summarize_batch, summarize_batches
 from lossd.server.monitoring.worker import Worker
 from lossd.server.settings import Settings
 
@@ -174,10 +176,10 @@ class Monitoring(Families):
 
     def observe_many(self, events: Sequence[EvaluationEvent]) -> None:
         """Count events now, in order, as one :meth:`observe` each would (see :mod:`.exporter`); never raises."""
-        pending, records = Pending(), []
-        for event in events:
+        pending, records = BinnedPending(), []
+        for event, summary in zip(events, _summaries(events, self.bins), strict=True):
             try:
-                record = self._observe(event, pending)
+                record = self._observe(event, pending, summary)
                 if record is not None:
                     records.append(record)
             except Exception:
@@ -190,13 +192,13 @@ class Monitoring(Families):
             self.errors.inc()
             log.exception("monitoring failed to export %d evaluations", len(events))
 
-    def _observe(self, event: EvaluationEvent, pending: Pending) -> Record | None:
+    def _observe(self, event: EvaluationEvent, pending: BinnedPending, summary: RowSummary | None = None) -> Record | None:
         if event.aborted:
             self._streams.finish(event.call)  # a failed stream exports nothing
             return None
         if event.evaluation is None:  # a stream message: summed until the stream succeeds
             if event.batch is not None:
-                self._streams.add(event.call, summarize_batch(event.batch, event.prepared, self.bins))
+                self._streams.add(event.call, summary if summary is not None else summarize_batch(event.batch, event.prepared, self.bins))
             return None
         x = self._exporter
         if event.method in METHODS:
@@ -211,7 +213,7 @@ class Monitoring(Families):
             return None  # merges states computed (and observed) elsewhere: counting them again would double them
         guarded = self._export_means(series, event.evaluation, event, pending)
         if event.batch is not None:
-            summary = summarize_batch(event.batch, event.prepared, self.bins)
+            summary = summary if summary is not None else summarize_batch(event.batch, event.prepared, self.bins)
         else:
             summary = self._streams.finish(event.call)
         _export_rows(x, pending, series, summary)
@@ -249,12 +251,51 @@ class Monitoring(Families):
         self.history.close()
 
 
-def _export_rows(x: Exporter, pending: Pending, series: TagSeries, summary: RowSummary) -> None:
+def _summaries(events: Sequence[EvaluationEvent], bins: int) -> list[RowSummary | None]:
+    """The row statistics of every event's batch, computed together (None where it has none to summarize)."""
+    wanted = [i for i, e in enumerate(events) if e.batch is not None and not e.aborted and e.method != "Finalize"]
+    out: list[RowSummary | None] = [None] * len(events)
+    try:
+        summaries = summarize_batches([(b, events[i].prepared) for i in wanted if (b := events[i].batch) is not None], bins)
+    except Exception:  # each event is summarized alone, and a failure counted against it
+        return out
+    for i, summary in zip(wanted, summaries, strict=True):
+        out[i] = summary
+    return out
+
+
+@dataclass
+class BinnedPending(Pending):
+    """:class:`Pending`, plus per-bin integer-valued arrays summed per label set before they reach the children.
+
+    Bin counts and Σ correct are integers, which float64 adds exactly in any
+    order: summed as arrays, they cost one child increment per bin and label
+    set for a whole batch of events, not one per event."""
+
+    bins: dict[int, list[Any]] = field(default_factory=dict)  # id(children) -> [children, amounts]
+
+    def add_bin_array(self, children: Sequence[Any], amounts: np.ndarray) -> None:
+        """Count per-bin integer ``amounts`` on ``children`` (one per bin)."""
+        slot = self.bins.get(id(children))
+        if slot is None:
+            self.bins[id(children)] = [children, amounts.copy()]
+        else:
+            slot[1] += amounts
+
+    def apply(self) -> None:
+        """Apply and forget everything pending."""
+        for children, amounts in self.bins.values():
+            self.add_bins(children, amounts)
+        self.bins.clear()
+        super().apply()
+
+
+def _export_rows(x: Exporter, pending: BinnedPending, series: TagSeries, summary: RowSummary) -> None:
     """Add one evaluation's rows, tokens and calibration bins to the per-label-set counters."""
     calibration = summary.calibration
     if calibration is not None:
-        pending.add_bins(series.predictions, calibration.count)
-        pending.add_bins(series.correct, calibration.correct)
+        pending.add_bin_array(series.predictions, calibration.count)
+        pending.add_bin_array(series.correct, calibration.correct)
         for b in calibration.count.nonzero()[0].tolist():  # an empty bin's Σ confidence is 0: adding it changes nothing
             series.confidence[b].inc(float(calibration.confidence[b]))
     for reason, batches in summary.skipped.items():

@@ -25,9 +25,9 @@ import torch
 from lossd.kernels import Evaluation, State, finalize_states
 from lossd.kernels.batch import Batch
 from lossd.kernels.prepared import Prepared
-from lossd.server.monitoring.calibration import Calibration, calibration_counts
+from lossd.server.monitoring.calibration import Calibration, calibration_counts_many
 
-__all__ = ["LossSums", "OpenStreams", "RowSummary", "loss_sums", "row_counts", "summarize_batch"]
+__all__ = ["LossSums", "OpenStreams", "RowSummary", "loss_sums", "row_counts", "summarize_batch", "summarize_batches"]
 
 # Streams whose partial sums monitoring keeps at most (a stream whose end was lost is forgotten first).
 MAX_OPEN_STREAMS = 4096
@@ -123,11 +123,19 @@ class RowSummary:
 
 def summarize_batch(batch: Batch, prepared: Sequence[Prepared], bins: int) -> RowSummary:
     """The :class:`RowSummary` of one evaluated batch."""
-    rows, tokens = row_counts(batch, prepared)
-    counts = calibration_counts(batch, prepared, bins)
-    if isinstance(counts, str):
-        return RowSummary(None, rows, tokens, Counter({counts: 1}))
-    return RowSummary(counts, rows, tokens)
+    return summarize_batches([(batch, prepared)], bins)[0]
+
+
+def summarize_batches(batches: Sequence[tuple[Batch, Sequence[Prepared]]], bins: int) -> list[RowSummary]:
+    """:func:`summarize_batch` of each (batch, its functions), computed together (the same numbers, a fraction of the calls)."""
+    summaries = []
+    for (batch, prepared), counts in zip(batches, calibration_counts_many(batches, bins), strict=True):
+        rows, tokens = row_counts(batch, prepared)
+        if isinstance(counts, str):
+            summaries.append(RowSummary(None, rows, tokens, Counter({counts: 1})))
+        else:
+            summaries.append(RowSummary(counts, rows, tokens))
+    return summaries
 
 
 class OpenStreams:

@@ -14,6 +14,13 @@ the event bound before they are dropped too). An event counts against the bounds
 until the batch it was taken in is handled. :meth:`Worker.flush` waits until
 everything submitted before it is done (tests, and a scrape that must see the
 responses sent before it).
+
+Under load the thread does not wake per event: after each batch it lets the
+next gather for up to ``gather_seconds`` (or until ``max_batch`` are queued),
+and events queued meanwhile wake nobody, so that one wake, and one round of
+contention for the GIL with the event loop, serves many responses. A flush or a
+close cuts the gathering short; an event that finds the thread idle (nothing
+handled within the last ``gather_seconds``) wakes it at once.
 """
 
 from __future__ import annotations
@@ -34,6 +41,19 @@ log = logging.getLogger("lossd.monitoring")
 
 # Events handed to ``handle_batch`` at most at once: a flush never waits for more than this many behind it.
 MAX_BATCH = 64
+# How long the worker lets events gather after a batch before taking the next. Each wake costs a
+# thread switch and a round of GIL contention with the event loop that serves the responses. At a few
+# hundred small requests a second on two loaded cores, 2 ms gathered 1.4 events per wake and cost more
+# throughput than it saved; 10 ms gathers 5-6 (tens at thousands a second), while an event still
+# reaches /metrics within 10 ms (at once when the worker is idle, or for a flush).
+GATHER_SECONDS = 0.01
+
+
+def _check_limits(max_events: int, max_bytes: int, max_batch: int, gather_seconds: float) -> None:
+    if max_events < 1 or max_bytes < 1 or max_batch < 1:
+        raise ValueError(f"max_events, max_bytes and max_batch: expected >= 1, got {max_events}, {max_bytes} and {max_batch}")
+    if not 0 <= gather_seconds <= 1:
+        raise ValueError(f"gather_seconds: expected a number of seconds in [0, 1], got {gather_seconds}")
 
 
 class Worker(Generic[T]):
@@ -48,28 +68,24 @@ class Worker(Generic[T]):
         on_drop: Callable[[T], None],
         name: str = "lossd-monitoring",
         max_batch: int = MAX_BATCH,
+        gather_seconds: float = GATHER_SECONDS,
     ) -> None:
-        if max_events < 1 or max_bytes < 1 or max_batch < 1:
-            raise ValueError(f"max_events, max_bytes and max_batch: expected >= 1, got {max_events}, {max_bytes} and {max_batch}")
-        self._handle = handle
+        _check_limits(max_events, max_bytes, max_batch, gather_seconds)
+        self._handle, self._on_drop = handle, on_drop
         self._handle_batch: Callable[[Sequence[T]], None] | None = None
         self._initializer: Callable[[], None] | None = None
-        self._on_drop = on_drop
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self.max_batch = max_batch
-        self.name = name
+        self.max_events, self.max_bytes, self.max_batch = max_events, max_bytes, max_batch
+        self.gather_seconds, self.name = gather_seconds, name
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[tuple[T, int]] = deque()
-        self._events = 0
-        self._bytes = 0
-        self._submitted = 0  # items accepted so far
-        self._done = 0  # items handled so far
+        self._events = self._bytes = 0  # queued or being handled
+        self._submitted = self._done = 0  # items accepted so far, items handled so far
         self._waiters: deque[tuple[int, Future[None]]] = deque()  # (items that must be done, future), ascending
         self._thread: threading.Thread | None = None
-        self._sleeping = False
-        self._closed = False
+        self._sleeping = self._closed = False
+        self._gathering = False  # letting a batch gather: only a full batch, a flush or a close wakes the thread
+        self._handled_one = False  # a batch was taken: gather the next before taking it
 
     def handle_batches(self, handle_batch: Callable[[Sequence[T]], None], *, initializer: Callable[[], None] | None = None) -> None:
         """Hand queued items to ``handle_batch`` together (in order) instead of to ``handle`` one at a time; call before submitting.
@@ -98,7 +114,7 @@ class Worker(Generic[T]):
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                     self._thread.start()
-                elif self._sleeping:
+                elif self._sleeping or (self._gathering and len(self._queue) >= self.max_batch):
                     self._wake.notify()
         if full:
             self._on_drop(item)
@@ -107,14 +123,18 @@ class Worker(Generic[T]):
     def _take(self) -> list[tuple[T, int]] | None:
         """The next batch, waiting for one; None once closed and drained."""
         with self._lock:
+            if self._handled_one:  # the thread just handled a batch: let the next gather, unwoken
+                self._gathering = True
+                self._wake.wait_for(lambda: len(self._queue) >= self.max_batch or self._closed or bool(self._waiters), self.gather_seconds)
+                self._gathering = False
             while not self._queue:
                 if self._closed:
                     return None
                 self._sleeping = True
                 self._wake.wait()
                 self._sleeping = False
-            n = min(len(self._queue), self.max_batch)
-            return [self._queue.popleft() for _ in range(n)]
+            self._handled_one = True
+            return [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch))]
 
     def _loop(self) -> None:
         if self._initializer is not None:
@@ -155,6 +175,7 @@ class Worker(Generic[T]):
                 return self._waiters[-1][1]  # a flush already waits for the same items
             future: Future[None] = Future()
             self._waiters.append((target, future))
+            self._wake.notify()  # a flush waits: a gathering batch is taken now (a sleeping thread sleeps on)
             return future
 
     def flush_sync(self, timeout: float | None = None) -> bool:
