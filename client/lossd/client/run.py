@@ -99,6 +99,39 @@ def _field_bytes(state: pb.State) -> int:
     return sum(len(t.data) for t in state.fields.values())
 
 
+@contextmanager
+def _naming_batch(batch: int, request_id: str) -> Iterator[None]:
+    """A bad batch's InvalidArgumentError says which batch of the run it was (the server's for a stream does too)."""
+    try:
+        yield
+    except InvalidArgumentError as exc:
+        raise naming_batch(exc, batch_label(batch, request_id=request_id)) from exc
+
+
+def _bounded(response: pb.EvaluateResponse, batches: int, exact: Mapping[str, object]) -> pb.EvaluateResponse:
+    """The response without the ``exact`` functions' results (they cover part of the batches only)."""
+    out = pb.EvaluateResponse(request_id=response.request_id, batches=batches, diagnostics=response.diagnostics)
+    out.timing.CopyFrom(response.timing)
+    for r in response.results:
+        if r.alias not in exact:
+            out.results.add().CopyFrom(r)
+    return out
+
+
+def _merged_states(
+    functions: Sequence[pb.FunctionSpec], states: Mapping[str, pb.State], pieces: Mapping[str, list[pb.State]]
+) -> dict[str, pb.State]:
+    """Alias -> state in the order of the run's functions (bounded ones, and exact ones merged into one piece)."""
+    out: dict[str, pb.State] = {}
+    for spec in functions:
+        alias = spec.alias or spec.name
+        if alias in pieces:
+            out[alias] = pieces[alias][0]
+        elif alias in states:
+            out[alias] = states[alias]
+    return out
+
+
 class _RunState:
     """The bookkeeping shared by :class:`Run` and :class:`AsyncRun` (no I/O)."""
 
@@ -133,14 +166,6 @@ class _RunState:
         self._nonfinite_seen = False
 
     # -- updates ---------------------------------------------------------------------------------
-
-    @contextmanager
-    def _naming_batch(self, request_id: str) -> Iterator[None]:
-        """A bad batch's InvalidArgumentError says which batch of the run it was (the server's for a stream does too)."""
-        try:
-            yield
-        except InvalidArgumentError as exc:
-            raise naming_batch(exc, batch_label(self._batches, request_id=request_id)) from exc
 
     def _request(self, tensors: Mapping[str, Any]) -> bytes:
         self._request_id = new_request_id()
@@ -180,13 +205,13 @@ class _RunState:
         self._nonfinite_seen = self._nonfinite_seen or bool(first)
         self._diagnostics = merge_diagnostics(self._diagnostics + result.diagnostics + first)
         self._keep(states, set())
-        self._last = self._bounded(result.response)
+        self._last = _bounded(result.response, self._batches, self._pieces)
         return EvaluationResult(self._last, self._diagnostics)
 
     def _local_batch(self, tensors: Mapping[str, Any]) -> tuple[dict[str, pb.State], list[tuple[str, pb.State]]]:
         """compute="local": this batch's states, and the bounded pairs for the server to merge (the run's, then the batch's)."""
         assert self.local is not None
-        with self._naming_batch(self.request_id):
+        with _naming_batch(self._batches, self.request_id):
             states, self._local_diagnostics = self.local.evaluate(tensors)
         pairs: list[tuple[str, pb.State]] = []
         for alias, state in states.items():
@@ -205,17 +230,8 @@ class _RunState:
         self._diagnostics = merge_diagnostics(self._diagnostics + self._local_diagnostics + first)
         exact = {a: s for a, s in states.items() if a in self.local.exact or a in self._pieces}
         self._keep({**(merged.states() if merged is not None else {}), **exact}, self.local.exact)
-        self._last = self._bounded(merged.response if merged is not None else pb.EvaluateResponse())
+        self._last = _bounded(merged.response if merged is not None else pb.EvaluateResponse(), self._batches, self._pieces)
         return EvaluationResult(self._last, self._diagnostics)
-
-    def _bounded(self, response: pb.EvaluateResponse) -> pb.EvaluateResponse:
-        """The response without the exact functions' results (they cover part of the batches only)."""
-        out = pb.EvaluateResponse(request_id=response.request_id, batches=self._batches, diagnostics=response.diagnostics)
-        out.timing.CopyFrom(response.timing)
-        for r in response.results:
-            if r.alias not in self._pieces:
-                out.results.add().CopyFrom(r)
-        return out
 
     # -- merging ---------------------------------------------------------------------------------
 
@@ -242,17 +258,6 @@ class _RunState:
                 r.ClearField("state")  # held once, as the run's piece (see states())
         self._merged = EvaluationResult(response, merge_final_diagnostics(self._diagnostics, result.diagnostics))
         return self._merged
-
-    def _merged_states(self) -> dict[str, pb.State]:
-        """Alias -> state in the order of the run's functions (bounded ones, and exact ones merged into one piece)."""
-        states: dict[str, pb.State] = {}
-        for spec in self.functions:
-            alias = spec.alias or spec.name
-            if alias in self._pieces:
-                states[alias] = self._pieces[alias][0]
-            elif alias in self._states:
-                states[alias] = self._states[alias]
-        return states
 
     @property
     def batches(self) -> int:
@@ -290,7 +295,7 @@ class Run(_RunState):
         """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`result`)."""
         if self.local is None:
             request = self._request(tensors)
-            with self._naming_batch(self._request_id):
+            with _naming_batch(self._batches, self._request_id):
                 response = self.client.evaluate_request(request, timeout=self.timeout)
             return self._accept(response)
         states, bounded = self._local_batch(tensors)
@@ -312,7 +317,7 @@ class Run(_RunState):
         """Alias -> merged state so far (for Finalize, files, or merging across ranks); merges exact pieces first."""
         if self._pending():
             self.merge()
-        return self._merged_states()
+        return _merged_states(self.functions, self._states, self._pieces)
 
 
 class AsyncRun(_RunState):
@@ -336,7 +341,7 @@ class AsyncRun(_RunState):
         """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`merge`)."""
         if self.local is None:
             request = self._request(tensors)
-            with self._naming_batch(self._request_id):
+            with _naming_batch(self._batches, self._request_id):
                 response = await self.client.evaluate_request(request, timeout=self.timeout)
             return self._accept(response)
         states, bounded = self._local_batch(tensors)
@@ -361,7 +366,7 @@ class AsyncRun(_RunState):
         """Alias -> merged state so far; a run with exact AUROC/AP needs ``await run.merge()`` first (or use named_states())."""
         if self._pending():
             raise ValueError("this run holds exact AUROC/AP states in pieces: await run.merge() first, or use named_states()")
-        return self._merged_states()
+        return _merged_states(self.functions, self._states, self._pieces)
 
 
 def local_stream(run: Run, batches: Iterable[Mapping[str, Any]], *, return_state: bool) -> EvaluationResult:

@@ -216,13 +216,7 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
                 index += 1
             if acc is None or first is None:
                 raise InvalidInput.single("messages", "expected at least one message in the stream, got none")
-            done, request_id, return_state = acc, first.request_id, first.return_state
-
-            def result() -> tuple[Evaluation, pb.EvaluateResponse]:
-                evaluation = done.result(return_state=return_state)
-                with watch.encoding():
-                    return evaluation, evaluation_to_proto(evaluation, request_id)
-
+            result = functools.partial(_stream_result, acc, first.request_id, first.return_state, watch)
             evaluation, response = await self._compute(result, nbytes=0, watch=watch, context=context)
             response.timing.CopyFrom(watch.timing())
             self._publish(EvaluationEvent("EvaluateStream", call, first.tags, evaluation, None, tuple(acc.prepared), phases=watch.phases()))
@@ -287,6 +281,13 @@ def _add_stream_message(
         return acc.add(tensors, message.batch_id, request_id=first.request_id)
     except InvalidInput as exc:
         raise naming_batch(exc, label) from None
+
+
+def _stream_result(acc: Accumulator, request_id: str, return_state: bool, watch: Stopwatch) -> tuple[Evaluation, pb.EvaluateResponse]:
+    """A stream's result once its last message is in (on a compute thread: finalizing can be heavy)."""
+    evaluation = acc.result(return_state=return_state)
+    with watch.encoding():
+        return evaluation, evaluation_to_proto(evaluation, request_id)
 
 
 def naming_batch(exc: InvalidInput, label: str) -> InvalidInput:
