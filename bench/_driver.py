@@ -166,6 +166,31 @@ def lossd_run(job: dict[str, Any]) -> dict[str, Any]:
         return {"seconds": seconds, "elapsed": sum(seconds), "values": {k: v.value for k, v in run.result().items()}}
 
 
+def lossd_local_run(job: dict[str, Any]) -> dict[str, Any]:
+    """client.run(compute="local"): every update's time, and the bytes its Finalize carried (the states: no logits)."""
+    from lossd.client import Client
+    from lossd.v1 import lossd_pb2 as pb
+
+    with Client(job["address"]) as client:
+        sent: list[int] = []
+        finalize = client.finalize
+
+        def counted(states: Any, **options: Any) -> Any:
+            named = [pb.NamedState(alias=alias, state=state) for alias, state in states]
+            sent.append(pb.FinalizeRequest(states=named, request_id=options.get("request_id") or "").ByteSize())
+            return finalize(states, **options)
+
+        client.finalize = counted  # type: ignore[method-assign]  # the run calls it once per update
+        warm = client.run(job["functions"], compute="local")
+        warm.update(next(batches({**job, "batches": 1})))
+        sent.clear()
+        _ready()
+        run = client.run(job["functions"], compute="local")
+        seconds = timed_each(run.update, batches(job))
+        values = {k: v.value for k, v in run.result().items()}
+        return {"seconds": seconds, "elapsed": sum(seconds), "values": values, "wire_bytes": sent}
+
+
 def lossd_stream(job: dict[str, Any]) -> dict[str, Any]:
     """One evaluate_stream over many batches."""
     from lossd.client import Client
@@ -210,8 +235,8 @@ def main() -> None:
     """Run the job given as JSON in argv[1]; print its result as JSON."""
     job = json.loads(sys.argv[1])
     scenario = job["scenario"]
-    if scenario in ("run", "stream", "auroc"):
-        result = {"run": lossd_run, "stream": lossd_stream, "auroc": lossd_auroc}[scenario](job)
+    if scenario in ("run", "local", "stream", "auroc"):
+        result = {"run": lossd_run, "local": lossd_local_run, "stream": lossd_stream, "auroc": lossd_auroc}[scenario](job)
     else:
         call, acall = TARGETS[job["target"]](job)
         for _ in range(job.get("warmup", 2)):

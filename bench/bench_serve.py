@@ -61,7 +61,7 @@ class Scenario:
 
     name: str
     title: str
-    kind: str  # repeat | sequential | concurrent | run | stream | auroc
+    kind: str  # repeat | sequential | concurrent | run | local | stream | auroc
     job: dict[str, Any]
     quick: dict[str, Any] = field(default_factory=dict)
     peers: bool = True
@@ -132,6 +132,14 @@ SCENARIOS = [
         "run",
         {"rows": 256, "classes": 100, "functions": ["cross_entropy", "accuracy"], "batches": 10_000},
         {"batches": 100},
+    ),
+    Scenario(
+        "local",
+        'client.run(compute="local"), [256, 32000] batches, ce + accuracy (per batch; ratio also over in-process lossd.kernels)',
+        "local",
+        {"rows": 256, "classes": 32000, "functions": ["cross_entropy", "accuracy"], "batches": 200},
+        {"batches": 20},
+        peers=False,
     ),
     Scenario(
         "stream",
@@ -221,7 +229,7 @@ def torch_seconds(s: Scenario, job: dict[str, Any]) -> float | None:
     """In-process torch on the scenario's tensors: per call, per request, or per batch."""
     if s.kind == "auroc":
         return None
-    if s.kind in ("run", "stream"):
+    if s.kind in ("run", "local", "stream"):
         import torch
 
         pool = [logits_labels(job["rows"], job["classes"], seed) for seed in range(16)]
@@ -239,6 +247,32 @@ def torch_seconds(s: Scenario, job: dict[str, Any]) -> float | None:
     zt, yt = as_torch(z, job.get("dtype", "float32")), torch.from_numpy(y)
     repeats = 200 if s.kind in ("sequential", "concurrent") else max(3, job["repeats"])
     return median_seconds(lambda: torch_functions(zt, yt, job["functions"]), repeats=repeats)
+
+
+def local_notes(job: dict[str, Any], per_batch: float, wire_bytes: list[int]) -> dict[str, Any]:
+    """compute="local": the run's time per batch over in-process lossd.kernels (an Accumulator), and its wire bytes over the logits'."""
+    import torch
+
+    from lossd.kernels import Accumulator
+
+    pool = [logits_labels(job["rows"], job["classes"], seed) for seed in range(16)]
+    pool_t = [{"logits": torch.from_numpy(z), "labels": torch.from_numpy(y)} for z, y in pool]
+    count = min(job["batches"], 200)
+
+    def loop() -> None:
+        acc = Accumulator(job["functions"])
+        for i in range(count):
+            acc.add(pool_t[i % 16])
+        acc.result()
+
+    kernels = median_seconds(loop, repeats=3, warmup=1) / count
+    logits = job["rows"] * job["classes"] * 4
+    return {
+        "kernels_ms": round(kernels * 1e3, 3),
+        "over_kernels": round(per_batch / kernels, 2),
+        "wire_bytes_per_batch": round(statistics.median(wire_bytes)) if wire_bytes else None,
+        "wire_over_logits": round(statistics.median(wire_bytes) / logits, 5) if wire_bytes else None,
+    }
 
 
 def payload_bytes(job: dict[str, Any]) -> int:
@@ -275,9 +309,11 @@ def measure(s: Scenario, target: str, server: ServerProcess, job: dict[str, Any]
     before = server.rss_bytes() if s.name == "vocab" and server.reset_peak() else None
     (result,) = drive(job, python=python)
     seconds = result["seconds"]
-    if s.kind in ("run", "stream"):
+    if s.kind in ("run", "local", "stream"):
         per_batch = result["elapsed"] / job["batches"] if s.kind == "stream" else sum(seconds) / len(seconds)
         notes["batches_per_s"] = round(1 / per_batch, 1)
+        if s.kind == "local":
+            notes |= local_notes(job, per_batch, result["wire_bytes"])
         return {"seconds": per_batch, "notes": notes}
     if s.kind == "auroc":
         first, last = statistics.mean(seconds[:20]), statistics.mean(seconds[-20:])
