@@ -145,7 +145,9 @@ def _state_params(state: pb.State, fdef: FunctionDef, path: str) -> dict[str, An
     field = f"{path}.params_json"
     if len(state.params_json) > MAX_PARAMS_JSON_BYTES:
         raise InvalidInput.single(field, f"expected at most {MAX_PARAMS_JSON_BYTES} bytes, got {len(state.params_json)}")
-    if json_nesting(state.params_json) > MAX_PARAMS_JSON_NESTING:
+    text = state.params_json
+    # Counting brackets first: a state's params (a few keys) never open enough to need the scan (0.2 ms a call).
+    if text.count("[") + text.count("{") > MAX_PARAMS_JSON_NESTING and json_nesting(text) > MAX_PARAMS_JSON_NESTING:
         raise InvalidInput.single(field, f"expected JSON nested at most {MAX_PARAMS_JSON_NESTING} levels deep, got deeper")
     try:
         params = json.loads(state.params_json) if state.params_json else {}
