@@ -104,6 +104,7 @@ def _request() -> pb.EvaluateRequest:
 
 def _evaluations(r: Replica) -> float:
     assert r.monitoring is not None
+    assert r.monitoring.worker.flush_sync(10)  # the monitoring thread counts after the responses (as /metrics does, wait for it)
     return sum(s.value for f in r.monitoring.registry.collect() for s in f.samples if s.name == "lossd_evaluations_total")
 
 
