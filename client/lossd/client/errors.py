@@ -46,6 +46,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from lossd.client.messages import in_batch
+
 __all__ = [
     "FieldViolation",
     "LossdError",
@@ -316,7 +318,7 @@ def invalid_argument(violations: Sequence[tuple[str, str]], details: Sequence[an
 def naming_batch(exc: InvalidArgumentError, batch: str) -> InvalidArgumentError:
     """``exc`` with each violation saying which batch of a run or stream brought it (``batch``: see ``batch_label``)."""
     others = [d for d in exc.status.details if not d.Is(error_details_pb2.BadRequest.DESCRIPTOR)] if exc.status is not None else []
-    return invalid_argument([(v.field, f"{v.description}; in {batch}") for v in exc.violations], others)
+    return invalid_argument([(v.field, in_batch(v.description, batch)) for v in exc.violations], others)
 
 
 def error_class(code: grpc.StatusCode) -> type[LossdError]:

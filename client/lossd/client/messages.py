@@ -27,6 +27,7 @@ __all__ = [
     "tags_proto",
     "new_request_id",
     "batch_label",
+    "in_batch",
     "nan_policy_value",
     "with_nan_policy",
     "arrays_of",
@@ -85,6 +86,11 @@ def batch_label(index: int, batch_id: str = "", request_id: str = "") -> str:
     """Name batch ``index`` (from 0) of a run or stream, as errors and diagnostics do: batch 1 (batch_id 'b', request id 'r')."""
     where = ", ".join(f"{k} {v[:64]!r}" for k, v in (("batch_id", batch_id), ("request id", request_id)) if v)
     return f"batch {index}{f' ({where})' if where else ''}"
+
+
+def in_batch(description: str, label: str) -> str:
+    """A violation's description saying which batch brought it (``label``: :func:`batch_label`), on the server and in the client alike."""
+    return f"{description}; in {label}"
 
 
 def new_request_id() -> str:

@@ -48,11 +48,16 @@ MAX_PARAMS_JSON_NESTING = 32
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
-def json_nesting(text: str) -> int:
-    """How deep ``[`` and ``{`` nest in ``text`` (outside strings), counted without recursing."""
+def nested_deeper_than(text: str, levels: int) -> bool:
+    """Whether ``[`` and ``{`` nest more than ``levels`` deep in ``text`` (outside strings), found without recursing.
+
+    The brackets are counted first: a few keys never open ``levels`` of them,
+    and the scan (0.2 ms a call) is left for the text that might."""
+    if text.count("[") + text.count("{") <= levels:
+        return False
     marks = np.frombuffer(_JSON_STRING.sub("", text).encode(), dtype=np.uint8)
     steps = np.isin(marks, (ord("["), ord("{"))).astype(np.int64) - np.isin(marks, (ord("]"), ord("}")))
-    return int(np.cumsum(steps).max(initial=0))
+    return int(np.cumsum(steps).max(initial=0)) > levels
 
 
 def _check_wire_shape(t: pb.Tensor, field: str) -> None:
@@ -145,9 +150,7 @@ def _state_params(state: pb.State, fdef: FunctionDef, path: str) -> dict[str, An
     field = f"{path}.params_json"
     if len(state.params_json) > MAX_PARAMS_JSON_BYTES:
         raise InvalidInput.single(field, f"expected at most {MAX_PARAMS_JSON_BYTES} bytes, got {len(state.params_json)}")
-    text = state.params_json
-    # Counting brackets first: a state's params (a few keys) never open enough to need the scan (0.2 ms a call).
-    if text.count("[") + text.count("{") > MAX_PARAMS_JSON_NESTING and json_nesting(text) > MAX_PARAMS_JSON_NESTING:
+    if nested_deeper_than(state.params_json, MAX_PARAMS_JSON_NESTING):
         raise InvalidInput.single(field, f"expected JSON nested at most {MAX_PARAMS_JSON_NESTING} levels deep, got deeper")
     try:
         params = json.loads(state.params_json) if state.params_json else {}

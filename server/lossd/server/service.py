@@ -18,7 +18,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from lossd.client.messages import batch_label
+from lossd.client.messages import batch_label, in_batch
 from lossd.kernels import Accumulator, Evaluation, State, all_functions, evaluate, finalize_states
 from lossd.kernels.batch import Batch
 from lossd.kernels.budget import Budget, estimates
@@ -292,7 +292,7 @@ def _stream_result(acc: Accumulator, request_id: str, return_state: bool, watch:
 
 def naming_batch(exc: InvalidInput, label: str) -> InvalidInput:
     """``exc`` with each violation saying which batch of the stream brought it (the client's runs say it the same way)."""
-    named = InvalidInput([FieldViolation(v.field, f"{v.description}; in {label}") for v in exc.violations])
+    named = InvalidInput([FieldViolation(v.field, in_batch(v.description, label)) for v in exc.violations])
     named.diagnostics = exc.diagnostics
     return named
 
