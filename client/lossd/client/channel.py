@@ -61,5 +61,6 @@ def channel_options(*, attempts: int = DEFAULT_ATTEMPTS, extra: Sequence[tuple[s
     return list(options.items())
 
 
-# The full method name of Evaluate, for callables sending pre-serialized requests.
+# The full method names of Evaluate and EvaluateStream, for callables sending pre-serialized requests.
 EVALUATE_METHOD = "/lossd.v1.LossService/Evaluate"
+EVALUATE_STREAM_METHOD = "/lossd.v1.LossService/EvaluateStream"

@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from lossd.client.base import ClientBase
-from lossd.client.channel import EVALUATE_METHOD
+from lossd.client.channel import EVALUATE_METHOD, EVALUATE_STREAM_METHOD
 from lossd.client.core import (
     check_chunk_bytes,
     check_timeout,
@@ -68,6 +68,9 @@ class Client(ClientBase):
         # Evaluate with requests already serialized (lossd.client.wire: no protobuf copies of tensors).
         self._evaluate_bytes = self._channel.unary_unary(
             EVALUATE_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString
+        )
+        self._evaluate_stream_bytes = self._channel.stream_unary(
+            EVALUATE_STREAM_METHOD, request_serializer=None, response_deserializer=pb.EvaluateResponse.FromString
         )
 
     def __enter__(self) -> Client:
@@ -235,4 +238,4 @@ def open_stream(
         catalogue=client.list_functions,
         nan_policy=nan_policy,
     )
-    return RetryingStream(client._stub.EvaluateStream, messages, attempts=client.core.attempts, timeout=deadline)
+    return RetryingStream(client._evaluate_stream_bytes, messages, attempts=client.core.attempts, timeout=deadline)

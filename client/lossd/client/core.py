@@ -281,8 +281,8 @@ class ClientCore:
         request_id: str | None,
         catalogue: Callable[[], pb.ListFunctionsResponse],
         nan_policy: str | None = None,
-    ) -> Iterator[pb.EvaluateRequest]:
-        """The messages of an EvaluateStream call, each batch read, split when allowed, and encoded in turn.
+    ) -> Iterator[bytes]:
+        """The serialized messages of an EvaluateStream call, each batch read, split when allowed, and encoded in turn.
 
         ``catalogue`` is the transport's ListFunctions, called at most once,
         when a batch over the chunk size first needs the split decision.
@@ -290,16 +290,16 @@ class ClientCore:
         specs = function_specs(functions)
         tags_msg = tags_proto(tags)
         rid = request_id or new_request_id()
-        policy = nan_policy_value(nan_policy)  # carried by the first message, for the whole stream
+        nan_policy_value(nan_policy)  # a bad name fails before the first batch is read
         for index, tensors in enumerate(batches):
             arrays = arrays_of(tensors)
             if self.needs_catalogue(specs, arrays):
                 catalogue()
             parts = split_rows(arrays, self.chunk_bytes) if self.chunk_bytes and self.may_split(specs, arrays) else [arrays]
-            for message in batch_requests(index, parts, specs, tags=tags_msg, return_state=return_state, request_id=rid):
-                if index == 0 and policy:
-                    message.nan_policy, policy = policy, 0  # type: ignore[assignment]  # the generated enum type
-                yield message
+            # The first message carries the nan_policy, for the whole stream.
+            yield from batch_requests(
+                index, parts, specs, tags=tags_msg, return_state=return_state, request_id=rid, nan_policy=nan_policy if index == 0 else None
+            )
 
     def learn(self, family: str, response: pb.ListFunctionsResponse) -> pb.ListFunctionsResponse:
         """Cache which functions are splittable from a full catalogue (a family's is partial, so it is not kept)."""

@@ -197,18 +197,22 @@ def batch_requests(
     tags: pb.Tags | None,
     return_state: bool,
     request_id: str,
-) -> Iterator[pb.EvaluateRequest]:
-    """Yield the stream messages of batch ``index`` (0 first): one per part, parts sharing a batch_id.
+    nan_policy: str | None = None,
+) -> Iterator[bytes]:
+    """Yield the serialized stream messages of batch ``index`` (0 first): one per part, parts sharing a batch_id.
 
-    The first message of the stream names the functions, tags and options;
-    later ones carry tensors only. Messages are encoded one at a time.
+    The first message of the stream names the functions, tags and options
+    (``nan_policy`` included); later ones carry tensors only. Each message is
+    written straight from its part's memory (:mod:`lossd.client.wire`) when
+    the stream reads it: one copy of the tensors, none kept.
     """
     batch_id = f"batch-{index}" if len(parts) > 1 else ""
     for j, part in enumerate(parts):
         if index == 0 and j == 0:
-            yield evaluate_request(part, functions, tags=tags, return_state=return_state, request_id=request_id, batch_id=batch_id)
+            rest = evaluate_request({}, functions, tags=tags, return_state=return_state, request_id=request_id, batch_id=batch_id)
+            yield with_nan_policy(serialize_evaluate_request(part, rest), nan_policy)
         else:
-            yield evaluate_request(part, (), batch_id=batch_id)
+            yield serialize_evaluate_request(part, pb.EvaluateRequest(batch_id=batch_id))
 
 
 def named_states(states: StatesLike) -> list[pb.NamedState]:

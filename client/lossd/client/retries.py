@@ -45,7 +45,6 @@ from google.rpc import error_details_pb2
 
 from lossd.client.core import lossd_errors
 from lossd.client.errors import PUSHBACK_KEY, LossdError, ResourceExhaustedError, UnavailableError, retry_pushback_ms
-from lossd.v1 import lossd_pb2 as pb
 
 __all__ = [
     "PUSHBACK_KEY",
@@ -150,29 +149,29 @@ async def call_retrying_async(call: Callable[[float], Awaitable[T]], attempts: i
 
 
 class ReplayableMessages:
-    """A stream's messages, kept while they total at most ``limit`` bytes, so that a refused attempt can be replayed.
+    """A stream's serialized messages, kept while they total at most ``limit`` bytes, so that a refused attempt can be replayed.
 
     The batches are read once, as the first attempt sends them; a later
     attempt sends the kept messages again, then reads on. As with gRPC's
     own retry buffer, a stream larger than ``limit`` cannot be replayed.
     """
 
-    def __init__(self, source: Iterator[pb.EvaluateRequest], limit: int) -> None:
+    def __init__(self, source: Iterator[bytes], limit: int) -> None:
         self._source = source
         self._limit = limit
-        self._kept: list[pb.EvaluateRequest] = []
+        self._kept: list[bytes] = []
         self._kept_bytes = 0
         self.replayable = True
         self._lock = threading.Lock()  # held while the source is read: one reader at a time
         self._attempt = 0
 
-    def attempt(self) -> Iterator[pb.EvaluateRequest]:
+    def attempt(self) -> Iterator[bytes]:
         """The messages of a new attempt; the previous attempt's reader stops reading (waits for it to let go first)."""
         with self._lock:
             self._attempt += 1
             return self._messages(self._attempt, list(self._kept))
 
-    def _messages(self, attempt: int, kept: list[pb.EvaluateRequest]) -> Iterator[pb.EvaluateRequest]:
+    def _messages(self, attempt: int, kept: list[bytes]) -> Iterator[bytes]:
         yield from kept
         while True:
             with self._lock:
@@ -184,10 +183,10 @@ class ReplayableMessages:
                 self._keep(message)
             yield message
 
-    def _keep(self, message: pb.EvaluateRequest) -> None:
+    def _keep(self, message: bytes) -> None:
         if not self.replayable:
             return
-        self._kept_bytes += message.ByteSize()
+        self._kept_bytes += len(message)  # serialized already: its length, not a re-encoding (ByteSize) of the message
         if self._kept_bytes > self._limit:
             self.replayable = False
             self._kept.clear()

@@ -19,7 +19,6 @@ from lossd.client.channel import RETRY_BUFFER_BYTES
 from lossd.client.core import lossd_errors
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.retries import RETRIED, Attempts, ReplayableMessages
-from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["GuardedRequests", "start_stream", "stream_result", "RetryingStream"]
 
@@ -31,7 +30,7 @@ class GuardedRequests:
     cancelled call never lets the server finalize a partial stream.
     """
 
-    def __init__(self, messages: Iterator[pb.EvaluateRequest]) -> None:
+    def __init__(self, messages: Iterator[bytes]) -> None:
         self.messages = messages
         self.error: BaseException | None = None
         self._call: grpc.Future | None = None
@@ -42,7 +41,7 @@ class GuardedRequests:
         self._call = call
         self._attached.set()
 
-    def __iter__(self) -> Iterator[pb.EvaluateRequest]:
+    def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self.messages
         except Exception as exc:
@@ -52,8 +51,8 @@ class GuardedRequests:
             self._call.cancel()
 
 
-def start_stream(method: Any, messages: Iterator[pb.EvaluateRequest], deadline: float) -> tuple[grpc.Future, GuardedRequests]:
-    """Start ``method`` (a stub's EvaluateStream) on ``messages``; gRPC reads them on its own thread."""
+def start_stream(method: Any, messages: Iterator[bytes], deadline: float) -> tuple[grpc.Future, GuardedRequests]:
+    """Start ``method`` (EvaluateStream taking serialized messages) on ``messages``; gRPC reads them on its own thread."""
     guard = GuardedRequests(messages)
     call: grpc.Future = method.future(iter(guard), timeout=deadline)
     guard.attach(call)
@@ -79,12 +78,13 @@ def stream_result(call: grpc.Future, guard: GuardedRequests) -> EvaluationResult
 class RetryingStream:
     """One EvaluateStream call, attempted again (messages replayed) as :mod:`lossd.client.retries` allows.
 
-    ``method`` is a stub's EvaluateStream; ``timeout`` covers every attempt.
+    ``method`` is EvaluateStream on serialized messages (a channel's ``stream_unary`` without a request
+    serializer); ``timeout`` covers every attempt.
     :meth:`result` blocks (the asyncio client runs it in a worker thread);
     :meth:`cancel` may come from any thread.
     """
 
-    def __init__(self, method: Any, messages: Iterator[pb.EvaluateRequest], *, attempts: int, timeout: float) -> None:
+    def __init__(self, method: Any, messages: Iterator[bytes], *, attempts: int, timeout: float) -> None:
         self._method = method
         self._messages = ReplayableMessages(messages, RETRY_BUFFER_BYTES)
         self._attempts = Attempts(attempts, timeout)

@@ -86,7 +86,8 @@ def test_stream_messages_split_only_splittable_batches() -> None:
         return CATALOGUE
 
     def messages(functions: str) -> list[pb.EvaluateRequest]:
-        return list(c.stream_messages([BIG, SMALL], functions, tags=None, return_state=False, request_id="r", catalogue=catalogue))
+        sent = c.stream_messages([BIG, SMALL], functions, tags=None, return_state=False, request_id="r", catalogue=catalogue)
+        return [pb.EvaluateRequest.FromString(m) for m in sent]
 
     split = messages("cross_entropy")
     assert len(split) > 2 and split[0].functions[0].name == "cross_entropy" and split[0].request_id == "r"

@@ -107,12 +107,16 @@ def test_batch_requests_first_message_names_the_functions() -> None:
     specs = function_specs(["cross_entropy"])
     arrays = {"logits": np.zeros((6, 3), np.float32), "labels": np.zeros(6, np.int64)}
     parts = split_rows(arrays, 40)
-    first = list(batch_requests(0, parts, specs, tags=pb.Tags(model="m"), return_state=True, request_id="r1"))
+    first = [
+        pb.EvaluateRequest.FromString(m)
+        for m in batch_requests(0, parts, specs, tags=pb.Tags(model="m"), return_state=True, request_id="r1", nan_policy="omit")
+    ]
     assert len(first) == len(parts) > 1
     assert len({m.batch_id for m in first}) == 1 and first[0].batch_id
     assert list(first[0].functions) == specs and first[0].tags.model == "m" and first[0].return_state and first[0].request_id == "r1"
-    assert all(not m.functions and not m.request_id and not m.HasField("tags") for m in first[1:])
-    later = list(batch_requests(1, [arrays], specs, tags=None, return_state=True, request_id="r1"))
+    assert first[0].nan_policy == pb.NAN_POLICY_OMIT
+    assert all(not m.functions and not m.request_id and not m.HasField("tags") and not m.nan_policy for m in first[1:])
+    later = [pb.EvaluateRequest.FromString(m) for m in batch_requests(1, [arrays], specs, tags=None, return_state=True, request_id="r1")]
     assert len(later) == 1 and not later[0].functions and later[0].batch_id == ""
     rows = np.concatenate([decode_tensor(m.tensors["logits"], "logits") for m in first])
     assert rows.shape == (6, 3)

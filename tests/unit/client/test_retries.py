@@ -189,8 +189,8 @@ def test_call_retrying_gives_each_attempt_the_time_left_and_raises_the_last_erro
     assert len(calls) == 1
 
 
-def messages(n: int) -> list[pb.EvaluateRequest]:
-    return [pb.EvaluateRequest(request_id=f"r{i}", batch_id=str(i)) for i in range(n)]
+def messages(n: int) -> list[bytes]:
+    return [pb.EvaluateRequest(request_id=f"r{i}", batch_id=str(i)).SerializeToString() for i in range(n)]
 
 
 def test_a_replay_sends_the_kept_messages_then_reads_on() -> None:
@@ -207,7 +207,7 @@ def test_a_replay_sends_the_kept_messages_then_reads_on() -> None:
 
 def test_a_stream_over_the_buffer_is_not_replayable() -> None:
     sent = messages(50)
-    replayable = ReplayableMessages(iter(sent), limit=sum(m.ByteSize() for m in sent[:10]))
+    replayable = ReplayableMessages(iter(sent), limit=sum(len(m) for m in sent[:10]))
     assert list(replayable.attempt()) == sent
     assert not replayable.replayable
 
@@ -216,9 +216,9 @@ def test_a_new_attempt_waits_for_the_old_reader_to_let_go() -> None:
     release = threading.Event()
 
     def slow_source() -> object:
-        yield pb.EvaluateRequest(batch_id="0")
+        yield pb.EvaluateRequest(batch_id="0").SerializeToString()
         release.wait(5)
-        yield pb.EvaluateRequest(batch_id="1")
+        yield pb.EvaluateRequest(batch_id="1").SerializeToString()
 
     replayable = ReplayableMessages(slow_source(), limit=1 << 20)  # type: ignore[arg-type]
     first = replayable.attempt()
@@ -229,4 +229,4 @@ def test_a_new_attempt_waits_for_the_old_reader_to_let_go() -> None:
     threading.Timer(0.1, release.set).start()
     second = replayable.attempt()  # waits for the reader above, which keeps the message it read
     reader.join(5)
-    assert [m.batch_id for m in second] == ["0", "1"]
+    assert [pb.EvaluateRequest.FromString(m).batch_id for m in second] == ["0", "1"]
