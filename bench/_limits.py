@@ -6,6 +6,7 @@ import multiprocessing
 import socket
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 from _common import median_seconds
@@ -48,3 +49,75 @@ def memcpy_seconds(nbytes: int, repeats: int = 7) -> float:
     """Median time of one copy of ``nbytes`` in memory."""
     src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
     return median_seconds(lambda: np.copyto(dst, src), repeats=repeats)
+
+
+def _echo(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := s.recv(100):
+            s.sendall(data)
+
+
+def tcp_round_trip_seconds(repeats: int = 3000) -> float:
+    """Median round trip of 100 bytes to another process and back over loopback TCP (no framework)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        child = multiprocessing.get_context("spawn").Process(target=_echo, args=(listener.getsockname()[1],))
+        child.start()
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        times = []
+        with conn:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                conn.sendall(b"x" * 100)
+                got = 0
+                while got < 100:
+                    got += len(conn.recv(100 - got))
+                times.append(time.perf_counter() - start)
+        child.join(30)
+    return statistics.median(times[100:])
+
+
+def _health_server(ports: Any) -> None:  # a multiprocessing SimpleQueue: the port, once bound
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def grpc_round_trip_seconds(repeats: int = 2000) -> float:
+    """Median unary call of grpcio itself: a blocking client asking a grpc.aio health servicer in another process.
+
+    The floor under every small-request row: no lossd code runs on either side."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    context = multiprocessing.get_context("spawn")
+    ports = context.SimpleQueue()
+    child = context.Process(target=_health_server, args=(ports,), daemon=True)
+    child.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ports.get()}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            request = health_pb2.HealthCheckRequest()
+            check(request, timeout=30, wait_for_ready=True)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                check(request, timeout=30)
+                times.append(time.perf_counter() - start)
+    finally:
+        child.kill()
+        child.join(30)
+    return statistics.median(times[100:])
