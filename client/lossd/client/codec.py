@@ -4,29 +4,37 @@ Bytes are row-major and little-endian. Decoding is zero-copy
 (``np.frombuffer`` over the message's bytes) and checks that the byte length
 matches dtype × shape before anything reads it.  torch is never imported
 here: torch tensors are recognized by duck typing and converted through
-numpy, bfloat16 through ``ml_dtypes``.
+numpy, bfloat16 through ``ml_dtypes``, imported on the first bfloat16 tensor
+(its import registers hundreds of ufunc loops: about a second of every
+client's and server's start-up, for a dtype most never see).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = ["TensorError", "to_numpy", "encode_tensor", "decode_tensor", "encode_tensors", "decode_tensors", "DTYPE_NAMES", "dtype_of"]
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 
-# wire dtype <-> numpy dtype (little-endian)
+@functools.cache
+def bfloat16() -> np.dtype:
+    """numpy's bfloat16 (``ml_dtypes.bfloat16``), imported on first use."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# wire dtype <-> numpy dtype (little-endian); bfloat16 through bfloat16()
 _TO_NUMPY: dict[int, np.dtype] = {
     pb.FLOAT32: np.dtype("<f4"),
     pb.FLOAT16: np.dtype("<f2"),
-    pb.BFLOAT16: _BF16,
     pb.FLOAT64: np.dtype("<f8"),
     pb.INT64: np.dtype("<i8"),
     pb.INT32: np.dtype("<i4"),
@@ -46,6 +54,11 @@ DTYPE_NAMES: dict[str, pb.DType] = {
 _NAME_OF: dict[int, str] = {v: k for k, v in DTYPE_NAMES.items()}
 
 
+def _numpy_dtype(dtype: int) -> np.dtype:
+    """The numpy dtype of a known wire dtype."""
+    return bfloat16() if dtype == pb.BFLOAT16 else _TO_NUMPY[dtype]
+
+
 class TensorError(ValueError):
     """A tensor that cannot be encoded or decoded; ``field`` names it (``tensors.logits``)."""
 
@@ -57,9 +70,9 @@ class TensorError(ValueError):
 
 def dtype_of(array: np.ndarray, field: str) -> pb.DType:
     """The wire dtype of a numpy array; unsupported dtypes are refused, not converted."""
-    if array.dtype == _BF16:
-        return pb.BFLOAT16
     name = array.dtype.name
+    if name == "bfloat16" and array.dtype != bfloat16():  # a void dtype of that name, not ml_dtypes' (already imported: free)
+        name = str(array.dtype)
     if name not in DTYPE_NAMES:
         raise TensorError(field, f"unsupported dtype {name}; expected one of {', '.join(DTYPE_NAMES)} (cast it first)")
     return DTYPE_NAMES[name]
@@ -74,7 +87,7 @@ def _as_numpy(value: Any, field: str) -> np.ndarray:
         if str(t.dtype) == "torch.bfloat16":
             import torch
 
-            array = t.contiguous().view(torch.int16).numpy().view(_BF16)
+            array = t.contiguous().view(torch.int16).numpy().view(bfloat16())
         else:
             array = t.numpy()
         return array
@@ -98,7 +111,7 @@ def encode_tensor(value: Any, name: str = "tensor") -> pb.Tensor:
     field = f"tensors.{name}"
     array = _as_numpy(value, field)
     dtype = dtype_of(array, field)
-    wire = _TO_NUMPY[dtype]
+    wire = _numpy_dtype(dtype)
     if array.dtype.byteorder == ">":
         array = array.astype(wire)
     return pb.Tensor(dtype=dtype, shape=list(array.shape), data=np.ascontiguousarray(array).tobytes())
@@ -107,7 +120,7 @@ def encode_tensor(value: Any, name: str = "tensor") -> pb.Tensor:
 def decode_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     """A read-only numpy view of a wire tensor's bytes, after checking dtype, shape and length."""
     field = f"tensors.{name}"
-    if tensor.dtype not in _TO_NUMPY:
+    if tensor.dtype not in _NAME_OF:
         raise TensorError(
             field,
             f"expected a dtype of {', '.join(DTYPE_NAMES)}, got {pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype}",
@@ -115,7 +128,7 @@ def decode_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise TensorError(field, f"expected non-negative dimensions, got shape {list(shape)}")
-    dtype = _TO_NUMPY[tensor.dtype]
+    dtype = _numpy_dtype(tensor.dtype)
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
         raise TensorError(

@@ -42,3 +42,9 @@ def test_one_version_attribute_per_package() -> None:
     assert lossd.client.__version__ == version("lossd-client")
     assert lossd.kernels.__version__ == version("lossd-kernels")
     assert lossd.server.__version__ == version("lossd-server")
+
+
+def test_import_does_not_import_ml_dtypes() -> None:
+    # Its import registers hundreds of ufunc loops (about a second): paid on the first bfloat16 tensor only.
+    code = "import lossd.client, sys; assert 'ml_dtypes' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
