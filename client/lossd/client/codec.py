@@ -28,7 +28,8 @@ def bfloat16() -> np.dtype:
     """numpy's bfloat16 (``ml_dtypes.bfloat16``), imported on first use."""
     import ml_dtypes
 
-    return np.dtype(ml_dtypes.bfloat16)
+    dtype: np.dtype = np.dtype(ml_dtypes.bfloat16)
+    return dtype
 
 
 # wire dtype <-> numpy dtype (little-endian); bfloat16 through bfloat16()
