@@ -80,15 +80,24 @@ def tcp_round_trip_seconds(repeats: int = 3000) -> float:
     return statistics.median(times[100:])
 
 
-def _health_server(ports: Any) -> None:  # a multiprocessing SimpleQueue: the port, once bound
+def _floor_server(ports: Any) -> None:  # ports: a multiprocessing SimpleQueue, for the bound port
     import asyncio
 
     import grpc
     from grpc_health.v1 import health, health_pb2_grpc
 
+    from lossd.client.channel import GRPC_OPTIONS
+
+    async def sink(request: bytes, context: object) -> bytes:
+        return b""
+
     async def serve() -> None:
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.max_receive_message_length", 1 << 30)])
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        # Bytes in, bytes out: no protobuf on either side.
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SINK[0], {SINK[1]: grpc.unary_unary_rpc_method_handler(sink)}),)
+        )
         ports.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await server.wait_for_termination()
@@ -96,28 +105,39 @@ def _health_server(ports: Any) -> None:  # a multiprocessing SimpleQueue: the po
     asyncio.run(serve())
 
 
-def grpc_round_trip_seconds(repeats: int = 2000) -> float:
-    """Median unary call of grpcio itself: a blocking client asking a grpc.aio health servicer in another process.
+SINK = ("lossd.bench.Floor", "Sink")
 
-    The floor under every small-request row: no lossd code runs on either side."""
+
+def grpc_floor_seconds(nbytes: int, repeats: int = 2000, large_repeats: int = 15) -> tuple[float, float]:
+    """Median unary calls of grpcio itself, with no lossd code on either side: (a health Check, ``nbytes`` sent as raw bytes).
+
+    A blocking client and a grpc.aio server in another process, with lossd's
+    HTTP/2 options: the floors under the [64, 10] rows and the 16 MB rows."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from lossd.client.channel import GRPC_OPTIONS
+
     context = multiprocessing.get_context("spawn")
     ports = context.SimpleQueue()
-    child = context.Process(target=_health_server, args=(ports,), daemon=True)
+    child = context.Process(target=_floor_server, args=(ports,), daemon=True)
     child.start()
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{ports.get()}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{ports.get()}", options=GRPC_OPTIONS) as channel:
             check = health_pb2_grpc.HealthStub(channel).Check
             request = health_pb2.HealthCheckRequest()
             check(request, timeout=30, wait_for_ready=True)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                check(request, timeout=30)
-                times.append(time.perf_counter() - start)
+            small = [_timed(lambda: check(request, timeout=30)) for _ in range(repeats)][100:]
+            sink = channel.unary_unary(f"/{SINK[0]}/{SINK[1]}")
+            payload = bytes(nbytes)
+            large = [_timed(lambda: sink(payload, timeout=60)) for _ in range(large_repeats + 2)][2:]
     finally:
         child.kill()
         child.join(30)
-    return statistics.median(times[100:])
+    return statistics.median(small), statistics.median(large)
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

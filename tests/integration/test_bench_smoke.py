@@ -27,5 +27,5 @@ def test_bench_serve_runs_one_small_scenario(tmp_path: Path) -> None:
     assert 0 < row["notes"]["p50_ms"] <= row["notes"]["p99_ms"]
     limits = report["limits"]
     assert limits["tcp_gb_per_s"] > 0 and limits["memcpy_gb_per_s"] > 0
-    assert 0 < limits["tcp_round_trip_ms"] < limits["grpc_round_trip_ms"]  # grpcio itself costs more than the socket
+    assert 0 < limits["tcp_round_trip_ms"] < limits["grpc_round_trip_ms"] < limits["grpc_16mb_ms"]  # grpcio costs more than the socket
     assert "| [64, 10] sequential" in done.stdout
