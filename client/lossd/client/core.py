@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -200,6 +201,8 @@ class ClientCore:
         self._splittable = _Splittability()
         self.shared_memory = self._shared_memory(shared_memory)
         self.segments = SegmentPool()  # reused shared-memory segments; close() unlinks them
+        # The background sends of this client's compute="local" runs: close() waits for them first.
+        self.local_sends: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def _shared_memory(self, wanted: bool) -> bool:
         """Whether large batches go through shared memory (lossd.client.shared_memory): asked for, and the server on this host."""

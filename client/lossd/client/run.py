@@ -25,8 +25,18 @@ update leaves the run as it was, and ``Finalize`` is a pure function of the
 states it is sent.
 
 ``compute="local"`` (:mod:`lossd.client.local`): each batch's states are
-computed in this process by :mod:`lossd.kernels` and only states travel: a
-``Finalize`` of the merged bounded states with the batch's (no tensors).
+computed in this process by :mod:`lossd.kernels` and merged here with the
+server's own merge and finalize code, so ``update`` returns the values over
+every batch so far (bit-for-bit the server's for those states) without
+waiting for it. Only states travel: the ``Finalize`` of the run's prior
+merged bounded states with the batch's goes out in the background, at most
+one in flight, and the next ``update``, ``merge``, ``result``, ``states`` or
+``named_states`` waits for it first. A failed send is raised by that call,
+naming its batch N, with the run back to its states before batch N: resend
+from batch N (:mod:`lossd.client.local_sends` has the details). ``batches``
+counts a batch still being sent. An :class:`AsyncRun`'s ``result``,
+``states`` and ``named_states`` cannot wait: while a send is in flight they
+raise ``StillSending`` (a ``ValueError``): ``await run.merge()`` first.
 
 A batch refused as bad input raises the same
 :class:`~lossd.client.errors.InvalidArgumentError` whether computed here or on
@@ -41,12 +51,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lossd.client.diagnostics import Diagnostic, merge_diagnostics, merge_final_diagnostics
 from lossd.client.errors import InvalidArgumentError, naming_batch
 from lossd.client.evaluation import EvaluationResult
-from lossd.client.local import LocalStates, check_compute, without_states
+from lossd.client.local import LocalMerge, LocalStates, check_compute, without_states
+from lossd.client.local_sends import FailedSend, TaskSends, ThreadSends, closing_waits_for
 from lossd.client.messages import (
     StatesLike,
     TagsLike,
@@ -58,7 +71,11 @@ from lossd.client.messages import (
     wants_per_element,
     with_nan_policy,
 )
+from lossd.client.run_results import bounded_response, field_bytes, first_nonfinite, merged_states
 from lossd.v1 import lossd_pb2 as pb
+
+if TYPE_CHECKING:
+    from lossd.kernels import State
 
 __all__ = ["Evaluator", "AsyncEvaluator", "Run", "AsyncRun", "local_stream", "local_stream_async"]
 
@@ -95,10 +112,6 @@ class AsyncEvaluator(Protocol):
     ) -> EvaluationResult: ...
 
 
-def _field_bytes(state: pb.State) -> int:
-    return sum(len(t.data) for t in state.fields.values())
-
-
 @contextmanager
 def _naming_batch(batch: int, request_id: str) -> Iterator[None]:
     """A bad batch's InvalidArgumentError says which batch of the run it was (the server's for a stream does too)."""
@@ -106,30 +119,6 @@ def _naming_batch(batch: int, request_id: str) -> Iterator[None]:
         yield
     except InvalidArgumentError as exc:
         raise naming_batch(exc, batch_label(batch, request_id=request_id)) from exc
-
-
-def _bounded(response: pb.EvaluateResponse, batches: int, exact: Mapping[str, object]) -> pb.EvaluateResponse:
-    """The response without the ``exact`` functions' results (they cover part of the batches only)."""
-    out = pb.EvaluateResponse(request_id=response.request_id, batches=batches, diagnostics=response.diagnostics)
-    out.timing.CopyFrom(response.timing)
-    for r in response.results:
-        if r.alias not in exact:
-            out.results.add().CopyFrom(r)
-    return out
-
-
-def _merged_states(
-    functions: Sequence[pb.FunctionSpec], states: Mapping[str, pb.State], pieces: Mapping[str, list[pb.State]]
-) -> dict[str, pb.State]:
-    """Alias -> state in the order of the run's functions (bounded ones, and exact ones merged into one piece)."""
-    out: dict[str, pb.State] = {}
-    for spec in functions:
-        alias = spec.alias or spec.name
-        if alias in pieces:
-            out[alias] = pieces[alias][0]
-        elif alias in states:
-            out[alias] = states[alias]
-    return out
 
 
 class _RunState:
@@ -161,9 +150,10 @@ class _RunState:
         self._merged: EvaluationResult | None = None  # the last merge, while no update came after it
         self._batches = 0
         self._diagnostics: list[Diagnostic] = []
-        self._local_diagnostics: list[Diagnostic] = []  # compute="local": the batch being added
         self._request_id = ""  # of the last update sent, for first_nonfinite_batch
         self._nonfinite_seen = False
+        self._local_states: dict[str, State] = {}  # compute="local": the bounded states (as _states), for merging here
+        self._checkpoint: _Checkpoint | None = None  # compute="local": the run before the batch whose send is in flight
 
     # -- updates ---------------------------------------------------------------------------------
 
@@ -181,13 +171,19 @@ class _RunState:
                 self._pieces[alias].append(state)
                 continue
             prior = self._states.get(alias)
-            if alias in exact or (prior is not None and _field_bytes(state) > _field_bytes(prior)):
+            if alias in exact or (prior is not None and field_bytes(state) > field_bytes(prior)):
                 self._states.pop(alias, None)  # a growing state: from now on kept here, never resent
                 self._pieces[alias] = [state]
             else:
                 self._states[alias] = state
         self._batches += 1
         self._merged = None
+
+    def _add_diagnostics(self, diagnostics: list[Diagnostic], request_id: str) -> None:
+        """Count a batch's diagnostics into the run's (first_nonfinite_batch names the first batch that brought NaN or inf)."""
+        first = [] if self._nonfinite_seen else first_nonfinite(diagnostics, self._batches, request_id)
+        self._nonfinite_seen = self._nonfinite_seen or bool(first)
+        self._diagnostics = merge_diagnostics(self._diagnostics + diagnostics + first)
 
     def _accept(self, result: EvaluationResult) -> EvaluationResult:
         states = result.states()
@@ -197,46 +193,44 @@ class _RunState:
                 f"the server returned no state for {missing}: a function with reduction='none' returns per-element values, "
                 "which a run cannot accumulate; use reduction='mean' or 'sum'"
             )
-        first = (
-            []
-            if self._nonfinite_seen
-            else first_nonfinite(result.diagnostics, self._batches, result.response.request_id or self._request_id)
-        )
-        self._nonfinite_seen = self._nonfinite_seen or bool(first)
-        self._diagnostics = merge_diagnostics(self._diagnostics + result.diagnostics + first)
+        self._add_diagnostics(result.diagnostics, result.response.request_id or self._request_id)
         self._keep(states, set())
-        self._last = _bounded(result.response, self._batches, self._pieces)
+        self._last = bounded_response(result.response, self._batches, self._pieces)
         return EvaluationResult(self._last, self._diagnostics)
 
-    def _local_batch(self, tensors: Mapping[str, Any]) -> tuple[dict[str, pb.State], list[tuple[str, pb.State]]]:
-        """compute="local": this batch's states, and the bounded pairs for the server to merge (the run's, then the batch's)."""
+    def _local_batch(self, tensors: Mapping[str, Any]) -> tuple[dict[str, State], list[Diagnostic]]:
+        """compute="local": this batch's states and diagnostics, computed here (bad input raises, naming the batch)."""
         assert self.local is not None
         with _naming_batch(self._batches, self.request_id):
-            states, self._local_diagnostics = self.local.evaluate(tensors)
-        pairs: list[tuple[str, pb.State]] = []
-        for alias, state in states.items():
-            if alias in self.local.exact or alias in self._pieces:
-                continue
-            if alias in self._states:
-                pairs.append((alias, self._states[alias]))
-            pairs.append((alias, state))
-        return states, pairs
+            return self.local.evaluate(tensors)
 
-    def _accept_local(self, states: dict[str, pb.State], merged: EvaluationResult | None) -> EvaluationResult:
-        """compute="local": the server's merge of the bounded states (None when there are none) and the batch's exact ones."""
+    def _add_local(self, states: Mapping[str, State], diagnostics: list[Diagnostic]) -> tuple[EvaluationResult, LocalMerge, str]:
+        """compute="local": merge the batch into the run here; its values, and the merge whose ``request`` the server gets (with its id)."""
         assert self.local is not None
-        first = [] if self._nonfinite_seen else first_nonfinite(self._local_diagnostics, self._batches, self.request_id)
-        self._nonfinite_seen = self._nonfinite_seen or bool(first)
-        self._diagnostics = merge_diagnostics(self._diagnostics + self._local_diagnostics + first)
-        exact = {a: s for a, s in states.items() if a in self.local.exact or a in self._pieces}
-        self._keep({**(merged.states() if merged is not None else {}), **exact}, self.local.exact)
-        self._last = _bounded(merged.response if merged is not None else pb.EvaluateResponse(), self._batches, self._pieces)
-        return EvaluationResult(self._last, self._diagnostics)
+        request_id = self.request_id or new_request_id()
+        with _naming_batch(self._batches, request_id):  # what the server would refuse when merging
+            merge = self.local.merge(self._local_states, self._states, states, held=set(self._pieces), request_id=request_id)
+        self._checkpoint = _Checkpoint.of(self)
+        self._add_diagnostics(diagnostics, self.request_id)
+        merged = {r.alias: r.state for r in merge.response.results} if merge.response is not None else {}
+        self._keep({**merged, **merge.exact}, set(merge.exact))
+        self._local_states = merge.states
+        self._last = bounded_response(merge.response or pb.EvaluateResponse(), self._batches, self._pieces)
+        return EvaluationResult(self._last, self._diagnostics), merge, request_id
+
+    def _settle(self, failed: FailedSend | None) -> None:
+        """After the send in flight ended: nothing more if it succeeded; else back to the run before its batch, and raise its error."""
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if failed is None:
+            return
+        assert checkpoint is not None  # taken when that batch was added
+        checkpoint.restore(self)
+        failed.raise_named()
 
     # -- merging ---------------------------------------------------------------------------------
 
-    def _finalize_options(self) -> dict[str, Any]:
-        return {"tags": self.tags, "return_state": True, "timeout": self.timeout, "request_id": self.request_id or None}
+    def _finalize_options(self, request_id: str | None = None) -> dict[str, Any]:
+        return {"tags": self.tags, "return_state": True, "timeout": self.timeout, "request_id": request_id or self.request_id or None}
 
     def _pending(self) -> bool:
         """Whether the values need a merge on the server (exact pieces not merged since the last update)."""
@@ -261,7 +255,7 @@ class _RunState:
 
     @property
     def batches(self) -> int:
-        """Batches merged so far."""
+        """Batches added so far (compute="local": the last one's Finalize may still be in flight)."""
         return self._batches
 
     @property
@@ -290,20 +284,30 @@ class Run(_RunState):
     ) -> None:
         super().__init__(functions, tags, timeout, compute, nan_policy, request_id)
         self.client = client
+        self._sends = ThreadSends()  # compute="local": each update's Finalize, on a worker thread
+        closing_waits_for(client, self._sends)
 
     def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:
-        """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`result`)."""
+        """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`result`).
+
+        compute="local": computed here; the batch's Finalize goes out on a worker thread (see the module docstring)."""
         if self.local is None:
             request = self._request(tensors)
             with _naming_batch(self._batches, self._request_id):
                 response = self.client.evaluate_request(request, timeout=self.timeout)
             return self._accept(response)
-        states, bounded = self._local_batch(tensors)
-        merged = self.client.finalize(bounded, **self._finalize_options()) if bounded else None
-        return self._accept_local(states, merged)
+        states, diagnostics = self._local_batch(tensors)  # while the previous batch's Finalize is on its way
+        self._settle(self._sends.wait())
+        result, merge, request_id = self._add_local(states, diagnostics)
+        if merge.request:
+            self._sends.send(
+                self._batches - 1, request_id, partial(self.client.finalize, merge.request, **self._finalize_options(request_id))
+            )
+        return result
 
     def merge(self) -> EvaluationResult:
         """Merge every state on the server (one Finalize) and return the values over every batch so far."""
+        self._settle(self._sends.wait())
         self._check_started()
         if not self._pending():
             return self._merged if self._merged is not None else EvaluationResult(self._last or pb.EvaluateResponse(), self._diagnostics)
@@ -315,9 +319,15 @@ class Run(_RunState):
 
     def states(self) -> dict[str, pb.State]:
         """Alias -> merged state so far (for Finalize, files, or merging across ranks); merges exact pieces first."""
+        self._settle(self._sends.wait())
         if self._pending():
             self.merge()
-        return _merged_states(self.functions, self._states, self._pieces)
+        return merged_states(self.functions, self._states, self._pieces)
+
+    def named_states(self) -> list[tuple[str, pb.State]]:
+        """Every state of the run as (alias, State) pairs, exact pieces unmerged (Finalize and state files merge them)."""
+        self._settle(self._sends.wait())
+        return super().named_states()
 
 
 class AsyncRun(_RunState):
@@ -336,27 +346,38 @@ class AsyncRun(_RunState):
     ) -> None:
         super().__init__(functions, tags, timeout, compute, nan_policy, request_id)
         self.client = client
+        self._sends = TaskSends()  # compute="local": each update's Finalize, as a task
+        closing_waits_for(client, self._sends)
 
     async def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:
-        """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`merge`)."""
+        """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`merge`).
+
+        compute="local": computed here; the batch's Finalize goes out as a task (see the module docstring)."""
         if self.local is None:
             request = self._request(tensors)
             with _naming_batch(self._batches, self._request_id):
                 response = await self.client.evaluate_request(request, timeout=self.timeout)
             return self._accept(response)
-        states, bounded = self._local_batch(tensors)
-        merged = await self.client.finalize(bounded, **self._finalize_options()) if bounded else None
-        return self._accept_local(states, merged)
+        states, diagnostics = self._local_batch(tensors)
+        self._settle(await self._sends.wait())
+        result, merge, request_id = self._add_local(states, diagnostics)
+        if merge.request:
+            self._sends.send(
+                self._batches - 1, request_id, partial(self.client.finalize, merge.request, **self._finalize_options(request_id))
+            )
+        return result
 
     async def merge(self) -> EvaluationResult:
         """Merge every state on the server (one Finalize) and return the values over every batch so far."""
+        self._settle(await self._sends.wait())
         self._check_started()
         if not self._pending():
             return self._merged if self._merged is not None else EvaluationResult(self._last or pb.EvaluateResponse(), self._diagnostics)
         return self._take_merge(await self.client.finalize(self.named_states(), **self._finalize_options()))
 
     def result(self) -> EvaluationResult:
-        """The values over every batch so far; a run with exact AUROC/AP needs ``await run.merge()`` first."""
+        """The values over every batch so far; a run with exact AUROC/AP, or a send in flight, needs ``await run.merge()`` first."""
+        self._settle(self._sends.finished("run.result()"))
         self._check_started()
         if self._pending():
             raise ValueError("this run holds exact AUROC/AP states not merged since the last update: await run.merge() first")
@@ -364,9 +385,45 @@ class AsyncRun(_RunState):
 
     def states(self) -> dict[str, pb.State]:
         """Alias -> merged state so far; a run with exact AUROC/AP needs ``await run.merge()`` first (or use named_states())."""
+        self._settle(self._sends.finished("run.states()"))
         if self._pending():
             raise ValueError("this run holds exact AUROC/AP states in pieces: await run.merge() first, or use named_states()")
-        return _merged_states(self.functions, self._states, self._pieces)
+        return merged_states(self.functions, self._states, self._pieces)
+
+    def named_states(self) -> list[tuple[str, pb.State]]:
+        """Every state of the run as (alias, State) pairs, exact pieces unmerged; a send in flight needs ``await run.merge()`` first."""
+        self._settle(self._sends.finished("run.named_states()"))
+        return super().named_states()
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A local run just before its latest batch was added: where a failed send of that batch takes it back."""
+
+    states: dict[str, pb.State]
+    local_states: dict[str, State]
+    pieces: dict[str, int]  # alias -> how many pieces it had (pieces only grow until a merge, which waits for the send)
+    batches: int
+    diagnostics: list[Diagnostic]
+    nonfinite_seen: bool
+    last: pb.EvaluateResponse | None
+    merged: EvaluationResult | None
+
+    @classmethod
+    def of(cls, run: _RunState) -> _Checkpoint:
+        """The run as it is (its dicts copied: adding a batch changes them in place; the rest is replaced, never changed)."""
+        pieces = {alias: len(held) for alias, held in run._pieces.items()}
+        return cls(
+            dict(run._states), run._local_states, pieces, run._batches, run._diagnostics, run._nonfinite_seen, run._last, run._merged
+        )
+
+    def restore(self, run: _RunState) -> None:
+        """Put ``run`` back as it was (a batch added since is dropped, its exact pieces included)."""
+        run._states = dict(self.states)
+        run._local_states = self.local_states
+        run._pieces = {alias: run._pieces[alias][:count] for alias, count in self.pieces.items()}
+        run._batches, run._diagnostics, run._nonfinite_seen = self.batches, self.diagnostics, self.nonfinite_seen
+        run._last, run._merged = self.last, self.merged
 
 
 def local_stream(run: Run, batches: Iterable[Mapping[str, Any]], *, return_state: bool) -> EvaluationResult:
@@ -389,14 +446,3 @@ async def local_stream_async(
             await run.update(batch)
     result = await run.merge()
     return result if return_state else without_states(result)
-
-
-def first_nonfinite(diagnostics: Sequence[Diagnostic], batch: int, request_id: str) -> list[Diagnostic]:
-    """first_nonfinite_batch for batch ``batch`` (from 0) when its diagnostics report NaN or inf, else none.
-
-    A run reports it once, for the first such batch."""
-    for d in diagnostics:
-        if d.code in ("nan_or_inf", "rows_omitted"):
-            label = batch_label(batch, request_id=request_id)
-            return [Diagnostic("first_nonfinite_batch", "warning", f"{label} first brought NaN or infinite values: {d.message}")]
-    return []
