@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "evaluate",
     "finalize_states",
     "prepare",
+    "PreparedSpecs",
     "to_torch",
     "DEFAULT_EXACT_STATE_LIMIT",
 ]
@@ -98,8 +100,24 @@ def as_spec(spec: FunctionSpec | str | Mapping[str, Any]) -> FunctionSpec:
     return FunctionSpec(spec["name"], dict(spec.get("params") or {}), dict(spec.get("inputs") or {}), spec.get("alias") or "")
 
 
-def prepare(specs: Sequence[FunctionSpec | str | Mapping[str, Any]]) -> list[Prepared]:
-    """Validate function specs: known names, known roles, valid parameters, unique aliases."""
+class PreparedSpecs(tuple[Prepared, ...]):
+    """Function specs :func:`prepare` validated; :func:`prepare` (hence :func:`evaluate` and :class:`Accumulator`) takes them as they are.
+
+    Immutable all the way down (frozen Prepared, read-only params and inputs),
+    so one instance may serve many requests: the server keeps those of its
+    recent requests instead of validating the same specs on every call."""
+
+    __slots__ = ()
+
+
+# What the evaluation entry points take: specs to validate, or specs prepare() validated before.
+Specs = Sequence[FunctionSpec | str | Mapping[str, Any]] | PreparedSpecs
+
+
+def prepare(specs: Specs) -> PreparedSpecs:
+    """Validate function specs: known names, known roles, valid parameters, unique aliases (PreparedSpecs: already done)."""
+    if isinstance(specs, PreparedSpecs):
+        return specs
     if not specs:
         raise InvalidInput.single("functions", "expected at least one function to evaluate, got none")
     prepared: list[Prepared] = []
@@ -130,10 +148,10 @@ def prepare(specs: Sequence[FunctionSpec | str | Mapping[str, Any]]) -> list[Pre
                 )
             )
         seen[alias] = i
-        prepared.append(Prepared(i, fdef, params, dict(spec.inputs), alias))
+        prepared.append(Prepared(i, fdef, MappingProxyType(params), MappingProxyType(dict(spec.inputs)), alias))
     if violations:
         raise InvalidInput(violations)
-    return prepared
+    return PreparedSpecs(prepared)
 
 
 def to_torch(value: Any, name: str = "tensor") -> torch.Tensor:
@@ -220,7 +238,7 @@ def _update(p: Prepared, batch: Batch) -> State:
 
 def evaluate(
     tensors: Mapping[str, Any],
-    functions: Sequence[FunctionSpec | str | Mapping[str, Any]],
+    functions: Specs,
     *,
     device: torch.device | str = "cpu",
     return_state: bool = False,
@@ -279,7 +297,7 @@ def evaluate(
         unknown = set(prior_states) - set(results)
         if unknown:
             raise InvalidInput.single("prior_states", f"states for aliases {sorted(unknown)} match no requested function")
-    return Evaluation(results, list(batch.diagnostics), batches, batch, tuple(prepared))
+    return Evaluation(results, list(batch.diagnostics), batches, batch, prepared)
 
 
 def _none_reduction_error(p: Prepared, what: str) -> InvalidInput:
@@ -294,7 +312,7 @@ class Accumulator:
 
     def __init__(
         self,
-        functions: Sequence[FunctionSpec | str | Mapping[str, Any]],
+        functions: Specs,
         *,
         device: torch.device | str = "cpu",
         exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT,

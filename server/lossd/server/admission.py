@@ -25,9 +25,9 @@ import contextvars
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -120,18 +120,9 @@ class Admission:
             f"server overloaded: {what} (setting {setting}, LOSSD_{setting.upper()}); retry after {delay:.2f}s", setting, delay
         )
 
-    @asynccontextmanager
-    async def call(self) -> AsyncIterator[None]:
-        """Hold one of ``max_concurrent_requests`` slots for the block (an RPC's life), or raise Overloaded."""
-        if self.active >= self.limits.max_concurrent_requests:
-            raise self._refuse(f"{self.active} requests in progress", "max_concurrent_requests")
-        self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
-            if self.active == 0 and self.on_idle is not None:
-                self.on_idle()
+    def call(self) -> AbstractAsyncContextManager[None]:
+        """Hold one of ``max_concurrent_requests`` slots for the ``async with`` block (an RPC's life), or raise Overloaded."""
+        return _Slot(self)
 
     def lane_for(self, nbytes: int) -> Lane:
         """The lane a unit of work of ``nbytes`` request bytes runs on."""
@@ -192,6 +183,27 @@ class Admission:
             self.on_idle = None
         for lane in (self.small, self.large):
             lane.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Slot:
+    """One concurrent-request slot of an Admission, held for a block (a class: no generator per RPC)."""
+
+    __slots__ = ("_admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    async def __aenter__(self) -> None:
+        admission = self._admission
+        if admission.active >= admission.limits.max_concurrent_requests:
+            raise admission._refuse(f"{admission.active} requests in progress", "max_concurrent_requests")
+        admission.active += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        admission = self._admission
+        admission.active -= 1
+        if admission.active == 0 and admission.on_idle is not None:
+            admission.on_idle()
 
 
 def deadline_of(time_remaining: float | None) -> float | None:

@@ -27,7 +27,6 @@ from lossd.kernels import select_device
 from lossd.kernels.budget import Budget
 from lossd.server.admission import Admission, AdmissionLimits
 from lossd.server.allocator import IdleTrim, limit_malloc_arenas, reuse_large_buffers, set_torch_threads
-from lossd.server.errors import DecodeErrors
 from lossd.server.monitoring.events import Subscriber
 from lossd.server.observability.logging import configure_logging, uvicorn_log_options
 from lossd.server.observability.tracing import Tracing
@@ -147,7 +146,6 @@ async def create_server(
 
         authenticator = Authenticator.from_settings(settings, CollectorRegistry())
     interceptors = server_interceptors(settings, tracing, interceptors)  # trace span outermost, request log inside
-    interceptors = [DecodeErrors(), *interceptors]  # first: its handler (bytes that do not parse -> INVALID_ARGUMENT) is the one run
     if authenticator is not None:
         interceptors = [*interceptors, AuthInterceptor(authenticator)]  # innermost: monitoring counts refusals too
     device = select_device(settings.device)
@@ -184,7 +182,8 @@ async def create_server(
         subscribers=subscribers,
     )
     service.admission.on_idle = IdleTrim(service.admission.idle)  # buffers kept through a burst, given back after it
-    add_loss_service(service, server)  # the generated registration, Evaluate's tensor bytes left in the received message
+    # The generated registration, Evaluate's tensor bytes left in the received message, bytes that do not parse INVALID_ARGUMENT.
+    add_loss_service(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled(settings):

@@ -60,14 +60,13 @@ def nested_deeper_than(text: str, levels: int) -> bool:
     return int(np.cumsum(steps).max(initial=0)) > levels
 
 
-def _check_wire_shape(t: pb.Tensor, field: str) -> None:
-    shape = list(t.shape)
+def _check_wire_shape(shape: tuple[int, ...], field: str) -> None:
     if len(shape) > MAX_TENSOR_NDIM:
         raise InvalidInput.single(field, f"expected at most {MAX_TENSOR_NDIM} dimensions, got {len(shape)}")
-    if any(d < 0 or d > MAX_TENSOR_DIM for d in shape):
+    if shape and (min(shape) < 0 or max(shape) > MAX_TENSOR_DIM):
         bad = next(d for d in shape if d < 0 or d > MAX_TENSOR_DIM)
         raise InvalidInput.single(field, f"expected dimensions in [0, 2^31 - 1], got {bad} in shape of {len(shape)} dimensions")
-    if math.prod(d for d in shape if d) > MAX_TENSOR_DIM * 64:
+    if (math.prod(shape) if 0 not in shape else math.prod(d for d in shape if d)) > MAX_TENSOR_DIM * 64:
         raise InvalidInput.single(field, "expected a shape whose non-zero dimensions multiply to at most 2^37 elements")
 
 
@@ -76,18 +75,18 @@ def _wire_array(t: pb.Tensor, field: str, data: memoryview | None = None) -> tup
 
     ``data``: the tensor's bytes as a view into the received message (lossd.server.wire_request);
     without it ``t.data`` is read, once: each read of a protobuf bytes field is a fresh copy of it."""
-    _check_wire_shape(t, field)
-    wire = wire_dtype(t, field)
-    shape = tuple(t.shape)
+    shape = tuple(t.shape)  # once: each read of a repeated field builds a new container
+    _check_wire_shape(shape, field)
+    numpy_dtype, torch_dtype = wire_dtype(t, field)
     if data is None:
         data = memoryview(t.data)
-    expected = math.prod(shape) * wire[0].itemsize
+    expected = math.prod(shape) * numpy_dtype.itemsize
     if len(data) != expected:
         raise InvalidInput.single(
             field,
             f"byte length {len(data)} does not match dtype {dtype_name(t.dtype)} × shape {list(shape)} (expected {expected} bytes)",
         )
-    return np.frombuffer(data, dtype=wire[0]).reshape(shape), wire[1]
+    return np.frombuffer(data, dtype=numpy_dtype).reshape(shape), torch_dtype
 
 
 def _to_torch(t: pb.Tensor, field: str, data: memoryview | None) -> torch.Tensor:

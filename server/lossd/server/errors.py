@@ -8,7 +8,6 @@ here with its traceback and never sent to the client.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import logging
 import uuid
@@ -16,8 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, message_factory
-from google.protobuf.message import DecodeError
+from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -26,9 +24,9 @@ from lossd.client.specs import SpecError
 from lossd.kernels.cancellation import Cancelled, DeadlineExceeded
 from lossd.kernels.errors import InvalidInput, StateLimitExceeded
 from lossd.server.convert import diagnostic_to_proto
-from lossd.v1 import lossd_pb2 as pb
+from lossd.server.wire_request import undecodable
 
-__all__ = ["rpc_errors", "status_for", "DecodeErrors"]
+__all__ = ["rpc_errors", "status_for"]
 
 log = logging.getLogger("lossd.server")
 
@@ -114,58 +112,8 @@ def _with_pushback(status: grpc.Status, exc: BaseException) -> grpc.Status:
     return _Status(status.code, status.details, (*status.trailing_metadata, ("grpc-retry-pushback-ms", pushback)))
 
 
-# Bytes that do not parse as the request message (bad UTF-8 in a string, a corrupt
-# wire format).  gRPC would answer UNKNOWN from its own deserializer; DecodeErrors
-# has it hand the handler an empty message and note the error here instead (the
-# deserializer runs in the call's task, so the note is the call's own).
-_undecodable: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("lossd_undecodable", default=None)
-
-
-# The request type of each lossd.v1 method, from the proto itself: the deserializer gRPC holds may
-# be wrapped (monitoring measures the bytes), so it cannot say which message it parses.
-_REQUEST_TYPES: dict[str, type[Any]] = {
-    f"/{service.full_name}/{method.name}": message_factory.GetMessageClass(method.input_type)
-    for service in pb.DESCRIPTOR.services_by_name.values()
-    for method in service.methods
-}
-# protobuf refuses messages nested deeper than 100 levels. In lossd.v1 only a function's params (a
-# google.protobuf.Struct: three levels per JSON object or list) nest, so that is what nests too deep.
-NESTING_FIELD = "functions.params"
-_TOO_DEEP = "MaxDepth"
-
-
-def _undecodable_reason(message_type: type[Any], exc: DecodeError) -> str:
-    if _TOO_DEEP in str(exc):
-        return "expected JSON parameters nested at most about 30 levels deep (protobuf parses 100 message levels), got deeper"
-    return f"expected a serialized {message_type.DESCRIPTOR.full_name}, got bytes that do not parse ({exc})"
-
-
-def _lenient(deserialize: Callable[[bytes], Any], message_type: type[Any]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except DecodeError as exc:
-            _undecodable.set((NESTING_FIELD if _TOO_DEEP in str(exc) else "request", _undecodable_reason(message_type, exc)))
-            return message_type()
-
-    return parse
-
-
-class DecodeErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc's base is untyped
-    """Requests that do not parse are answered INVALID_ARGUMENT (by :func:`rpc_errors`), not UNKNOWN.
-
-    Put it first (outermost): the handler it returns is the one the server runs."""
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
-        handler = await continuation(details)
-        message_type = _REQUEST_TYPES.get(details.method)
-        if handler is None or handler.request_deserializer is None or message_type is None:
-            return handler
-        return handler._replace(request_deserializer=_lenient(handler.request_deserializer, message_type))
-
-
 def _check_decoded() -> None:
-    error = _undecodable.get()
+    error = undecodable()
     if error is not None:
         raise InvalidInput.single(*error)
 

@@ -18,21 +18,32 @@ the task's context into the compute thread, so
 other. Protobuf's rules are kept: the last occurrence of a field wins, a map
 entry replaces an earlier one with the same key, and bytes that do not scan
 cleanly are parsed the generated way (which raises its usual DecodeError).
+
+Bytes that do not parse at all (bad UTF-8 in a string, a corrupt wire
+format) would have gRPC answer UNKNOWN from its deserializer. Every
+LossService method is registered (:func:`add_loss_service`) with a lenient
+deserializer instead: it hands the handler an empty message and notes the
+error in the call's context (the deserializer runs in the call's task), and
+:func:`lossd.server.errors.rpc_errors` answers INVALID_ARGUMENT with it
+(:func:`undecodable`). It is part of the registration, not an interceptor:
+nothing is built per call.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-__all__ = ["parse_evaluate_request", "tensor_data_views", "received_bytes", "add_loss_service"]
+__all__ = ["parse_evaluate_request", "tensor_data_views", "received_bytes", "add_loss_service", "lenient", "undecodable", "NESTING_FIELD"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _TENSORS, _ENTRY_KEY, _ENTRY_VALUE, _TENSOR_DATA = 1, 1, 2, 3
@@ -163,8 +174,36 @@ def parse_evaluate_request(raw: bytes) -> pb.EvaluateRequest:
     return request
 
 
-# The errors module's lenient wrapper builds an empty message of this type when the bytes do not parse.
-parse_evaluate_request.__self__ = pb.EvaluateRequest  # type: ignore[attr-defined]
+# The error of the call's request bytes that did not parse: (field, description), noted by lenient().
+_undecodable: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("lossd_undecodable", default=None)
+# protobuf refuses messages nested deeper than 100 levels. In lossd.v1 only a function's params (a
+# google.protobuf.Struct: three levels per JSON object or list) nest, so that is what nests too deep.
+NESTING_FIELD = "functions.params"
+_TOO_DEEP = "MaxDepth"
+
+
+def _undecodable_reason(message_type: type[Any], exc: DecodeError) -> str:
+    if _TOO_DEEP in str(exc):
+        return "expected JSON parameters nested at most about 30 levels deep (protobuf parses 100 message levels), got deeper"
+    return f"expected a serialized {message_type.DESCRIPTOR.full_name}, got bytes that do not parse ({exc})"
+
+
+def lenient(deserialize: Callable[[bytes], Any], message_type: type[Any]) -> Callable[[bytes], Any]:
+    """``deserialize``, answering an empty ``message_type`` (the error noted for :func:`undecodable`) for bytes that do not parse."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            _undecodable.set((NESTING_FIELD if _TOO_DEEP in str(exc) else "request", _undecodable_reason(message_type, exc)))
+            return message_type()
+
+    return parse
+
+
+def undecodable() -> tuple[str, str] | None:
+    """(field, description) of this call's request bytes that did not parse; None when they all did."""
+    return _undecodable.get()
 
 
 def tensor_data_views(tensors: Mapping[str, pb.Tensor]) -> dict[str, memoryview] | None:
@@ -198,13 +237,15 @@ class _Capture:
 
 
 def add_loss_service(servicer: pb_grpc.LossServiceServicer, server: grpc.aio.Server) -> None:
-    """``add_LossServiceServicer_to_server``, with Evaluate's and EvaluateStream's requests parsed by :func:`parse_evaluate_request`."""
+    """``add_LossServiceServicer_to_server``, Evaluate's and EvaluateStream's requests parsed by :func:`parse_evaluate_request`, every method's by :func:`lenient`."""
     capture = _Capture()
     pb_grpc.add_LossServiceServicer_to_server(servicer, capture)  # type: ignore[no-untyped-call]  # generated, untyped
-    handlers = {
-        name: handler._replace(request_deserializer=parse_evaluate_request) if name in _ZERO_COPY_METHODS else handler
-        for name, handler in capture.handlers.items()
-    }
-    service = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+    descriptor = pb.DESCRIPTOR.services_by_name["LossService"]
+    handlers = {}
+    for name, handler in capture.handlers.items():
+        message_type = message_factory.GetMessageClass(descriptor.methods_by_name[name].input_type)
+        deserialize = parse_evaluate_request if name in _ZERO_COPY_METHODS else handler.request_deserializer
+        handlers[name] = handler._replace(request_deserializer=lenient(deserialize, message_type))
+    service = descriptor.full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from lossd.client.codec import encode_tensor
 from lossd.kernels.errors import InvalidInput
 from lossd.server import wire_request
 from lossd.server.convert import decode_request_tensors
-from lossd.server.wire_request import parse_evaluate_request, tensor_data_views
+from lossd.server.wire_request import lenient, parse_evaluate_request, tensor_data_views, undecodable
 from lossd.v1 import lossd_pb2 as pb
 
 CPU = torch.device("cpu")
@@ -131,3 +133,18 @@ def test_small_requests_are_parsed_the_generated_way(monkeypatch: pytest.MonkeyP
     large = _request(logits=np.ones((128, 128), np.float32)).SerializeToString()
     message = parse_evaluate_request(large)
     assert not message.tensors["logits"].data and tensor_data_views(message.tensors) is not None
+
+
+def test_bytes_that_do_not_parse_become_an_empty_message_and_a_noted_violation() -> None:
+    parse = lenient(parse_evaluate_request, pb.EvaluateRequest)
+
+    def call(data: bytes) -> tuple[pb.EvaluateRequest, tuple[str, str] | None]:
+        return parse(data), undecodable()
+
+    good = pb.EvaluateRequest(request_id="r").SerializeToString()
+    request, noted = contextvars.copy_context().run(call, good)
+    assert request.request_id == "r" and noted is None
+    request, noted = contextvars.copy_context().run(call, b"\xff\xff\xff")  # each call: its own context, as a call's task
+    assert request == pb.EvaluateRequest() and noted is not None
+    assert noted[0] == "request" and "expected a serialized lossd.v1.EvaluateRequest, got bytes that do not parse" in noted[1]
+    assert undecodable() is None  # noted in the call's context only

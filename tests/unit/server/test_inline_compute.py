@@ -16,6 +16,7 @@ from lossd.kernels.cancellation import DeadlineExceeded, check_cancelled
 from lossd.server.admission import Admission, AdmissionLimits
 from lossd.server.allocator import torch_threads_for
 from lossd.server.service import small_work
+from lossd.server.spec_cache import SpecCache
 from lossd.v1 import lossd_pb2 as pb
 
 
@@ -96,13 +97,17 @@ def _request(functions: list[pb.FunctionSpec], rows: int, classes: int) -> pb.Ev
     return request
 
 
+def _small(request: pb.EvaluateRequest, limit: int) -> bool:
+    return small_work(request, SpecCache().prepared(request.functions), limit)
+
+
 def test_only_work_with_a_small_memory_estimate_counts_as_small() -> None:
     limit = 4 << 20
-    assert small_work(_request([pb.FunctionSpec(name="cross_entropy")], 64, 10), limit)
+    assert _small(_request([pb.FunctionSpec(name="cross_entropy")], 64, 10), limit)
     # 4 KiB of logits, but 1,000 classes x 1,000 bins of classwise calibration: a compute thread's work
     classwise = pb.FunctionSpec(name="ece", params=json_format.ParseDict({"scope": "classwise", "n_bins": 1000}, Struct()))
-    assert not small_work(_request([classwise], 1, 1000), limit)
+    assert not _small(_request([classwise], 1, 1000), limit)
     negative = _request([pb.FunctionSpec(name="cross_entropy")], 64, 10)
     negative.tensors["logits"].shape[:] = [-64, 10]
-    assert not small_work(negative, limit)  # refused when decoded, never estimated smaller than it is
-    assert small_work(_request([pb.FunctionSpec(name="no_such_function")], 64, 10), limit)  # refused at once
+    assert not _small(negative, limit)  # refused when decoded, never estimated smaller than it is
+    assert _small(_request([pb.FunctionSpec(name="no_such_function")], 64, 10), limit)  # refused at once
