@@ -25,6 +25,7 @@ from lossd.client.codec import TensorError, decode_tensor, encode_tensor
 from lossd.client.errors import *  # noqa: F403  (the hierarchy is part of this package's API)
 from lossd.client.errors import __all__ as _errors_all
 from lossd.client.evaluation import Diagnostic, EvaluationResult, FunctionResult
+from lossd.client.local_sends import StillSending
 from lossd.client.messages import DEFAULT_CHUNK_BYTES
 from lossd.client.run import AsyncRun, Run
 from lossd.client.settings import ClientSettings
@@ -43,6 +44,7 @@ __all__ = [
     "GRPC_OPTIONS",
     "Run",
     "SpecError",
+    "StillSending",
     "TensorError",
     "decode_tensor",
     "encode_tensor",

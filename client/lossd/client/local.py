@@ -178,7 +178,7 @@ class LocalMerge:
 
 
 def evaluation_to_response(evaluation: Evaluation, request_id: str = "") -> pb.EvaluateResponse:
-    """The ``EvaluateResponse`` the server encodes for ``evaluation`` (lossd.server.convert.evaluation_to_proto does the same)."""
+    """The ``EvaluateResponse`` of ``evaluation``: what the server answers (lossd.server.convert.evaluation_to_proto is this function)."""
     results = []
     for r in evaluation.results.values():
         message = pb.FunctionResult(

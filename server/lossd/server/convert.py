@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from google.protobuf import json_format, struct_pb2
 
-from lossd.client.codec import dtype_name, encode_tensor
-from lossd.client.local import state_to_proto  # one encoding of a State: compute="local" sends what the server would
+from lossd.client.codec import dtype_name
+from lossd.client.local import evaluation_to_response, state_to_proto  # one encoding: compute="local" answers what the server would
 from lossd.kernels import CODES, Evaluation, FunctionDef, FunctionSpec, State, get_function
 from lossd.kernels.diagnostics import Diagnostic
 from lossd.kernels.errors import InvalidInput
@@ -194,27 +194,11 @@ def diagnostic_to_proto(d: Diagnostic) -> pb.Diagnostic:
 
 
 def evaluation_to_proto(evaluation: Evaluation, request_id: str = "") -> pb.EvaluateResponse:
-    """The response of an evaluation: results in request order, diagnostics, batches."""
-    results = []
-    for r in evaluation.results.values():
-        msg = pb.FunctionResult(
-            alias=r.alias,
-            function=r.function,
-            values=r.values,
-            tensors={k: encode_tensor(np.asarray(v, dtype=np.float64), k) for k, v in r.tensors.items()},
-            denominator_kind=r.denominator_kind,
-        )
-        if r.denominator is not None:
-            msg.denominator = r.denominator
-        if r.state is not None:
-            msg.state.CopyFrom(state_to_proto(r.state))
-        results.append(msg)
-    return pb.EvaluateResponse(
-        results=results,
-        diagnostics=[diagnostic_to_proto(d) for d in evaluation.diagnostics],
-        request_id=request_id,
-        batches=evaluation.batches,
-    )
+    """The response of an evaluation: results in request order, diagnostics, batches.
+
+    One encoding with the client's compute="local" runs, which answer their
+    updates with the same message for the same states."""
+    return evaluation_to_response(evaluation, request_id)
 
 
 def _value(v: object) -> struct_pb2.Value:

@@ -196,10 +196,15 @@ def test_evaluation_never_copies_the_logits(monkeypatch, dtype):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small blocks: thread hand-offs would dominate on a busy machine
     try:
-        _release_free_memory_and_reset_peak()
-        before = _status_kib("VmHWM")
-        out = evaluate({"logits": logits, "labels": labels}, specs)
-        extra = (_status_kib("VmHWM") - before) * 1024
+        # The least of three: a copy of the logits shows every time, while the heap left by
+        # thousands of earlier tests in one process can add a one-off page or two.
+        extras = []
+        for _ in range(3):
+            _release_free_memory_and_reset_peak()
+            before = _status_kib("VmHWM")
+            out = evaluate({"logits": logits, "labels": labels}, specs)
+            extras.append((_status_kib("VmHWM") - before) * 1024)
+        extra = min(extras)
     finally:
         torch.set_num_threads(threads)
     input_bytes = logits.numel() * logits.element_size()
