@@ -23,7 +23,7 @@ from lossd.client.core import finalize_request_of, list_request, payload_of, run
 from lossd.client.errors import InvalidArgumentError
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.local import check_compute
-from lossd.client.local_sends import log_unheard
+from lossd.client.local_sends import flushed_at_close_async
 from lossd.client.messages import Functions, StatesLike, TagsLike, nan_policy_value, new_request_id, with_nan_policy
 from lossd.client.retries import call_retrying_async
 from lossd.client.run import AsyncRun, local_stream_async
@@ -73,9 +73,9 @@ class AsyncClient(ClientBase):
         await self.close()
 
     async def close(self) -> None:
-        """Wait for the last Finalize of each compute="local" run, then close the channel (and the blocking one streams use)."""
-        for sends in list(self.core.local_sends):
-            log_unheard(await sends.drain())
+        """Send and wait for each compute="local" run's last Finalize, then close the channel (and the blocking one streams use)."""
+        for run in list(self.core.local_runs):
+            await flushed_at_close_async(run)
         await self._channel.close()
         self.core.segments.close()
         if self._blocking is not None:

@@ -41,7 +41,7 @@ from lossd.client.core import (
 from lossd.client.errors import InvalidArgumentError
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.local import check_compute
-from lossd.client.local_sends import log_unheard
+from lossd.client.local_sends import flushed_at_close
 from lossd.client.messages import Functions, StatesLike, TagsLike, nan_policy_value, new_request_id, with_nan_policy
 from lossd.client.retries import call_retrying
 from lossd.client.run import Run, local_stream
@@ -81,9 +81,9 @@ class Client(ClientBase):
         self.close()
 
     def close(self) -> None:
-        """Wait for the last Finalize of each compute="local" run, then close the channel (and unlink the client's shared-memory segments)."""
-        for sends in list(self.core.local_sends):
-            log_unheard(sends.drain())
+        """Send and wait for each compute="local" run's last Finalize, then close the channel (and unlink the client's shared-memory segments)."""
+        for run in list(self.core.local_runs):
+            flushed_at_close(run)
         self._channel.close()
         self.core.segments.close()
 

@@ -201,8 +201,8 @@ class ClientCore:
         self._splittable = _Splittability()
         self.shared_memory = self._shared_memory(shared_memory)
         self.segments = SegmentPool()  # reused shared-memory segments; close() unlinks them
-        # The background sends of this client's compute="local" runs: close() waits for them first.
-        self.local_sends: weakref.WeakSet[Any] = weakref.WeakSet()
+        # This client's compute="local" runs: close() first flushes their Finalize calls to the server.
+        self.local_runs: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def _shared_memory(self, wanted: bool) -> bool:
         """Whether large batches go through shared memory (lossd.client.shared_memory): asked for, and the server on this host."""

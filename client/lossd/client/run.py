@@ -28,15 +28,17 @@ states it is sent.
 computed in this process by :mod:`lossd.kernels` and merged here with the
 server's own merge and finalize code, so ``update`` returns the values over
 every batch so far (bit-for-bit the server's for those states) without
-waiting for it. Only states travel: the ``Finalize`` of the run's prior
-merged bounded states with the batch's goes out in the background, at most
-one in flight, and the next ``update``, ``merge``, ``result``, ``states`` or
-``named_states`` waits for it first. A failed send is raised by that call,
-naming its batch N, with the run back to its states before batch N: resend
-from batch N (:mod:`lossd.client.local_sends` has the details). ``batches``
-counts a batch still being sent. An :class:`AsyncRun`'s ``result``,
-``states`` and ``named_states`` cannot wait: while a send is in flight they
-raise ``StillSending`` (a ``ValueError``): ``await run.merge()`` first.
+waiting for it. Only states travel: a ``Finalize`` of the run's merged
+states goes out in the background, at most one in flight and one per
+``SEND_INTERVAL``, each covering every batch merged since the last
+(:mod:`lossd.client.local_sends` has the rules). ``merge``, ``result``,
+``states``, ``named_states`` and ``flush`` send what is held back and wait
+for it. A failed send is raised by the next call that waits for it, naming
+the first batch N it carried, with the run back to its states before batch
+N: resend from batch N. ``batches`` counts batches not sent yet. An
+:class:`AsyncRun`'s ``result``, ``states`` and ``named_states`` cannot wait:
+while a batch is not acknowledged they raise ``StillSending`` (a
+``ValueError``): ``await run.merge()`` first.
 
 A batch refused as bad input raises the same
 :class:`~lossd.client.errors.InvalidArgumentError` whether computed here or on
@@ -49,20 +51,21 @@ A run needs only a way to send requests (:class:`Evaluator` or
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import AsyncIterable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from lossd.client import local_sends
 from lossd.client.diagnostics import Diagnostic, merge_diagnostics, merge_final_diagnostics
 from lossd.client.errors import InvalidArgumentError, naming_batch
 from lossd.client.evaluation import EvaluationResult
-from lossd.client.local import LocalMerge, LocalStates, check_compute, without_states
-from lossd.client.local_sends import FailedSend, TaskSends, ThreadSends, closing_waits_for
+from lossd.client.local import LocalStates, check_compute, without_states
+from lossd.client.local_runs import AsyncEvaluator, Checkpoint, Evaluator, Unsent
+from lossd.client.local_sends import EXIT_SECONDS, FailedSend, StillSending, TaskSends, ThreadSends, closing_waits_for, sent_at_exit
 from lossd.client.messages import (
-    StatesLike,
-    TagsLike,
     arrays_of,
     batch_label,
     nan_policy_value,
@@ -80,38 +83,6 @@ if TYPE_CHECKING:
 __all__ = ["Evaluator", "AsyncEvaluator", "Run", "AsyncRun", "local_stream", "local_stream_async"]
 
 
-class Evaluator(Protocol):
-    """What a :class:`Run` calls: ``Client.evaluate_request`` and ``Client.finalize``."""
-
-    def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult: ...
-
-    def finalize(
-        self,
-        states: StatesLike,
-        *,
-        tags: TagsLike = None,
-        return_state: bool = False,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> EvaluationResult: ...
-
-
-class AsyncEvaluator(Protocol):
-    """What an :class:`AsyncRun` awaits: ``AsyncClient.evaluate_request`` and ``AsyncClient.finalize``."""
-
-    async def evaluate_request(self, request: pb.EvaluateRequest | bytes, *, timeout: float | None = None) -> EvaluationResult: ...
-
-    async def finalize(
-        self,
-        states: StatesLike,
-        *,
-        tags: TagsLike = None,
-        return_state: bool = False,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> EvaluationResult: ...
-
-
 @contextmanager
 def _naming_batch(batch: int, request_id: str) -> Iterator[None]:
     """A bad batch's InvalidArgumentError says which batch of the run it was (the server's for a stream does too)."""
@@ -121,8 +92,11 @@ def _naming_batch(batch: int, request_id: str) -> Iterator[None]:
         raise naming_batch(exc, batch_label(batch, request_id=request_id)) from exc
 
 
-class _RunState:
-    """The bookkeeping shared by :class:`Run` and :class:`AsyncRun` (no I/O)."""
+class _RunBook:
+    """The bookkeeping shared by :class:`Run` and :class:`AsyncRun` (no I/O); :class:`_RunState` adds compute="local"'s."""
+
+    client: Any  # the subclass's Evaluator or AsyncEvaluator
+    _sends: Any  # the subclass's ThreadSends or TaskSends
 
     def __init__(
         self,
@@ -153,7 +127,9 @@ class _RunState:
         self._request_id = ""  # of the last update sent, for first_nonfinite_batch
         self._nonfinite_seen = False
         self._local_states: dict[str, State] = {}  # compute="local": the bounded states (as _states), for merging here
-        self._checkpoint: _Checkpoint | None = None  # compute="local": the run before the batch whose send is in flight
+        self._checkpoint: Checkpoint | None = None  # compute="local": the run before the first batch of the send in flight
+        self._unsent: Unsent | None = None  # compute="local": batches merged here whose Finalize is not sent yet
+        self._sent_at = -math.inf  # compute="local": when the last Finalize was sent (time.monotonic)
 
     # -- updates ---------------------------------------------------------------------------------
 
@@ -198,35 +174,6 @@ class _RunState:
         self._last = bounded_response(result.response, self._batches, self._pieces)
         return EvaluationResult(self._last, self._diagnostics)
 
-    def _local_batch(self, tensors: Mapping[str, Any]) -> tuple[dict[str, State], list[Diagnostic]]:
-        """compute="local": this batch's states and diagnostics, computed here (bad input raises, naming the batch)."""
-        assert self.local is not None
-        with _naming_batch(self._batches, self.request_id):
-            return self.local.evaluate(tensors)
-
-    def _add_local(self, states: Mapping[str, State], diagnostics: list[Diagnostic]) -> tuple[EvaluationResult, LocalMerge, str]:
-        """compute="local": merge the batch into the run here; its values, and the merge whose ``request`` the server gets (with its id)."""
-        assert self.local is not None
-        request_id = self.request_id or new_request_id()
-        with _naming_batch(self._batches, request_id):  # what the server would refuse when merging
-            merge = self.local.merge(self._local_states, self._states, states, held=set(self._pieces), request_id=request_id)
-        self._checkpoint = _Checkpoint.of(self)
-        self._add_diagnostics(diagnostics, self.request_id)
-        merged = {r.alias: r.state for r in merge.response.results} if merge.response is not None else {}
-        self._keep({**merged, **merge.exact}, set(merge.exact))
-        self._local_states = merge.states
-        self._last = bounded_response(merge.response or pb.EvaluateResponse(), self._batches, self._pieces)
-        return EvaluationResult(self._last, self._diagnostics), merge, request_id
-
-    def _settle(self, failed: FailedSend | None) -> None:
-        """After the send in flight ended: nothing more if it succeeded; else back to the run before its batch, and raise its error."""
-        checkpoint, self._checkpoint = self._checkpoint, None
-        if failed is None:
-            return
-        assert checkpoint is not None  # taken when that batch was added
-        checkpoint.restore(self)
-        failed.raise_named()
-
     # -- merging ---------------------------------------------------------------------------------
 
     def _finalize_options(self, request_id: str | None = None) -> dict[str, Any]:
@@ -268,6 +215,63 @@ class _RunState:
             raise ValueError("expected at least one update() before result(), got none")
 
 
+class _RunState(_RunBook):
+    """:class:`_RunBook` with compute="local"'s bookkeeping: batches merged here, the Finalize held back, the checkpoint."""
+
+    def _local_batch(self, tensors: Mapping[str, Any]) -> tuple[dict[str, State], list[Diagnostic]]:
+        """compute="local": this batch's states and diagnostics, computed here (bad input raises, naming the batch)."""
+        assert self.local is not None
+        with _naming_batch(self._batches, self.request_id):
+            return self.local.evaluate(tensors)
+
+    def _add_local(self, states: Mapping[str, State], diagnostics: list[Diagnostic]) -> EvaluationResult:
+        """compute="local": merge the batch into the run here; its values (its Finalize is the run's ``_unsent`` until sent)."""
+        assert self.local is not None
+        request_id = self.request_id or new_request_id()
+        with _naming_batch(self._batches, request_id):  # what the server would refuse when merging
+            merge = self.local.merge(self._local_states, self._states, states, held=set(self._pieces), request_id=request_id)
+        if merge.request:  # the newest Finalize carries the run's states, hence every batch not sent before it
+            first = self._unsent or Unsent(Checkpoint.of(self), self._batches, request_id, [])
+            self._unsent = Unsent(first.checkpoint, first.batch, request_id, merge.request)
+        self._add_diagnostics(diagnostics, self.request_id)
+        merged = {r.alias: r.state for r in merge.response.results} if merge.response is not None else {}
+        self._keep({**merged, **merge.exact}, set(merge.exact))
+        self._local_states = merge.states
+        self._last = bounded_response(merge.response or pb.EvaluateResponse(), self._batches, self._pieces)
+        return EvaluationResult(self._last, self._diagnostics)
+
+    def _settle(self, failed: FailedSend | None) -> None:
+        """After the send in flight ended: nothing more if it succeeded; else back to the run before its first batch, and raise its error."""
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if failed is None:
+            return
+        assert checkpoint is not None  # taken when that batch was added
+        checkpoint.restore(self)
+        self._unsent = None  # batches after the failed send's: dropped with it
+        failed.raise_named()
+
+    def _hold(self, busy: bool) -> bool:
+        """Whether this update's Finalize waits for a later one: one is in flight, or the last went out under SEND_INTERVAL ago.
+
+        SEND_INTERVAL 0: never; every batch has its Finalize, the next update waiting for the previous one."""
+        interval = local_sends.SEND_INTERVAL
+        return interval > 0 and (busy or time.monotonic() - self._sent_at < interval)
+
+    def _take_unsent(self) -> Unsent | None:
+        """The Finalize to send now (None when every batch was sent); its checkpoint is the one a failure goes back to."""
+        unsent, self._unsent = self._unsent, None
+        if unsent is not None:
+            self._checkpoint = unsent.checkpoint
+            self._sent_at = time.monotonic()
+        return unsent
+
+    def _send_unsent(self) -> None:
+        unsent = self._take_unsent()
+        if unsent is not None:
+            call = partial(self.client.finalize, unsent.request, **self._finalize_options(unsent.request_id))
+            self._sends.send(unsent.batch, unsent.request_id, call)  # a thread's future, or a task: the subclass's sends
+
+
 class Run(_RunState):
     """A run on a :class:`~lossd.client.Client`: ``run.update(tensors)`` per batch, then ``run.result()``."""
 
@@ -285,7 +289,9 @@ class Run(_RunState):
         super().__init__(functions, tags, timeout, compute, nan_policy, request_id)
         self.client = client
         self._sends = ThreadSends()  # compute="local": each update's Finalize, on a worker thread
-        closing_waits_for(client, self._sends)
+        closing_waits_for(client, self)
+        if self.local is not None:
+            sent_at_exit(self)
 
     def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:
         """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`result`).
@@ -297,17 +303,30 @@ class Run(_RunState):
                 response = self.client.evaluate_request(request, timeout=self.timeout)
             return self._accept(response)
         states, diagnostics = self._local_batch(tensors)  # while the previous batch's Finalize is on its way
+        if self._hold(self._sends.busy):
+            return self._add_local(states, diagnostics)  # its Finalize goes with a later batch's
         self._settle(self._sends.wait())
-        result, merge, request_id = self._add_local(states, diagnostics)
-        if merge.request:
-            self._sends.send(
-                self._batches - 1, request_id, partial(self.client.finalize, merge.request, **self._finalize_options(request_id))
-            )
+        result = self._add_local(states, diagnostics)
+        self._send_unsent()
         return result
+
+    def flush(self) -> None:
+        """compute="local": wait until the server has every batch (the Finalize in flight, then the one held back); raises a failed send's error."""
+        self._settle(self._sends.wait())
+        self._send_unsent()
+        self._settle(self._sends.wait())
+
+    def send_held_now(self) -> None:
+        """At interpreter exit (the send thread is gone): the Finalize held back, sent from this thread."""
+        self._settle(self._sends.wait())
+        unsent = self._take_unsent()
+        if unsent is not None:  # at most EXIT_SECONDS: a server gone by now must not hold the interpreter's exit
+            options = self._finalize_options(unsent.request_id) | {"timeout": min(self.timeout or EXIT_SECONDS, EXIT_SECONDS)}
+            self.client.finalize(unsent.request, **options)
 
     def merge(self) -> EvaluationResult:
         """Merge every state on the server (one Finalize) and return the values over every batch so far."""
-        self._settle(self._sends.wait())
+        self.flush()
         self._check_started()
         if not self._pending():
             return self._merged if self._merged is not None else EvaluationResult(self._last or pb.EvaluateResponse(), self._diagnostics)
@@ -319,14 +338,14 @@ class Run(_RunState):
 
     def states(self) -> dict[str, pb.State]:
         """Alias -> merged state so far (for Finalize, files, or merging across ranks); merges exact pieces first."""
-        self._settle(self._sends.wait())
+        self.flush()
         if self._pending():
             self.merge()
         return merged_states(self.functions, self._states, self._pieces)
 
     def named_states(self) -> list[tuple[str, pb.State]]:
         """Every state of the run as (alias, State) pairs, exact pieces unmerged (Finalize and state files merge them)."""
-        self._settle(self._sends.wait())
+        self.flush()
         return super().named_states()
 
 
@@ -347,7 +366,7 @@ class AsyncRun(_RunState):
         super().__init__(functions, tags, timeout, compute, nan_policy, request_id)
         self.client = client
         self._sends = TaskSends()  # compute="local": each update's Finalize, as a task
-        closing_waits_for(client, self._sends)
+        closing_waits_for(client, self)
 
     async def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:
         """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`merge`).
@@ -359,17 +378,30 @@ class AsyncRun(_RunState):
                 response = await self.client.evaluate_request(request, timeout=self.timeout)
             return self._accept(response)
         states, diagnostics = self._local_batch(tensors)
+        if self._hold(self._sends.busy):
+            return self._add_local(states, diagnostics)  # its Finalize goes with a later batch's
         self._settle(await self._sends.wait())
-        result, merge, request_id = self._add_local(states, diagnostics)
-        if merge.request:
-            self._sends.send(
-                self._batches - 1, request_id, partial(self.client.finalize, merge.request, **self._finalize_options(request_id))
-            )
+        result = self._add_local(states, diagnostics)
+        self._send_unsent()
         return result
+
+    async def flush(self) -> None:
+        """compute="local": wait until the server has every batch (the Finalize in flight, then the one held back); raises a failed send's error."""
+        self._settle(await self._sends.wait())
+        self._send_unsent()
+        self._settle(await self._sends.wait())
+
+    def _check_sent(self, what: str) -> None:
+        """A synchronous read: the server must have every batch already (else StillSending: ``await run.merge()`` first)."""
+        self._settle(self._sends.finished(what))
+        if self._unsent is not None:
+            raise StillSending(
+                f"batch {self._unsent.batch}'s Finalize has not been sent yet: await run.merge() before {what} (it sends it and waits)"
+            )
 
     async def merge(self) -> EvaluationResult:
         """Merge every state on the server (one Finalize) and return the values over every batch so far."""
-        self._settle(await self._sends.wait())
+        await self.flush()
         self._check_started()
         if not self._pending():
             return self._merged if self._merged is not None else EvaluationResult(self._last or pb.EvaluateResponse(), self._diagnostics)
@@ -377,7 +409,7 @@ class AsyncRun(_RunState):
 
     def result(self) -> EvaluationResult:
         """The values over every batch so far; a run with exact AUROC/AP, or a send in flight, needs ``await run.merge()`` first."""
-        self._settle(self._sends.finished("run.result()"))
+        self._check_sent("run.result()")
         self._check_started()
         if self._pending():
             raise ValueError("this run holds exact AUROC/AP states not merged since the last update: await run.merge() first")
@@ -385,45 +417,15 @@ class AsyncRun(_RunState):
 
     def states(self) -> dict[str, pb.State]:
         """Alias -> merged state so far; a run with exact AUROC/AP needs ``await run.merge()`` first (or use named_states())."""
-        self._settle(self._sends.finished("run.states()"))
+        self._check_sent("run.states()")
         if self._pending():
             raise ValueError("this run holds exact AUROC/AP states in pieces: await run.merge() first, or use named_states()")
         return merged_states(self.functions, self._states, self._pieces)
 
     def named_states(self) -> list[tuple[str, pb.State]]:
         """Every state of the run as (alias, State) pairs, exact pieces unmerged; a send in flight needs ``await run.merge()`` first."""
-        self._settle(self._sends.finished("run.named_states()"))
+        self._check_sent("run.named_states()")
         return super().named_states()
-
-
-@dataclass(frozen=True)
-class _Checkpoint:
-    """A local run just before its latest batch was added: where a failed send of that batch takes it back."""
-
-    states: dict[str, pb.State]
-    local_states: dict[str, State]
-    pieces: dict[str, int]  # alias -> how many pieces it had (pieces only grow until a merge, which waits for the send)
-    batches: int
-    diagnostics: list[Diagnostic]
-    nonfinite_seen: bool
-    last: pb.EvaluateResponse | None
-    merged: EvaluationResult | None
-
-    @classmethod
-    def of(cls, run: _RunState) -> _Checkpoint:
-        """The run as it is (its dicts copied: adding a batch changes them in place; the rest is replaced, never changed)."""
-        pieces = {alias: len(held) for alias, held in run._pieces.items()}
-        return cls(
-            dict(run._states), run._local_states, pieces, run._batches, run._diagnostics, run._nonfinite_seen, run._last, run._merged
-        )
-
-    def restore(self, run: _RunState) -> None:
-        """Put ``run`` back as it was (a batch added since is dropped, its exact pieces included)."""
-        run._states = dict(self.states)
-        run._local_states = self.local_states
-        run._pieces = {alias: run._pieces[alias][:count] for alias, count in self.pieces.items()}
-        run._batches, run._diagnostics, run._nonfinite_seen = self.batches, self.diagnostics, self.nonfinite_seen
-        run._last, run._merged = self.last, self.merged
 
 
 def local_stream(run: Run, batches: Iterable[Mapping[str, Any]], *, return_state: bool) -> EvaluationResult:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lossd.client import local_sends
 from lossd.client.errors import CancelledError as LossdCancelledError
 from lossd.client.errors import InvalidArgumentError, UnavailableError, invalid_argument
 from lossd.client.evaluation import EvaluationResult
@@ -27,6 +28,12 @@ KERNEL_FUNCTIONS = [
     {"name": "auroc", "params": {"bins": 64}, "alias": "binned"},
 ]
 LOST = "connection reset by the test"
+
+
+@pytest.fixture(autouse=True)
+def one_finalize_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests follow each batch's Finalize; coalesced sends (the default interval) are test_local_coalescing.py's."""
+    monkeypatch.setattr(local_sends, "SEND_INTERVAL", 0.0)
 
 
 def batch(seed: int, n: int = 64, k: int = 5) -> dict[str, np.ndarray]:
