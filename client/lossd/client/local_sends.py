@@ -59,6 +59,7 @@ log = logging.getLogger("lossd.client")
 
 T = TypeVar("T")
 
+
 # A local run sends a Finalize at most this often (and never two at once). Every Finalize carries
 # the run's merged states, so the batches merged here in between reach the server with the next
 # one: same totals, a fraction of the calls. A run of 10 ms batches on two cores spent a third of
