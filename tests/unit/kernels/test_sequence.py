@@ -183,9 +183,13 @@ def test_evaluation_never_copies_the_logits(monkeypatch, dtype):
     Freed heap pages are returned to the kernel first, so a temporary that
     reuses them still shows up as RSS growth.  Half-precision logits are
     upcast one block at a time, never as a whole."""
-    from lossd.kernels import chunks
+    from lossd.kernels import chunks, row_stats
 
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 1 << 16)
+    # The row pass's cache blocks too (1M elements by default: their two 4 MiB float32 buffers alone
+    # are the whole float16 input here, and whether their pages show depends on the heap earlier tests left).
+    monkeypatch.setattr(chunks, "CACHE_BLOCK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(row_stats, "CACHE_BLOCK_ELEMENTS", 1 << 16)
     specs = [
         "lm_cross_entropy",
         {"name": "lm_cross_entropy", "alias": "seq", "params": {"normalization": "sequence", "label_smoothing": 0.1}},
