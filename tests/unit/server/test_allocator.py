@@ -98,10 +98,22 @@ barrier = threading.Barrier(8)
 threads = [threading.Thread(target=work) for _ in range(8)]
 for t in threads: t.start()
 for t in threads: t.join()
-heaps = 0
+# A thread arena's heap is a 64 MiB reservation at a 64 MiB-aligned address: its used part rw,
+# the rest (when any) ---p right after it. Alignment alone also matches, now and then, some other
+# anonymous mapping (about one address in 16,384 is aligned so), so the whole reservation is checked.
+maps = []
 for line in open("/proc/self/maps"):
-    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-    heaps += lo % (64 << 20) == 0 and len(line.split()) == 5 and line.split()[1].startswith("rw")
+    fields = line.split()
+    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+    maps.append((lo, hi, fields[1], len(fields)))
+heaps = 0
+for i, (lo, hi, perms, width) in enumerate(maps):
+    if lo % (64 << 20) or width != 5 or not perms.startswith("rw"):
+        continue
+    end = hi
+    if i + 1 < len(maps) and maps[i + 1][0] == hi and maps[i + 1][2] == "---p":
+        end = maps[i + 1][1]
+    heaps += end - lo == 64 << 20
 print(applied, heaps)
 """
     import os
