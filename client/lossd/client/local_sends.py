@@ -127,27 +127,35 @@ class _Pending(Generic[T]):
     outcome: T
 
 
-class ThreadSends:
-    """A :class:`~lossd.client.run.Run`'s sends: one worker thread, at most one send in flight."""
+F = TypeVar("F", Future[Any], asyncio.Task[Any])
+
+
+class _Sends(Generic[F]):
+    """The one send a run may have in flight (a thread's future or a task), until it is waited for."""
 
     def __init__(self) -> None:
-        self._executor: ThreadPoolExecutor | None = None  # started with the first send
-        self._pending: _Pending[Future[Any]] | None = None
-
-    @property
-    def in_flight(self) -> bool:
-        """Whether a send was started and not yet waited for."""
-        return self._pending is not None
+        self._pending: _Pending[F] | None = None
 
     @property
     def busy(self) -> bool:
         """Whether a send is still on its way (started, not answered)."""
         return self._pending is not None and not self._pending.outcome.done()
 
+    def _check_none_pending(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError(f"batch {self._pending.batch}'s Finalize is still in flight: wait for it first")
+
+
+class ThreadSends(_Sends[Future[Any]]):
+    """A :class:`~lossd.client.run.Run`'s sends: one worker thread, at most one send in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._executor: ThreadPoolExecutor | None = None  # started with the first send
+
     def send(self, batch: int, request_id: str, call: Callable[[], object]) -> None:
         """Start ``call`` (the Finalize of batch ``batch``) on the worker thread; the previous send must have been waited for."""
-        if self._pending is not None:
-            raise RuntimeError(f"batch {self._pending.batch}'s Finalize is still in flight: wait() for it first")
+        self._check_none_pending()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lossd-run-send")
         self._pending = _Pending(batch, request_id, self._executor.submit(call))
@@ -162,26 +170,12 @@ class ThreadSends:
         return None if error is None else FailedSend(pending.batch, pending.request_id, error)
 
 
-class TaskSends:
+class TaskSends(_Sends[asyncio.Task[Any]]):
     """An :class:`~lossd.client.run.AsyncRun`'s sends: one asyncio task at a time."""
-
-    def __init__(self) -> None:
-        self._pending: _Pending[asyncio.Task[Any]] | None = None
-
-    @property
-    def in_flight(self) -> bool:
-        """Whether a send was started and not yet waited for."""
-        return self._pending is not None
-
-    @property
-    def busy(self) -> bool:
-        """Whether a send is still on its way (started, not answered)."""
-        return self._pending is not None and not self._pending.outcome.done()
 
     def send(self, batch: int, request_id: str, call: Callable[[], Awaitable[object]]) -> None:
         """Start ``call()`` (the Finalize of batch ``batch``) as a task; the previous send must have been waited for."""
-        if self._pending is not None:
-            raise RuntimeError(f"batch {self._pending.batch}'s Finalize is still in flight: await wait() first")
+        self._check_none_pending()
 
         async def sending() -> object:
             return await call()
