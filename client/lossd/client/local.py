@@ -147,19 +147,20 @@ class LocalStates:
             alias for alias, state in batch.items() if alias in held or (alias not in prior and self._holds_scores(alias, state))
         }
         bounded = [alias for alias in batch if alias not in exact_aliases]
-        protos = {alias: state_to_proto(state) for alias, state in batch.items()}
-        exact = {alias: protos[alias] for alias in batch if alias in exact_aliases}
+        exact = {alias: state_to_proto(batch[alias]) for alias in batch if alias in exact_aliases}
         if not bounded:
-            return LocalMerge(None, {}, [], exact)
+            return LocalMerge(None, {}, exact, [])
         # The Finalize's order (the run's state, then the batch's) is the order finalize_states merges in.
         pairs = [(alias, state) for alias in bounded for state in ([prior[alias]] if alias in prior else []) + [batch[alias]]]
-        request = [(alias, state) for alias in bounded for state in ([prior_protos[alias]] if alias in prior else []) + [protos[alias]]]
+        sent: list[tuple[str, pb.State | State]] = [
+            (alias, state) for alias in bounded for state in ([prior_protos[alias]] if alias in prior else []) + [batch[alias]]
+        ]
         try:
             evaluation = self._kernels.finalize_states(pairs, exact_state_limit=_NO_LIMIT, return_state=True)
         except self._kernels.InvalidInput as exc:
             raise as_invalid_argument(exc) from exc
         merged = {alias: r.state for alias, r in evaluation.results.items() if r.state is not None}
-        return LocalMerge(evaluation_to_response(evaluation, request_id), merged, request, exact)
+        return LocalMerge(evaluation_to_response(evaluation, request_id), merged, exact, sent)
 
     def _holds_scores(self, alias: str, state: State) -> bool:
         return any(state.fields[name].ndim and state.fields[name].shape[0] for name in self._concat.get(alias, ()))
@@ -173,8 +174,13 @@ class LocalMerge:
     # states); None when every function is exact (nothing to merge, nothing to send).
     response: pb.EvaluateResponse | None
     states: dict[str, State]  # the run's merged bounded states, for the next batch's merge
-    request: list[tuple[str, pb.State]]  # the Finalize's states: per alias the run's prior state, then the batch's
-    exact: dict[str, pb.State]  # the batch's exact states: kept by the run as pieces, never in ``request``
+    exact: dict[str, pb.State]  # the batch's exact states: kept by the run as pieces, never in the Finalize
+    # The Finalize's states: per alias the run's prior state (encoded already), then the batch's (encoded by request()).
+    sent: list[tuple[str, pb.State | State]]
+
+    def request(self) -> list[tuple[str, pb.State]]:
+        """The Finalize's states, the batch's encoded now: a merge whose Finalize a later one's supersedes is never encoded."""
+        return [(alias, state if isinstance(state, pb.State) else state_to_proto(state)) for alias, state in self.sent]
 
 
 def evaluation_to_response(evaluation: Evaluation, request_id: str = "") -> pb.EvaluateResponse:

@@ -8,6 +8,7 @@ batches merged here whose ``Finalize`` has not gone out yet.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,7 +62,7 @@ class Unsent:
     checkpoint: Checkpoint  # the run before the first of them: where a failed send goes back to
     batch: int  # the first of them (from 0), which a failure names
     request_id: str  # of the newest, which its Finalize carries
-    request: list[tuple[str, pb.State]]
+    request: Callable[[], list[tuple[str, pb.State]]]  # its Finalize's states, encoded when it is sent
 
 
 @dataclass(frozen=True)

@@ -230,8 +230,8 @@ class _RunState(_RunBook):
         request_id = self.request_id or new_request_id()
         with _naming_batch(self._batches, request_id):  # what the server would refuse when merging
             merge = self.local.merge(self._local_states, self._states, states, held=set(self._pieces), request_id=request_id)
-        if merge.request:  # the newest Finalize carries the run's states, hence every batch not sent before it
-            first = self._unsent or Unsent(Checkpoint.of(self), self._batches, request_id, [])
+        if merge.sent:  # the newest Finalize carries the run's states, hence every batch not sent before it
+            first = self._unsent or Unsent(Checkpoint.of(self), self._batches, request_id, merge.request)
             self._unsent = Unsent(first.checkpoint, first.batch, request_id, merge.request)
         self._add_diagnostics(diagnostics, self.request_id)
         merged = {r.alias: r.state for r in merge.response.results} if merge.response is not None else {}
@@ -268,7 +268,7 @@ class _RunState(_RunBook):
     def _send_unsent(self) -> None:
         unsent = self._take_unsent()
         if unsent is not None:
-            call = partial(self.client.finalize, unsent.request, **self._finalize_options(unsent.request_id))
+            call = partial(self.client.finalize, unsent.request(), **self._finalize_options(unsent.request_id))
             self._sends.send(unsent.batch, unsent.request_id, call)  # a thread's future, or a task: the subclass's sends
 
 
@@ -322,7 +322,7 @@ class Run(_RunState):
         unsent = self._take_unsent()
         if unsent is not None:  # at most EXIT_SECONDS: a server gone by now must not hold the interpreter's exit
             options = self._finalize_options(unsent.request_id) | {"timeout": min(self.timeout or EXIT_SECONDS, EXIT_SECONDS)}
-            self.client.finalize(unsent.request, **options)
+            self.client.finalize(unsent.request(), **options)
 
     def merge(self) -> EvaluationResult:
         """Merge every state on the server (one Finalize) and return the values over every batch so far."""
