@@ -40,11 +40,21 @@ from lossd.v1 import lossd_pb2 as pb
 
 if TYPE_CHECKING:
     from lossd.kernels import Evaluation, InvalidInput, State
+    from lossd.kernels.diagnostics import Diagnostic as KernelDiagnostic
 
-__all__ = ["COMPUTE_MODES", "LocalMerge", "LocalStates", "check_compute", "evaluation_to_response", "state_to_proto", "without_states"]
+__all__ = [
+    "COMPUTE_MODES",
+    "LocalMerge",
+    "LocalStates",
+    "check_compute",
+    "diagnostic_to_proto",
+    "evaluation_to_response",
+    "state_to_proto",
+    "without_states",
+]
 
 COMPUTE_MODES = ("server", "local")
-_SEVERITY = {"info": pb.INFO, "warning": pb.WARNING, "error": pb.ERROR}
+SEVERITY = {"info": pb.INFO, "warning": pb.WARNING, "error": pb.ERROR}  # a kernel diagnostic's severity on the wire
 # No limit on exact (CONCAT) states here: the server applies its own when it merges the run's states.
 _NO_LIMIT = 2**62
 INSTALL_HINT = (
@@ -199,11 +209,13 @@ def evaluation_to_response(evaluation: Evaluation, request_id: str = "") -> pb.E
         if r.state is not None:
             message.state.CopyFrom(state_to_proto(r.state))
         results.append(message)
-    diagnostics = [
-        pb.Diagnostic(code=d.code, severity=_SEVERITY[d.severity], message=d.message, function=d.function, count=d.count)
-        for d in evaluation.diagnostics
-    ]
+    diagnostics = [diagnostic_to_proto(d) for d in evaluation.diagnostics]
     return pb.EvaluateResponse(results=results, diagnostics=diagnostics, request_id=request_id, batches=evaluation.batches)
+
+
+def diagnostic_to_proto(d: KernelDiagnostic) -> pb.Diagnostic:
+    """A kernel diagnostic as the wire's ``Diagnostic`` (the server's responses and error details use this too)."""
+    return pb.Diagnostic(code=d.code, severity=SEVERITY[d.severity], message=d.message, function=d.function, count=d.count)
 
 
 def as_invalid_argument(exc: InvalidInput) -> InvalidArgumentError:
@@ -211,6 +223,6 @@ def as_invalid_argument(exc: InvalidInput) -> InvalidArgumentError:
     details = []
     for d in exc.diagnostics:
         packed = any_pb2.Any()
-        packed.Pack(pb.Diagnostic(code=d.code, severity=_SEVERITY[d.severity], message=d.message, function=d.function, count=d.count))
+        packed.Pack(diagnostic_to_proto(d))
         details.append(packed)
     return invalid_argument([(v.field, v.description) for v in exc.violations], details)

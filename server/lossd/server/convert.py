@@ -13,9 +13,10 @@ import torch
 from google.protobuf import json_format, struct_pb2
 
 from lossd.client.codec import dtype_name
-from lossd.client.local import evaluation_to_response, state_to_proto  # one encoding: compute="local" answers what the server would
+
+# One encoding of states, diagnostics and responses: compute="local" answers what the server would.
+from lossd.client.local import SEVERITY, evaluation_to_response, state_to_proto
 from lossd.kernels import CODES, Evaluation, FunctionDef, FunctionSpec, State, get_function
-from lossd.kernels.diagnostics import Diagnostic
 from lossd.kernels.errors import InvalidInput
 from lossd.kernels.params import resolve_params
 from lossd.kernels.state import check_state
@@ -34,7 +35,6 @@ __all__ = [
     "list_functions_response",
 ]
 
-_SEVERITY = {"info": pb.INFO, "warning": pb.WARNING, "error": pb.ERROR}
 
 # Bounds on what a wire tensor may declare, checked before numpy sees the shape:
 # numpy stops at 64 dimensions, and a zero-size tensor may claim any other
@@ -189,10 +189,6 @@ def state_from_proto(state: pb.State, path: str) -> State:
     return decoded
 
 
-def diagnostic_to_proto(d: Diagnostic) -> pb.Diagnostic:
-    return pb.Diagnostic(code=d.code, severity=_SEVERITY[d.severity], message=d.message, function=d.function, count=d.count)
-
-
 def evaluation_to_proto(evaluation: Evaluation, request_id: str = "") -> pb.EvaluateResponse:
     """The response of an evaluation: results in request order, diagnostics, batches.
 
@@ -239,5 +235,5 @@ def list_functions_response(functions: list[FunctionDef]) -> pb.ListFunctionsRes
     """ListFunctions' answer: the functions and every diagnostic code."""
     return pb.ListFunctionsResponse(
         functions=[function_info(f) for f in functions],
-        diagnostics=[pb.DiagnosticInfo(code=c, severity=_SEVERITY[s], meaning=m) for c, (s, m) in CODES.items()],
+        diagnostics=[pb.DiagnosticInfo(code=c, severity=SEVERITY[s], meaning=m) for c, (s, m) in CODES.items()],
     )

@@ -20,10 +20,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from lossd.client.codec import TensorError
+from lossd.client.local import diagnostic_to_proto
 from lossd.client.specs import SpecError
 from lossd.kernels.cancellation import Cancelled, DeadlineExceeded
 from lossd.kernels.errors import InvalidInput, StateLimitExceeded
-from lossd.server.convert import diagnostic_to_proto
 from lossd.server.wire_request import undecodable
 
 __all__ = ["rpc_errors", "status_for"]
