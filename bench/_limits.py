@@ -67,17 +67,17 @@ def tcp_round_trip_seconds(repeats: int = 3000) -> float:
         child.start()
         conn, _ = listener.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        times = []
+
+        def round_trip() -> None:
+            conn.sendall(b"x" * 100)
+            got = 0
+            while got < 100:
+                got += len(conn.recv(100 - got))
+
         with conn:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                conn.sendall(b"x" * 100)
-                got = 0
-                while got < 100:
-                    got += len(conn.recv(100 - got))
-                times.append(time.perf_counter() - start)
+            seconds = median_seconds(round_trip, repeats=repeats, warmup=100)
         child.join(30)
-    return statistics.median(times[100:])
+    return seconds
 
 
 def _floor_server(ports: Any) -> None:  # ports: a multiprocessing SimpleQueue, for the bound port
@@ -127,17 +127,11 @@ def grpc_floor_seconds(nbytes: int, repeats: int = 2000, large_repeats: int = 15
             check = health_pb2_grpc.HealthStub(channel).Check
             request = health_pb2.HealthCheckRequest()
             check(request, timeout=30, wait_for_ready=True)
-            small = [_timed(lambda: check(request, timeout=30)) for _ in range(repeats)][100:]
+            small = median_seconds(lambda: check(request, timeout=30), repeats=repeats, warmup=100)
             sink = channel.unary_unary(f"/{SINK[0]}/{SINK[1]}")
             payload = bytes(nbytes)
-            large = [_timed(lambda: sink(payload, timeout=60)) for _ in range(large_repeats + 2)][2:]
+            large = median_seconds(lambda: sink(payload, timeout=60), repeats=large_repeats, warmup=2)
     finally:
         child.kill()
         child.join(30)
-    return statistics.median(small), statistics.median(large)
-
-
-def _timed(fn: Any) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return small, large
