@@ -211,11 +211,15 @@ class TaskSends(_Sends[asyncio.Task[Any]]):
         return None if error is None else FailedSend(pending.batch, pending.request_id, error)
 
 
-def closing_waits_for(client: object, run: object) -> None:
-    """Register a local ``run`` with its client (a lossd client has ``core.local_runs``), whose close() flushes it first."""
+def closing_waits_for(client: object, run: object, *, at_exit: bool = False) -> None:
+    """Register a local ``run`` with its client (a lossd client has ``core.local_runs``), whose close() flushes it first.
+
+    ``at_exit`` (a blocking run): what it holds back is also sent at interpreter exit (:func:`sent_at_exit`)."""
     registry = getattr(getattr(client, "core", None), "local_runs", None)
     if registry is not None:
         registry.add(run)
+    if at_exit:
+        sent_at_exit(run)
 
 
 def flushed_at_close(run: Any) -> None:

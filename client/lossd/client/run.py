@@ -64,7 +64,7 @@ from lossd.client.errors import InvalidArgumentError, naming_batch
 from lossd.client.evaluation import EvaluationResult
 from lossd.client.local import LocalStates, check_compute, without_states
 from lossd.client.local_runs import AsyncEvaluator, Checkpoint, Evaluator, Unsent
-from lossd.client.local_sends import EXIT_SECONDS, FailedSend, StillSending, TaskSends, ThreadSends, closing_waits_for, sent_at_exit
+from lossd.client.local_sends import EXIT_SECONDS, FailedSend, StillSending, TaskSends, ThreadSends, closing_waits_for
 from lossd.client.messages import (
     arrays_of,
     batch_label,
@@ -289,9 +289,8 @@ class Run(_RunState):
         super().__init__(functions, tags, timeout, compute, nan_policy, request_id)
         self.client = client
         self._sends = ThreadSends()  # compute="local": each update's Finalize, on a worker thread
-        closing_waits_for(client, self)
         if self.local is not None:
-            sent_at_exit(self)
+            closing_waits_for(client, self, at_exit=True)
 
     def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:
         """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`result`).
@@ -366,7 +365,8 @@ class AsyncRun(_RunState):
         super().__init__(functions, tags, timeout, compute, nan_policy, request_id)
         self.client = client
         self._sends = TaskSends()  # compute="local": each update's Finalize, as a task
-        closing_waits_for(client, self)
+        if self.local is not None:
+            closing_waits_for(client, self)
 
     async def update(self, tensors: Mapping[str, Any]) -> EvaluationResult:
         """Add one batch; returns the values over every batch so far (exact AUROC/AP: see :meth:`merge`).
