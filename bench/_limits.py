@@ -86,7 +86,10 @@ def _floor_server(ports: Any) -> None:  # ports: a multiprocessing SimpleQueue, 
     import grpc
     from grpc_health.v1 import health, health_pb2_grpc
 
+    from lossd.client.buffers import reuse_large_buffers
     from lossd.client.channel import GRPC_OPTIONS
+
+    reuse_large_buffers(1 << 30)  # as lossd serve does: received messages reuse freed buffers (lossd.client.buffers)
 
     async def sink(request: bytes, context: object) -> bytes:
         return b""
@@ -112,7 +115,9 @@ def grpc_floor_seconds(nbytes: int, repeats: int = 2000, large_repeats: int = 15
     """Median unary calls of grpcio itself, with no lossd code on either side: (a health Check, ``nbytes`` sent as raw bytes).
 
     A blocking client and a grpc.aio server in another process, with lossd's
-    HTTP/2 options: the floors under the [64, 10] rows and the 16 MB rows."""
+    HTTP/2 options and its malloc tuning (:mod:`lossd.client.buffers`, in the
+    server process here, in this one by :func:`bench_serve.main`): the floors
+    under the [64, 10] rows and the 16 MB rows."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from lossd.client.buffers import reuse_for_messages
 from lossd.client.channel import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT
 from lossd.client.core import ClientCore
 from lossd.client.messages import DEFAULT_CHUNK_BYTES
@@ -35,6 +36,11 @@ class ClientBase(abc.ABC):
     credentials instead of the TLS files. ``shared_memory``: large batches of
     ``evaluate`` travel in a POSIX shared-memory segment when the server is
     on this host and allows it, else over the wire (:mod:`lossd.client.shared_memory`).
+
+    The first client of a process raises glibc's malloc thresholds so that
+    freed message buffers up to twice ``chunk_bytes`` are reused instead of
+    faulted in again per call (:mod:`lossd.client.buffers`; off with
+    ``LOSSD_REUSE_LARGE_BUFFERS=false``).
     """
 
     def __init__(
@@ -71,6 +77,7 @@ class ClientBase(abc.ABC):
             settings=settings,
             shared_memory=shared_memory,
         )
+        reuse_for_messages(self.core.chunk_bytes or DEFAULT_CHUNK_BYTES)
         self._open()
 
     @abc.abstractmethod

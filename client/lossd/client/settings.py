@@ -7,6 +7,9 @@
                             PEM client certificate and key, for servers that require mutual TLS
     LOSSD_TOKEN             bearer token sent as ``authorization: Bearer <token>`` on every call
     LOSSD_TOKEN_FILE        a file holding the token (read when a channel opens)
+    LOSSD_REUSE_LARGE_BUFFERS
+                            "false": leave glibc's malloc thresholds alone (process-wide,
+                            read when a client opens; :mod:`lossd.client.buffers`)
 
 :meth:`ClientSettings.from_environment` is the only place the client reads
 these variables, so a job sets them once and every ``Client``,
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_ADDRESS", "ENVIRONMENT", "ClientSettings", "configured_address", "is_loopback"]
+__all__ = ["DEFAULT_ADDRESS", "ENVIRONMENT", "ClientSettings", "configured_address", "is_loopback", "reuse_large_buffers_enabled"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -53,6 +56,12 @@ def configured_address(environ: Mapping[str, str] | None = None) -> str | None:
     """The address in ``LOSSD_SERVER``, or None when it is not set."""
     text = (os.environ if environ is None else environ).get(ENVIRONMENT["address"], "").strip()
     return text or None
+
+
+def reuse_large_buffers_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """``LOSSD_REUSE_LARGE_BUFFERS`` (default true): whether clients keep large freed buffers for reuse."""
+    text = (os.environ if environ is None else environ).get("LOSSD_REUSE_LARGE_BUFFERS", "")
+    return True if not text.strip() else _flag("LOSSD_REUSE_LARGE_BUFFERS", text)
 
 
 def is_loopback(address: str) -> bool:

@@ -38,11 +38,11 @@ torch's threads to the cores it may use divided by the compute threads.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable
+
+from lossd.client import buffers
 
 __all__ = [
     "reuse_large_buffers",
@@ -57,33 +57,12 @@ __all__ = [
 
 log = logging.getLogger("lossd.server")
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
-_MAX_THRESHOLD = 1 << 30
-
-
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
+_M_ARENA_MAX = -8
 
 
 def reuse_large_buffers(max_message_bytes: int) -> bool:
-    """Tune glibc malloc for messages up to ``max_message_bytes``; False where that is not possible."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
-        log.info("not a glibc process: large buffers are returned to the OS after each request")
-        return False
-    threshold = min(max(max_message_bytes, 1 << 20), _MAX_THRESHOLD)
-    ok = (
-        bool(mallopt(_M_MMAP_THRESHOLD, threshold))
-        and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold))
-        and bool(mallopt(_M_TOP_PAD, 64 << 20))
-    )
-    if not ok:
-        log.warning("mallopt refused the buffer-reuse thresholds; large buffers are returned to the OS after each request")
-    return ok
+    """Tune glibc malloc for messages up to ``max_message_bytes`` (:mod:`lossd.client.buffers`, the clients' mechanism too); False where not applied."""
+    return buffers.reuse_large_buffers(max_message_bytes, top_pad=64 << 20)
 
 
 def limit_malloc_arenas(arenas: int) -> bool:
@@ -95,7 +74,7 @@ def limit_malloc_arenas(arenas: int) -> bool:
     before the server's threads start."""
     if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
         return False
-    mallopt = getattr(_libc(), "mallopt", None)
+    mallopt = getattr(buffers.libc(), "mallopt", None)
     if mallopt is None:
         return False
     return bool(mallopt(_M_ARENA_MAX, arenas))
@@ -103,7 +82,7 @@ def limit_malloc_arenas(arenas: int) -> bool:
 
 def release_free_memory() -> bool:
     """Give the free pages of every malloc arena back to the OS (glibc ``malloc_trim(0)``); False where there is none."""
-    trim = getattr(_libc(), "malloc_trim", None)
+    trim = getattr(buffers.libc(), "malloc_trim", None)
     if trim is None:
         return False
     trim(0)
