@@ -289,3 +289,32 @@ def test_a_mixed_queue_observed_together_exports_what_one_at_a_time_exports() ->
     assert (
         sum(v for (name, _), v in _exported(one).items() if name == "lossd_calibration_predictions_total") == 20 * 64 + 10 * 17 + 3 * 3 * 6
     )
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-at-a-time", "batched"])
+def test_the_worker_keeps_no_handled_event_alive_while_it_waits(batched: bool) -> None:
+    # An event holds its request's tensors (a client's shared-memory segment under its lock among them):
+    # once handled, nothing of it may stay referenced by the idle worker until the next event comes.
+    import gc
+    import weakref
+
+    class Event:
+        pass
+
+    worker: Worker[Event] = Worker(lambda item: None, max_events=8, max_bytes=100, on_drop=lambda item: None, gather_seconds=0)
+    if batched:
+        worker.handle_batches(lambda items: None)
+    event = Event()
+    alive = weakref.ref(event)
+    assert worker.submit(event, 10)
+    del event
+    assert worker.flush_sync(10)
+    gc.disable()  # a reference held by the worker, not a cycle waiting for the collector
+    try:
+        deadline = time.monotonic() + 5
+        while alive() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert alive() is None
+    finally:
+        gc.enable()
+        worker.close()

@@ -143,16 +143,22 @@ class Worker(Generic[T]):
             except Exception:
                 log.exception("%s: the thread's initializer raised", self.name)
         while (batch := self._take()) is not None:
-            try:
-                if self._handle_batch is not None:
-                    self._handle_batch([item for item, _ in batch])
-                else:
-                    for item, _ in batch:
-                        self._handle(item)
-            except Exception:  # handlers count their own failures; this thread must outlive any
-                log.exception("%s: a handler raised", self.name)
-            finally:
-                self._finished(batch)
+            self._run(batch)
+            # The events hold their requests' tensors (a 16 MB batch, a client's shared-memory segment
+            # under its lock): nothing of them may stay referenced while the thread waits for the next.
+            del batch
+
+    def _run(self, batch: list[tuple[T, int]]) -> None:
+        try:
+            if self._handle_batch is not None:
+                self._handle_batch([item for item, _ in batch])
+            else:
+                for item, _ in batch:
+                    self._handle(item)
+        except Exception:  # handlers count their own failures; this thread must outlive any
+            log.exception("%s: a handler raised", self.name)
+        finally:
+            self._finished(batch)
 
     def _finished(self, batch: list[tuple[T, int]]) -> None:
         with self._lock:
