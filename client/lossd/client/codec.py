@@ -69,8 +69,15 @@ class TensorError(ValueError):
         super().__init__(f"{field}: {description}")
 
 
+# The native dtypes by value: a dict lookup, where ``dtype.name`` runs Python code in numpy on every call.
+_WIRE_OF: dict[np.dtype, pb.DType] = {numpy: pb.DType.ValueType(wire) for wire, numpy in _TO_NUMPY.items()}
+
+
 def dtype_of(array: np.ndarray, field: str) -> pb.DType:
     """The wire dtype of a numpy array; unsupported dtypes are refused, not converted."""
+    wire = _WIRE_OF.get(array.dtype)
+    if wire is not None:
+        return wire
     name = array.dtype.name
     if name == "bfloat16" and array.dtype != bfloat16():  # a void dtype of that name, not ml_dtypes' (already imported: free)
         name = str(array.dtype)

@@ -24,7 +24,7 @@ _LEN = 2  # wire type of length-delimited fields
 _VARINT = 0
 
 
-def _varint(value: int) -> bytes:
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -34,6 +34,14 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+# Lengths, dims and tags under 2^14 (one or two bytes) from a table: a request takes about 27 varints.
+_SMALL_VARINTS = tuple(_encode_varint(v) for v in range(1 << 14))
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL_VARINTS[value] if 0 <= value < 16384 else _encode_varint(value)
 
 
 def _tag(field: int, wire_type: int) -> bytes:
