@@ -56,6 +56,18 @@ def _check_limits(max_events: int, max_bytes: int, max_batch: int, gather_second
         raise ValueError(f"gather_seconds: expected a number of seconds in [0, 1], got {gather_seconds}")
 
 
+def _handle_all(items: list[T], handle: Callable[[T], None], handle_batch: Callable[[Sequence[T]], None] | None, name: str) -> None:
+    """``handle_batch(items)``, or ``handle`` on each; never raises (handlers count their own failures)."""
+    try:
+        if handle_batch is not None:
+            handle_batch(items)
+        else:
+            for item in items:
+                handle(item)
+    except Exception:  # the worker thread must outlive any handler
+        log.exception("%s: a handler raised", name)
+
+
 class Worker(Generic[T]):
     """Runs ``handle(item)`` (or ``handle_batch(items)``, see :meth:`handle_batches`) for each submitted item, in order, on one daemon thread."""
 
@@ -143,22 +155,11 @@ class Worker(Generic[T]):
             except Exception:
                 log.exception("%s: the thread's initializer raised", self.name)
         while (batch := self._take()) is not None:
-            self._run(batch)
-            # The events hold their requests' tensors (a 16 MB batch, a client's shared-memory segment
-            # under its lock): nothing of them may stay referenced while the thread waits for the next.
-            del batch
-
-    def _run(self, batch: list[tuple[T, int]]) -> None:
-        try:
-            if self._handle_batch is not None:
-                self._handle_batch([item for item, _ in batch])
-            else:
-                for item, _ in batch:
-                    self._handle(item)
-        except Exception:  # handlers count their own failures; this thread must outlive any
-            log.exception("%s: a handler raised", self.name)
-        finally:
+            _handle_all([item for item, _ in batch], self._handle, self._handle_batch, self.name)
             self._finished(batch)
+            # The events hold their requests' tensors (a 16 MB batch, a client's shared-memory segment under
+            # its lock): nothing of them may stay referenced while the thread waits for the next batch.
+            del batch
 
     def _finished(self, batch: list[tuple[T, int]]) -> None:
         with self._lock:
