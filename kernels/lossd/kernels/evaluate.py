@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lossd.kernels.batch import Batch, entropy_wanted
-from lossd.kernels.budget import Budget
+from lossd.kernels.budget import Budget, Estimated
 from lossd.kernels.declarations import Result
 from lossd.kernels.diagnostics import Diagnostic, Diagnostics
 from lossd.kernels.errors import FieldViolation, InvalidInput
@@ -225,7 +225,8 @@ def _update_fields(p: Prepared, batch: Batch) -> dict[str, torch.Tensor]:
     missing = set(p.fdef.fields) - set(fields)
     if missing:  # a programming error in a function, never the caller's
         raise RuntimeError(f"{p.fdef.name}.update returned no field(s) {sorted(missing)}")
-    return {k: v.detach() if v.device.type == "cpu" else v.detach().to("cpu") for k, v in fields.items()}
+    # A field that needs no grad is detached already: detach() would only make another tensor object.
+    return {k: (v.detach() if v.requires_grad else v) if v.device.type == "cpu" else v.detach().to("cpu") for k, v in fields.items()}
 
 
 def _state(p: Prepared, fields: dict[str, torch.Tensor]) -> State:
@@ -244,7 +245,7 @@ def evaluate(
     return_state: bool = False,
     prior_states: Mapping[str, State] | None = None,
     exact_state_limit: int = DEFAULT_EXACT_STATE_LIMIT,
-    budget: Budget | None = None,
+    budget: Budget | Estimated | None = None,
     nan_policy: str = DEFAULT_NAN_POLICY,
 ) -> Evaluation:
     """Evaluate ``functions`` on one batch of ``tensors``.
@@ -253,7 +254,8 @@ def evaluate(
     values do (:mod:`lossd.kernels.nan_policy`).
 
     ``budget`` refuses the request before computing when the functions'
-    estimated memory or response tensors exceed it (RequestBudgetExceeded).
+    estimated memory or response tensors exceed it (RequestBudgetExceeded);
+    an :class:`~lossd.kernels.budget.Estimated` one brings the estimates made already.
 
     ``prior_states`` (alias -> State) are merged into this batch's states
     before finalizing: that is how a client run accumulates exact totals with

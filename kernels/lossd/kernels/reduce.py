@@ -39,8 +39,14 @@ class Terms:
     # label smoothing weighs each class term by its own class weight).
     weighted: torch.Tensor | None = None
 
-    def contributions(self, weight: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
-        """Per-element w·ℓ, exactly 0 where the weight is 0 (even if ℓ is inf or NaN there)."""
+    def contributions(self, weight: torch.Tensor | None, sample_weight: torch.Tensor | None) -> torch.Tensor:
+        """Per-element w·ℓ, exactly 0 where the weight is 0 (even if ℓ is inf or NaN there); ``weight`` None: all ones.
+
+        A weight of ones is no weight: 1·ℓ is ℓ and no element is zeroed, so
+        the terms are returned as they are (the multiply and the mask are four
+        ops that a small request pays in full)."""
+        if weight is None:
+            return self.loss if self.weighted is None else self.weighted
         if self.weighted is None:
             c = weight * self.loss
         else:
@@ -48,21 +54,46 @@ class Terms:
         return torch.where(weight != 0, c, torch.zeros_like(c))
 
 
-def _weights(view: View, terms: Terms) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(effective weight, sample weight or None) for the terms' elements."""
+def _weights(view: View, terms: Terms) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(effective weight, or None when every element weighs 1; sample weight or None) for the terms' elements."""
     sw = view.sample_weights(terms.loss.shape, terms.loss.dtype) if "weights" in view.role_shapes else None
-    w = torch.ones_like(terms.loss) if terms.weight is None else terms.weight.to(terms.loss.dtype)
+    if terms.weight is None and sw is None and _summed_as_is(terms.loss if terms.weighted is None else terms.weighted):
+        return None, None
+    w = torch.ones_like(terms.loss) if terms.weight is None else _as_dtype(terms.weight, terms.loss.dtype)
     if sw is not None:
         w = w * sw
     return w, sw
 
 
-def weighted_sums(contributions: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The mean-loss state: Σ w·ℓ, Σ w and the count of elements of non-zero weight, in float64."""
+def _summed_as_is(t: torch.Tensor) -> bool:
+    """Whether ``t`` sums in the order the product w·ℓ would: when it is contiguous.
+
+    A strided or broadcast view may be summed in another order than the fresh tensor of a product."""
+    return t.is_contiguous()
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (itself when it already is: a no-op ``.to`` still costs a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _on_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def weighted_sums(contributions: torch.Tensor, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The mean-loss state: Σ w·ℓ, Σ w and the count of elements of non-zero weight, in float64 (``weight`` None: all ones).
+
+    A weight of ones sums to the element count, exactly in float64 (counts
+    below 2^53), and every element counts: the same fields without the passes."""
+    total = _on_cpu(_as_dtype(contributions, torch.float64).sum())
+    if weight is None:
+        n = float(contributions.numel())
+        return {"total": total, "weight": torch.scalar_tensor(n, dtype=torch.float64), "count": torch.scalar_tensor(n, dtype=torch.float64)}
     return {
-        "total": contributions.to(torch.float64).sum().cpu(),
-        "weight": weight.to(torch.float64).sum().cpu(),
-        "count": (weight != 0).sum().to(torch.float64).cpu(),
+        "total": total,
+        "weight": _on_cpu(_as_dtype(weight, torch.float64).sum()),
+        "count": _on_cpu((weight != 0).sum().to(torch.float64)),
     }
 
 
@@ -118,7 +149,8 @@ def mean_loss(
     def per_element(view: View, p: Mapping[str, Any]) -> torch.Tensor:
         t = terms(view, p)
         w, sw = _weights(view, t)
-        return t.contributions(w, sw)
+        # Weighted or not, a new tensor: the values returned must never alias the terms (or an input).
+        return t.contributions(torch.ones_like(t.loss) if w is None else w, sw)
 
     return FunctionDef(
         name=name,

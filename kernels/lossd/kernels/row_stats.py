@@ -198,7 +198,7 @@ def _row_pass(x: torch.Tensor, class_dim: int, with_entropy: bool) -> _Pass:
     dtype = compute_dtype(x.dtype)
     whole = only_block(x, class_dim)
     if whole is not None:  # one block: its results are the statistics, no buffers to copy them into
-        return _block_pass(whole.to(dtype), with_entropy, None, None)
+        return _block_pass(whole if whole.dtype == dtype else whole.to(dtype), with_entropy, None, None)
     out_shape = x.shape[:class_dim] + x.shape[class_dim + 1 :]
     rows = math.prod(out_shape)
     lse = torch.empty(rows, dtype=dtype, device=x.device)
@@ -230,8 +230,12 @@ def _block_pass(z: torch.Tensor, with_entropy: bool, log_p_out: torch.Tensor | N
         block = _block_logsumexp(z)
         return _Pass(block.max, block.lse, _block_entropy(z, block) if with_entropy else None, False)
     values = z.amax(dim=1)  # amax: max(dim) also tracks indices, 4x slower on CPU
-    finite_max = torch.isfinite(values)
     done = _cpu_block(z, values, with_entropy, log_p_out, p_out)
+    # Every log_softmax value finite proves every row max finite (a NaN, a +inf or a row of
+    # all −inf makes its whole row NaN there): the usual case needs no isfinite pass of its own.
+    if done.finite:
+        return done
+    finite_max = torch.isfinite(values)
     if bool(finite_max.all()):
         return done
     # Rows with a NaN or +inf score, or all −inf, take the exp path, row by row alike whatever

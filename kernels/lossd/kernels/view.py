@@ -145,7 +145,7 @@ class View(RoleTensors):
         """Integer class labels as int64. Floats holding integers are cast; anything else is refused."""
         t = self.tensor(role)
         if t.dtype in INT_DTYPES:
-            return t.to(torch.int64)
+            return t if t.dtype == torch.int64 else t.to(torch.int64)
         if t.dtype == torch.bool:
             raise self.error(role, "expected integer class indices, got bool; send 0/1 as an integer dtype")
         if t.dtype in FLOAT_DTYPES:

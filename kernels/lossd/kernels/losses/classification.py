@@ -71,6 +71,12 @@ def class_labels(view: View, z: torch.Tensor, ignore_index: int | None, role: st
 
     Checked once per request for each labels tensor, K and ignore_index (the
     batch memo): cross-entropy, accuracy and ECE of the same labels share it."""
+    y, valid, _ = _checked_labels(view, z, ignore_index, role)
+    return y, valid
+
+
+def _checked_labels(view: View, z: torch.Tensor, ignore_index: int | None, role: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`class_labels`, and how many labels equal ``ignore_index`` (0: the valid mask is all True)."""
     k = z.shape[1]
     key = (view.tensor_name(role), k, ignore_index)
     checked = view.batch.checked_labels.get(key)
@@ -91,7 +97,7 @@ def class_labels(view: View, z: torch.Tensor, ignore_index: int | None, role: st
         view.diag(
             "ignored_fraction", f"{ignored} of {valid.numel()} labels ({ignored / valid.numel():.0%}) equal ignore_index={ignore_index}"
         )
-    return y, valid
+    return y, valid, ignored
 
 
 def class_weight_vector(view: View, p: Mapping[str, Any], k: int, dtype: torch.dtype, name: str = "weight") -> torch.Tensor | None:
@@ -108,7 +114,8 @@ def class_weight_vector(view: View, p: Mapping[str, Any], k: int, dtype: torch.d
 
 def gather_class(z: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """z[n, y[n, ...], ...]: the score of each element's label, [N, d...]."""
-    return z.gather(1, y.unsqueeze(1)).squeeze(1).to(dtype)
+    picked = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    return picked if picked.dtype == dtype else picked.to(dtype)
 
 
 def _rowwise_class_sum(z: torch.Tensor, vec: torch.Tensor | None, soft: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -164,13 +171,15 @@ def _cross_entropy_terms(view: View, p: Mapping[str, Any]) -> Terms:
         raise view.error("labels", "cross_entropy needs class indices (role 'labels') or soft targets (role 'target_probs')")
     dtype = compute_dtype(z.dtype)
     k = z.shape[1]
-    y, valid = class_labels(view, z, p["ignore_index"])
+    y, valid, ignored = _checked_labels(view, z, p["ignore_index"], "labels")
     stats = view.row_stats("logits", 1, input_kind=p["input_kind"])
     zs = view.log_scores("logits", p["input_kind"])
     nll = stats.lse - gather_class(zs, y, dtype)
     w = class_weight_vector(view, p, k, dtype)
-    wy = valid.to(dtype) if w is None else w[y] * valid
     eps, mode = p["label_smoothing"], p["smoothing_mode"]
+    if not eps and w is None and not ignored:
+        return Terms(nll)  # every label valid, no class weight: every element weighs 1
+    wy = valid.to(dtype) if w is None else w[y] * valid
     if not eps:
         return Terms(nll, wy)
     if mode == "others" and k < 2:
