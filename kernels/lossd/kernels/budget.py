@@ -18,7 +18,7 @@ at 6.9 GB (108 bytes).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from lossd.kernels.chunks import CHUNK_ELEMENTS
@@ -37,6 +37,7 @@ __all__ = [
     "ctc_lattice",
     "check_budget",
     "estimates",
+    "Estimated",
     "MEMORY_SETTING",
     "RESPONSE_SETTING",
 ]
@@ -157,6 +158,23 @@ class Budget(NamedTuple):
     def check(self, prepared: Iterable[Any], tensors: Mapping[str, Any]) -> None:
         """Estimate every prepared spec on ``tensors`` (anything with a ``shape``) and refuse the request over the budget."""
         check_budget(estimates(prepared, tensors), max_memory_bytes=self.max_memory_bytes, max_response_bytes=self.max_response_bytes)
+
+
+class Estimated(NamedTuple):
+    """A :class:`Budget` with a request's estimates already made, which :meth:`check` does not make again.
+
+    The server estimates a small request on its wire shapes, before decoding,
+    to decide whether it runs on the event loop; the decoded tensors have
+    those shapes, so the evaluation checks the same estimates, where it
+    always checks its budget."""
+
+    budget: Budget
+    items: Sequence[tuple[str, Estimate]]  # estimates(prepared, tensors) of the request's prepared specs
+
+    def check(self, prepared: Iterable[Any], tensors: Mapping[str, Any]) -> None:
+        """Refuse the request over the budget, from the estimates given (``prepared`` and ``tensors`` are theirs)."""
+        budget = self.budget
+        check_budget(self.items, max_memory_bytes=budget.max_memory_bytes, max_response_bytes=budget.max_response_bytes)
 
 
 def estimates(prepared: Iterable[Any], tensors: Mapping[str, Any]) -> list[tuple[str, Estimate]]:

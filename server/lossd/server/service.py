@@ -20,7 +20,7 @@ import torch
 from lossd.client.messages import batch_label, in_batch
 from lossd.kernels import Accumulator, Evaluation, State, all_functions, evaluate, finalize_states
 from lossd.kernels.batch import Batch
-from lossd.kernels.budget import Budget, estimates
+from lossd.kernels.budget import Budget, Estimate, Estimated, estimates
 from lossd.kernels.errors import FieldViolation, InvalidInput
 from lossd.kernels.evaluate import PreparedSpecs
 from lossd.kernels.nan_policy import DEFAULT_NAN_POLICY, NAN_POLICIES
@@ -39,7 +39,7 @@ from lossd.server.spec_cache import SpecCache
 from lossd.v1 import lossd_pb2 as pb
 from lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-__all__ = ["LossService", "wire_bytes"]
+__all__ = ["LossService", "declared_estimates", "small_work", "wire_bytes"]
 
 T = TypeVar("T")
 
@@ -176,7 +176,7 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
             small = nbytes < self.admission.limits.inline_request_bytes
             # Validated here when small (running inline depends on them), else on the compute thread.
             prepared = self.specs.prepared(request.functions) if small else None
-            inline = small and small_work(request, prepared, self.admission.limits.inline_memory_bytes)
+            inline, budget = _plan(request, prepared, small, self.admission.limits.inline_memory_bytes, self.budget)
 
             def run() -> tuple[Evaluation, dict[str, State], pb.EvaluateResponse]:
                 with watch.decoding():
@@ -191,7 +191,7 @@ class LossService(pb_grpc.LossServiceServicer):  # generated base (lossd.v1, unt
                     return_state=request.return_state,
                     prior_states=prior or None,
                     exact_state_limit=self.exact_state_limit,
-                    budget=self.budget,
+                    budget=budget,
                     nan_policy=nan_policy_of(request),
                 )
                 with watch.encoding():
@@ -321,18 +321,50 @@ def naming_batch(exc: InvalidInput, label: str) -> InvalidInput:
     return named
 
 
-def small_work(request: pb.EvaluateRequest, prepared: PreparedSpecs | None, max_memory_bytes: int) -> bool:
+def _negative_dim(request: pb.EvaluateRequest) -> bool:
+    return any(d < 0 for t in request.tensors.values() for d in t.shape)
+
+
+def declared_estimates(request: pb.EvaluateRequest, prepared: PreparedSpecs | None) -> list[tuple[str, Estimate]] | None:
+    """The estimates of the request's functions (``prepared``) on its tensors' declared shapes (None: none made).
+
+    None when the functions did not validate (or were not validated here) or a
+    dimension is negative (refused when decoded; it must not shrink an estimate)."""
+    if prepared is None or _negative_dim(request):
+        return None
+    return estimates(prepared, request.tensors)
+
+
+def _plan(
+    request: pb.EvaluateRequest, prepared: PreparedSpecs | None, small: bool, max_memory_bytes: int, budget: Budget | None
+) -> tuple[bool, Budget | Estimated | None]:
+    """(whether a request of ``small`` bytes runs on the event loop, the budget its evaluation checks).
+
+    Its functions are estimated once, on the declared shapes: the decoded
+    tensors have those shapes, so the evaluation checks these estimates
+    instead of making them again."""
+    known = declared_estimates(request, prepared)
+    inline = small and small_work(request, prepared, max_memory_bytes, known)
+    return inline, (Estimated(budget, known) if known is not None and budget is not None else budget)
+
+
+def small_work(
+    request: pb.EvaluateRequest, prepared: PreparedSpecs | None, max_memory_bytes: int, known: list[tuple[str, Estimate]] | None = None
+) -> bool:
     """Whether the request's functions (``prepared``) declare at most ``max_memory_bytes`` of work on its declared shapes.
 
     A request of a few KiB can still ask for a large computation (bins × classes,
     N × N pairs); only work whose memory estimate is small runs on the event loop,
     where its time is bounded by the memory it touches. Functions that do not
-    validate (``prepared`` None) are refused at once, wherever that happens."""
-    if any(d < 0 for t in request.tensors.values() for d in t.shape):
-        return False  # refused when decoded; a negative dim must not shrink the estimate
-    if prepared is None:
-        return True
-    return sum(e.memory for _, e in estimates(prepared, request.tensors)) <= max_memory_bytes
+    validate (``prepared`` None) are refused at once, wherever that happens.
+    ``known``: :func:`declared_estimates` of the request, when already made."""
+    if known is None:  # (made, they say that no dim is negative and the functions validated)
+        if _negative_dim(request):
+            return False  # refused when decoded; a negative dim must not shrink the estimate
+        if prepared is None:
+            return True
+        known = estimates(prepared, request.tensors)
+    return sum(e.memory for _, e in known) <= max_memory_bytes
 
 
 def nan_policy_of(request: pb.EvaluateRequest) -> str:
