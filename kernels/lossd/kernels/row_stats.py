@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from lossd.kernels.chunks import CACHE_BLOCK_ELEMENTS, cache_blocks, only_block, row_count
@@ -313,8 +314,19 @@ def top1_confidence(x: torch.Tensor, class_dim: int) -> torch.Tensor:
 
 
 def _block_top1_confidence(z: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """1 / Σ_k exp(z_k − max) per row of a block [m, K] in its compute dtype, as float64 [m] (``buffer``: [m, K] scratch)."""
+    """1 / Σ_k exp(z_k − max) per row of a block [m, K] in its compute dtype, as float64 [m] (``buffer``: [m, K] scratch).
+
+    On CPU the exp is numpy's: its SIMD exp took 2.0 ms for 4M float32
+    scores against 3.7-4.0 ms for torch.exp's, and this pass runs on every
+    monitored batch (both within 1 ulp of e^x; e^0 = 1 exactly in both, so
+    the confidence of tied top scores stays exact)."""
     peak = z.amax(dim=1, keepdim=True)
     shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    e = torch.exp(z - shift) if buffer is None else torch.exp(torch.sub(z, shift, out=buffer), out=buffer)
+    e = z - shift if buffer is None else torch.sub(z, shift, out=buffer)
+    if e.device.type == "cpu" and e.dtype in (torch.float32, torch.float64) and not e.requires_grad:
+        shifted = e.numpy()
+        with np.errstate(over="ignore", invalid="ignore"):  # a +inf row's finite scores overflow to inf, as in torch
+            np.exp(shifted, out=shifted)
+    else:
+        e = e.exp_()
     return 1.0 / e.sum(dim=1).to(torch.float64)

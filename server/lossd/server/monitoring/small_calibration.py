@@ -6,9 +6,11 @@ The general path calls :func:`lossd.kernels.row_stats.top1_confidence` and
 the chunking machinery, about 300 µs per [64, 10] batch, most of it per-call
 overhead on tensors of a few hundred elements. Here the same values come from
 numpy for every step whose result IEEE arithmetic fixes (max, subtraction,
-division, comparisons, the bin rule, sums in input order) and from torch for
-the only two whose digits depend on torch's own kernels (exp, and the row sum
-of the exponentials), applied to the same tensor as the kernel's single chunk.
+division, comparisons, the bin rule, sums in input order), from numpy's exp
+as the kernel's pass on CPU (element by element the same wherever an element
+lies in an array), and from torch for the one step whose digits depend on
+torch's own kernels (the row sum of the exponentials), applied to the same
+tensor as the kernel's single chunk.
 ``tests/unit/server/test_monitoring_small_calibration.py`` checks the equality
 on ties, bin edges and non-finite rows.
 
@@ -17,8 +19,8 @@ small enough to be one chunk and one unsplit torch loop take this path.
 
 :func:`small_multiclass_many` bins many such batches at once (the monitoring
 worker takes queued events together): the row-wise numpy steps run once over
-their rows put end to end, and only the two torch steps run per batch, each on
-exactly that batch's rows, so that every row sees the same exp as alone. Per-bin
+their rows put end to end, and only the torch step runs per batch, on exactly
+that batch's rows, so that every row is summed as alone. Per-bin
 sums of each batch are still added in its input order (``np.bincount`` over
 (batch, bin) slots): each batch's counters are those of :func:`small_multiclass`, bit for bit.
 """
@@ -40,8 +42,8 @@ __all__ = ["SMALL_ELEMENTS", "BinSums", "SmallBatch", "is_small", "small_multicl
 # (n_b, Σ confidence, Σ correct) per bin, float64 arrays of length B.
 BinSums = tuple[np.ndarray, np.ndarray, np.ndarray]
 
-# At most this many score elements: torch runs an elementwise op over a contiguous tensor below
-# its parallel grain (32768) as one loop, so exp sees the same vector/tail split as in the kernel's pass.
+# At most this many score elements: torch runs an op over a contiguous tensor below its parallel
+# grain (32768) as one loop, so the row sums see the same vector/tail split as in the kernel's pass.
 SMALL_ELEMENTS = 32768
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -111,7 +113,7 @@ def _group_sums(
     Per row, in the compute dtype: argmax (the first maximum, as torch's; rows
     with a NaN differ, and are never binned: their confidence is NaN), the max,
     z − max (no shift where the max is not finite, as the kernel does), then
-    per batch torch's exp and row sum, and confidence = 1 / Σ in float64. The
+    numpy's exp, per batch torch's row sum, and confidence = 1 / Σ in float64. The
     bin rule is that of ``bin_index``: the b with b/B < c <= (b+1)/B against
     the float64 edges (0 in bin 0), which is what its ceil-and-correct settles on.
     """
@@ -156,15 +158,17 @@ def _group_sums(
 
 
 def _exp_row_sums(shifted: np.ndarray, rows: Sequence[int]) -> np.ndarray:
-    """Σ_k exp(row) per row in the compute dtype (as float64), torch's exp and sum run as on each batch alone.
+    """Σ_k exp(row) per row in the compute dtype (as float64): numpy's exp, torch's sum run as on each batch alone.
 
     Batches of equal size go through torch together, a few at a time, as the
     rows of a [batches, elements] view whose row stride is one element longer:
     torch cannot merge such rows into one loop, so each runs its own loop over
     exactly one batch's elements, with that batch's vector/tail split, and
     below the parallel grain (``SMALL_ELEMENTS``) no thread splits a row."""
+    with np.errstate(over="ignore", invalid="ignore"):  # rows not shifted (a +inf max) overflow to inf, as in the kernel
+        exps = np.exp(shifted)
     if len(rows) == 1:  # one batch: its own tensor
-        total: np.ndarray = torch.exp(torch.from_numpy(shifted)).sum(dim=1).numpy().astype(np.float64)
+        total: np.ndarray = torch.from_numpy(exps).sum(dim=1).numpy().astype(np.float64)
         return total
     classes = shifted.shape[1]
     starts = [0, *itertools.accumulate(rows)]
@@ -180,11 +184,11 @@ def _exp_row_sums(shifted: np.ndarray, rows: Sequence[int]) -> np.ndarray:
             padded = np.empty((len(call), elements + 1), dtype=shifted.dtype)
             adjacent = call[-1] - call[0] == len(call) - 1  # the usual case: one slice, no per-batch copies
             if adjacent:
-                padded[:, :elements] = shifted[starts[call[0]] : starts[call[-1] + 1]].reshape(len(call), elements)
+                padded[:, :elements] = exps[starts[call[0]] : starts[call[-1] + 1]].reshape(len(call), elements)
             else:
                 for row, i in enumerate(call):
-                    padded[row, :elements] = shifted[starts[i] : starts[i + 1]].reshape(-1)
-            sums = torch.exp(torch.from_numpy(padded)[:, :elements]).reshape(len(call), n, classes).sum(dim=2).numpy()
+                    padded[row, :elements] = exps[starts[i] : starts[i + 1]].reshape(-1)
+            sums = torch.from_numpy(padded)[:, :elements].reshape(len(call), n, classes).sum(dim=2).numpy()
             if adjacent:
                 total[starts[call[0]] : starts[call[-1] + 1]] = sums.reshape(-1)
             else:
