@@ -257,6 +257,22 @@ def test_a_full_batch_is_taken_without_waiting_the_gathering_out() -> None:
         Worker(lambda item: None, max_events=1, max_bytes=1, on_drop=lambda item: None, gather_seconds=-1)
 
 
+def test_an_event_holding_large_tensors_is_taken_without_waiting_the_gathering_out() -> None:
+    # Its tensors (a client's shared-memory segment, under its lock) are let go sooner; small ones still gather.
+    worker, batches, handled = _recording_worker(gather_seconds=1.0, urgent_bytes=50)
+    assert worker.submit(0, 1) and handled.wait(0.6)
+    handled.clear()
+    started = time.monotonic()
+    assert worker.submit(1, 1) and worker.submit(2, 50)
+    assert handled.wait(2.0) and batches == [[0], [1, 2]]
+    assert time.monotonic() - started < 0.6, "an urgent event waited for the gathering to time out"
+    handled.clear()
+    started = time.monotonic()
+    assert worker.submit(3, 1) and handled.wait(2.0) and batches[-1] == [3]
+    assert time.monotonic() - started > 0.5, "a small event after an urgent one did not gather"
+    worker.close()
+
+
 def _exported(m: Monitoring) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     skip = ("lossd_last_evaluation", "process_", "python_")
     return {
