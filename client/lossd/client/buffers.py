@@ -14,8 +14,8 @@ raised (the same server, the same run).
 largest message come from the heap) and the trim threshold (the heap keeps
 a few such buffers free for the next message). The cost: resident memory
 stays at its high-water mark, up to the trim threshold above what is live.
-The thresholds only ever go up within a process, so a client opened inside
-``lossd serve`` (the gateway's) keeps the server's larger ones.
+The thresholds only ever go up within a process, so a client opened in a
+process serving lossd (a test's in-process server, say) keeps the server's larger ones.
 
 ``LOSSD_REUSE_LARGE_BUFFERS=false`` leaves glibc's defaults alone, in
 clients and in ``lossd serve``; so do glibc's own ``MALLOC_MMAP_THRESHOLD_``,

@@ -39,7 +39,7 @@ from lossd.server.allocator import reuse_large_buffers
 Client("127.0.0.1:1", chunk_bytes=8 << 20)
 first = buffers.applied_threshold()
 assert reuse_large_buffers(512 << 20)
-Client("127.0.0.1:1")  # a client opened inside lossd serve (the gateway's) keeps the server's thresholds
+Client("127.0.0.1:1")  # a client opened in a process serving lossd keeps the server's thresholds
 print(first, buffers.applied_threshold())
 """
     first, after = (int(v) for v in _fresh(code).split())
