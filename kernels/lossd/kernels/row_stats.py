@@ -318,8 +318,10 @@ def _block_top1_confidence(z: torch.Tensor, buffer: torch.Tensor | None = None) 
 
     On CPU the exp is numpy's: its SIMD exp took 2.0 ms for 4M float32
     scores against 3.7-4.0 ms for torch.exp's, and this pass runs on every
-    monitored batch (both within 1 ulp of e^x; e^0 = 1 exactly in both, so
-    the confidence of tied top scores stays exact)."""
+    monitored batch. The two differ by at most 2 ulp (measured on 4M normal
+    scores); e^0 = 1 exactly in both, so the confidence of tied top scores
+    stays exact, and numpy's gives an element the same value wherever it lies
+    in an array (monitoring's small-batch path relies on that)."""
     peak = z.amax(dim=1, keepdim=True)
     shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     e = z - shift if buffer is None else torch.sub(z, shift, out=buffer)
