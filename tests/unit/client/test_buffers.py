@@ -49,7 +49,11 @@ print(first, buffers.applied_threshold())
 
 @pytest.mark.parametrize(
     "env",
-    [{"LOSSD_REUSE_LARGE_BUFFERS": "false"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1000000"}],
+    [
+        {"LOSSD_REUSE_LARGE_BUFFERS": "false"},
+        {"MALLOC_TRIM_THRESHOLD_": "1000000"},
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1000000"},
+    ],
     ids=["turned-off", "glibc-variable", "glibc-tunable"],
 )
 def test_the_operators_choice_leaves_malloc_alone(env: dict[str, str]) -> None:
