@@ -37,7 +37,7 @@ def _encode_varint(value: int) -> bytes:
 
 
 # Lengths, dims and tags under 2^14 (one or two bytes) from a table: a request takes about 27 varints.
-_SMALL_VARINTS = tuple(_encode_varint(v) for v in range(1 << 14))
+_SMALL_VARINTS = tuple(bytes((v,)) for v in range(128)) + tuple(bytes((v & 0x7F | 0x80, v >> 7)) for v in range(128, 1 << 14))
 
 
 def _varint(value: int) -> bytes:

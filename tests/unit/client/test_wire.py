@@ -49,3 +49,12 @@ def test_large_tensor_round_trips() -> None:
 def test_rest_with_tensors_is_refused() -> None:
     with pytest.raises(ValueError, match="must not carry tensors"):
         serialize_evaluate_request({}, evaluate_request({"x": np.zeros(1)}, ()))
+
+
+def test_the_varint_table_is_the_protobuf_encoding() -> None:
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    from lossd.client import wire
+
+    for value in [*range(1 << 14), 1 << 14, 300_000, 1 << 35]:
+        assert wire._varint(value) == _VarintBytes(value), value
