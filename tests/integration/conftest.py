@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -69,6 +70,16 @@ def start_server(
     return ServerThread(settings, subscribers=subscribers, interceptors=interceptors).start()
 
 
+Interceptor = TypeVar("Interceptor", bound=grpc.aio.ServerInterceptor)
+
+
+def serving_with(interceptor: Interceptor, **overrides: object) -> Iterator[tuple[ServerThread, Interceptor]]:
+    """A fixture's body: a server of its own behind ``interceptor`` (``overrides``: its settings), stopped afterwards."""
+    server = start_server(interceptors=[interceptor], **overrides)
+    yield server, interceptor
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerThread]:
     """The session's server: a real grpc.aio lossd server bound to 127.0.0.1 on a free port."""
@@ -85,7 +96,4 @@ def address(server: ServerThread) -> str:
 @pytest.fixture(scope="module")
 def recorded() -> Iterator[tuple[ServerThread, MethodRecorder]]:
     """A server of its own whose LossService calls are recorded, in order, by method."""
-    recorder = MethodRecorder()
-    server = start_server(interceptors=[recorder])
-    yield server, recorder
-    server.stop()
+    yield from serving_with(MethodRecorder())

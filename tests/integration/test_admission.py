@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from integration.conftest import ServerThread, start_server
+from integration.conftest import ServerThread, serving_with, start_server
 
 from lossd.client import Client
 from lossd.client.codec import encode_tensor
@@ -57,10 +57,7 @@ class MethodCounter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 @pytest.fixture()
 def one_slot() -> Iterator[tuple[ServerThread, MethodCounter]]:
-    counter = MethodCounter()
-    server = start_server(interceptors=[counter], max_concurrent_requests=1, retry_after_seconds=0.2)
-    yield server, counter
-    server.stop()
+    yield from serving_with(MethodCounter(), max_concurrent_requests=1, retry_after_seconds=0.2)
 
 
 class HeldStream:

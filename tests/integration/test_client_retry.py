@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from integration.conftest import ServerThread, start_server
+from integration.conftest import ServerThread, serving_with, start_server
 from integration.test_admission import HeldStream
 from integration.wire_recording import MethodRecorder
 from sklearn.metrics import roc_auc_score
@@ -155,10 +155,7 @@ def test_a_response_over_this_clients_receive_limit_is_received_once(bounded: tu
 @pytest.fixture()
 def one_slot() -> Iterator[tuple[ServerThread, MethodRecorder]]:
     """A server that admits one request at a time and asks refused ones to retry after 0.2 s (± 50%)."""
-    recorder = MethodRecorder()
-    server = start_server(interceptors=[recorder], max_concurrent_requests=1, retry_after_seconds=0.2)
-    yield server, recorder
-    server.stop()
+    yield from serving_with(MethodRecorder(), max_concurrent_requests=1, retry_after_seconds=0.2)
 
 
 def held_for(server: ServerThread, seconds: float) -> threading.Timer:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from integration.conftest import ServerThread, start_server
+from integration.conftest import ServerThread, serving_with, start_server
 from integration.wire_recording import RecordingInterceptor
 from sklearn.metrics import roc_auc_score
 
@@ -231,10 +231,7 @@ class RefusingFinalize(grpc.aio.ServerInterceptor):
 
 @pytest.fixture(scope="module")
 def refusing() -> Iterator[tuple[ServerThread, RefusingFinalize]]:
-    refuser = RefusingFinalize()
-    server = start_server(interceptors=[refuser])
-    yield server, refuser
-    server.stop()
+    yield from serving_with(RefusingFinalize())
 
 
 # The run's functions, as lossd.kernels spells them: an in-process Accumulator over every batch is the reference.

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from integration.conftest import ServerThread, start_server
+from integration.conftest import ServerThread, serving_with
 from integration.wire_recording import RecordingInterceptor
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -26,10 +26,7 @@ def binary(seed: int, n: int = ROWS) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def recorded() -> Iterator[tuple[ServerThread, RecordingInterceptor]]:
-    recorder = RecordingInterceptor()
-    server = start_server(interceptors=[recorder])
-    yield server, recorder
-    server.stop()
+    yield from serving_with(RecordingInterceptor())
 
 
 def test_exact_values_match_sklearn_over_every_batch(address: str) -> None:

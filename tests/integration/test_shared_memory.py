@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from integration.conftest import ServerThread, start_server
+from integration.conftest import ServerThread, serving_with
 from integration.wire_recording import RecordingInterceptor
 
 from lossd.client import AsyncClient, Client
@@ -42,10 +42,7 @@ def segments_of(pid: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[tuple[ServerThread, RecordingInterceptor]]:
-    recorder = RecordingInterceptor()
-    server = start_server(interceptors=[recorder], allow_shared_memory=True)
-    yield server, recorder
-    server.stop()
+    yield from serving_with(RecordingInterceptor(), allow_shared_memory=True)
 
 
 def values(result: object) -> dict[str, dict[str, float]]:
