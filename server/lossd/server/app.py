@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -28,6 +29,7 @@ from lossd.kernels.budget import Budget
 from lossd.server.admission import Admission, AdmissionLimits
 from lossd.server.allocator import IdleTrim, limit_malloc_arenas, reuse_large_buffers, set_torch_threads
 from lossd.server.monitoring.events import Subscriber
+from lossd.server.monitoring.multiprocess import count_in_files
 from lossd.server.observability.logging import configure_logging, uvicorn_log_options
 from lossd.server.observability.tracing import Tracing
 from lossd.server.observability.wiring import instrument_gateway, server_interceptors
@@ -130,6 +132,7 @@ async def create_server(
     authenticator: Authenticator | None = None,
     private_socket: Path | None = None,
     tracing: Tracing | None = None,
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Build, bind and start the gRPC server described by ``settings``.
 
@@ -137,6 +140,8 @@ async def create_server(
     ``authenticator`` shares one token store and refusal counter with the
     gateway. ``private_socket`` adds a plaintext Unix socket for the in-process
     gateway (tokens still apply there). ``tracing`` adds a span per call (README "Logs and traces").
+    ``reuse_port``: a worker of ``lossd serve --workers N`` shares the port with the others
+    (SO_REUSEPORT: the kernel spreads new connections over them).
     """
     check_bind(settings)
     tls = TlsFiles.from_settings(settings)
@@ -150,7 +155,8 @@ async def create_server(
         interceptors = [*interceptors, AuthInterceptor(authenticator)]  # innermost: monitoring counts refusals too
     device = select_device(settings.device)
     bind = f"{settings.host}:{settings.grpc_port}"
-    check_port_free(settings.host, settings.grpc_port, "gRPC", "grpc_port")  # gRPC core would print its own error lines
+    if not reuse_port:
+        check_port_free(settings.host, settings.grpc_port, "gRPC", "grpc_port")  # gRPC core would print its own error lines
     limit_malloc_arenas(settings.malloc_arenas)  # before the server's threads start: they share the bounded set
     if settings.reuse_large_buffers:
         reuse_large_buffers(settings.max_message_bytes)
@@ -160,7 +166,7 @@ async def create_server(
             *GRPC_OPTIONS,
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     service = LossService(
@@ -217,30 +223,48 @@ async def serve(settings: Settings) -> None:
     """
     from lossd.server.gateway import create_app
     from lossd.server.monitoring import Monitoring
+    from lossd.server.supervisor import WorkerPool, private_directory
 
     check_bind(settings)  # before anything heavy starts
     configure_logging(settings)
     set_torch_threads(settings.compute_threads, settings.torch_threads)  # process-wide: here, not in create_server (tests share a process)
     tracing = Tracing.from_settings(settings, os.environ)
     http_socket = bind_http_socket(settings.host, settings.http_port)
+    # With workers, this process supervises them and serves the gateway (lossd.server.supervisor).
+    workers_dir = private_directory() if settings.workers > 1 else None
+    private_dir: tempfile.TemporaryDirectory[str] | None = None
+    pool: WorkerPool | None = None
     try:
-        monitoring = Monitoring(settings)
+        if workers_dir is not None:
+            count_in_files(workers_dir)  # before the first metric: the gateway's counters sum with the workers'
+        monitoring = Monitoring(settings, workers_dir=workers_dir)
         authenticator = Authenticator.from_settings(settings, monitoring.registry)
         tls = TlsFiles.from_settings(settings)
-        # Under TLS the in-process gateway reaches gRPC over a private Unix socket: the
-        # certificate need not name the bind address, and nothing else can connect there.
-        private_dir = tempfile.TemporaryDirectory(prefix="lossd-") if tls is not None else None
-        private_socket = Path(private_dir.name) / "grpc.sock" if private_dir is not None else None
         if tracing is not None:
             tracing.install()
-        running = await create_server(
-            settings, **monitoring.server_hooks(), authenticator=authenticator, private_socket=private_socket, tracing=tracing
-        )
+        if workers_dir is not None:
+            pool = WorkerPool(settings, workers_dir, monitoring.history)
+            await pool.start()
+            backend: RunningServer | WorkerPool = pool
+            local = pool.backends
+        else:
+            # Under TLS the in-process gateway reaches gRPC over a private Unix socket: the
+            # certificate need not name the bind address, and nothing else can connect there.
+            private_dir = tempfile.TemporaryDirectory(prefix="lossd-") if tls is not None else None
+            private_socket = Path(private_dir.name) / "grpc.sock" if private_dir is not None else None
+            running = await create_server(
+                settings, **monitoring.server_hooks(), authenticator=authenticator, private_socket=private_socket, tracing=tracing
+            )
+            backend = running
+            local = [f"unix:{private_socket}" if private_socket is not None else running.address]
     except BaseException:
         http_socket.close()
+        if pool is not None:
+            await pool.stop(0)
+        if workers_dir is not None:
+            shutil.rmtree(workers_dir, ignore_errors=True)
         raise
-    local = f"unix:{private_socket}" if private_socket is not None else running.address
-    app = create_app(settings, backends=settings.backends or [local], monitoring=monitoring, authenticator=authenticator)
+    app = create_app(settings, backends=settings.backends or local, monitoring=monitoring, authenticator=authenticator)
     instrument_gateway(app, settings, tracing)
     config = uvicorn.Config(
         app,
@@ -265,19 +289,20 @@ async def serve(settings: Settings) -> None:
     while not http.started and not http_task.done():
         await asyncio.sleep(0.01)
     http_port = http_socket.getsockname()[1]
+    workers = f", {settings.workers} workers" if pool is not None else ""
     print(
-        f"lossd serving gRPC on {running.address}{' (TLS)' if tls else ''}, HTTP on {'https' if tls else 'http'}://{settings.host}:{http_port}"
-        f" (device {running.service.device})",
+        f"lossd serving gRPC on {backend.address}{' (TLS)' if tls else ''}, HTTP on {'https' if tls else 'http'}://{settings.host}:{http_port}"
+        f" (device {select_device(settings.device)}{workers})",
         flush=True,
     )
     signal_task = asyncio.create_task(signals.wait())
     await asyncio.wait({http_task, signal_task}, return_when=asyncio.FIRST_COMPLETED)
     signals.clear()  # a signal from here on ends the drain
     if not http_task.done():
-        await running.drain(settings.drain_seconds, signals)
+        await backend.drain(settings.drain_seconds, signals)
     log.info("stopping (grace %.1fs)", settings.grace_seconds)
     http.should_exit = True
-    await running.stop(settings.grace_seconds)
+    await backend.stop(settings.grace_seconds)
     await http_task
     signal_task.cancel()
     if rotation is not None:
@@ -286,7 +311,11 @@ async def serve(settings: Settings) -> None:
         private_dir.cleanup()
     if tracing is not None:
         tracing.shutdown()  # flush the spans not exported yet
-    busy = running.service.admission.running()
+    if isinstance(backend, WorkerPool):
+        monitoring.close()
+        backend.close_directory()
+        return
+    busy = backend.service.admission.running()
     if busy:
         # A thread cannot be interrupted; waiting for it is how a 100,000-degree sphereface
         # kept a stopped server alive for an hour. Its call has already been answered.

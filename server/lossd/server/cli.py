@@ -31,6 +31,7 @@ SETTINGS_FLAGS = (
     "grpc_port",
     "http_port",
     "device",
+    "workers",
     "log_level",
     "tls_cert_file",
     "tls_key_file",
@@ -54,6 +55,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "--http-port", type=int, default=None, help="gateway, /metrics and dashboard port (env LOSSD_HTTP_PORT; default 8000)"
     )
     serve.add_argument("--device", type=_device, default=None, help="auto | cpu | cuda | cuda:N (env LOSSD_DEVICE; default auto)")
+    serve.add_argument("--workers", type=int, default=None, help="gRPC worker processes sharing the port (env LOSSD_WORKERS; default 1)")
     serve.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default=None, help="(env LOSSD_LOG_LEVEL; default info)"
     )

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(512 * MiB, gt=0, description="largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED")
     max_body_bytes: int = Field(64 * MiB, gt=0, description="largest gateway request body; larger ones get HTTP 413")
     exact_state_limit: int = Field(10_000_000, gt=0, description="scores an exact AUROC/AP state may hold across a stream or run")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="gRPC worker processes sharing the port (SO_REUSEPORT); above 1, lossd serve supervises them and serves the"
+        " gateway, with metrics summed over them. One process computes on about one core at a time",
+    )
     compute_threads: int = Field(
         2, ge=1, description="threads running evaluations, per lane (small and large requests; torch releases the GIL)"
     )

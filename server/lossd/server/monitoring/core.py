@@ -48,8 +48,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,7 @@ from lossd.server.monitoring.families import METHODS, PHASES, Families, LimitsCo
 from lossd.server.monitoring.history import Record, open_history
 from lossd.server.monitoring.interceptor import GrpcMetrics, MetricsInterceptor
 from lossd.server.monitoring.labels import Admission, LabelGuard, SeriesBudget, function_label
+from lossd.server.monitoring.multiprocess import aggregate_registry
 from lossd.server.monitoring.statistics import OpenStreams, RowSummary, loss_sums, summarize_batch, summarize_batches
 from lossd.server.monitoring.worker import Worker
 from lossd.server.settings import Settings
@@ -79,6 +81,8 @@ MAX_PENDING_EVENTS = 1024
 MAX_PENDING_BYTES = 1 << 30
 # How long a scrape or a history read waits for the worker to catch up with the responses sent before it.
 FLUSH_SECONDS = 2.0
+# What a supervisor exports from its own registry next to the files' sums: lossd_build_info (an Info is never in a file).
+SUPERVISOR_FAMILIES = ("lossd_build",)
 # Label sets the dashboard's history keeps (each holds an hour of small per-interval sums).
 HISTORY_SERIES = 1000
 
@@ -90,6 +94,17 @@ def _register_device(registry: CollectorRegistry, device: str, stats: DeviceStat
         stats = torch_cuda_stats(selected) if selected.type == "cuda" else None
     if stats is not None:
         registry.register(DeviceCollector(stats))
+
+
+def _exposed(registry: CollectorRegistry, budget: SeriesBudget, workers_dir: Path | None) -> CollectorRegistry:
+    """What /metrics renders: this registry, or the supervisor's sum of its workers' files.
+
+    With workers, each has its own series budget (the caps hold per worker), and only the caps are shown."""
+    limits = {"per_family": budget.max_per_family, "total": budget.max_total}
+    if workers_dir is None:
+        registry.register(LimitsCollector(limits, budget.series))
+        return registry
+    return aggregate_registry(workers_dir, registry, SUPERVISOR_FAMILIES, [LimitsCollector(limits, dict)])
 
 
 def _held_bytes(event: EvaluationEvent) -> int:
@@ -110,7 +125,11 @@ class Monitoring(Families):
         max_pending_events: int = MAX_PENDING_EVENTS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
         device_stats: DeviceStatsProvider | None = None,
+        forward_records: Callable[[Sequence[Record]], None] | None = None,
+        workers_dir: Path | None = None,
     ) -> None:
+        # lossd serve --workers N (.multiprocess): a worker's history records go to ``forward_records``;
+        # the supervisor's /metrics sums the prometheus files of ``workers_dir``.
         # _created series double every counter's series for no use in PromQL; this switch is process-wide.
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.settings = settings
@@ -122,15 +141,16 @@ class Monitoring(Families):
         guard = LabelGuard(max_length=settings.label_max_length, allowlist=settings.label_allowlist)
         budget = SeriesBudget(max_per_family=settings.max_series_per_family, max_total=settings.max_series_total)
         self.admission = Admission(guard, budget, self.bins, on_fold=lambda reason: self.folded.labels(reason).inc())
-        self.registry.register(LimitsCollector({"per_family": budget.max_per_family, "total": budget.max_total}, budget.series))
+        self.exposed = _exposed(self.registry, budget, workers_dir)
         _register_device(self.registry, settings.device, device_stats)
         self.history = open_history(
             seconds=settings.history_seconds,
             interval=settings.history_interval_seconds,
             bins=self.bins,
             max_series=HISTORY_SERIES,
-            data_dir=settings.data_dir,
+            data_dir=settings.data_dir if forward_records is None else None,  # the supervisor owns the file
         )
+        self._record = self.history.record_many if forward_records is None else forward_records
         self.worker: Worker[EvaluationEvent] = Worker(
             self.observe, max_events=max_pending_events, max_bytes=max_pending_bytes, on_drop=self._dropped
         )
@@ -163,7 +183,7 @@ class Monitoring(Families):
     async def exposition(self) -> bytes:
         """The Prometheus text of this registry, rendered on a thread once the responses sent so far are counted."""
         await self.flush(FLUSH_SECONDS)
-        return await asyncio.to_thread(prometheus_client.generate_latest, self.registry)
+        return await asyncio.to_thread(prometheus_client.generate_latest, self.exposed)
 
     def _dropped(self, event: EvaluationEvent) -> None:
         self.dropped.inc()
@@ -187,7 +207,7 @@ class Monitoring(Families):
                 log.exception("monitoring failed to observe a %s evaluation", event.method)
         try:
             pending.apply()
-            self.history.record_many(records)
+            self._record(records)
         except Exception:
             self.errors.inc()
             log.exception("monitoring failed to export %d evaluations", len(events))
@@ -211,7 +231,7 @@ class Monitoring(Families):
         series.last_seen.set(time.time())
         if event.method == "Finalize":
             return None  # merges states computed (and observed) elsewhere: counting them again would double them
-        guarded = self._export_means(series, event.evaluation, event, pending)
+        guarded = _export_means(self, series, event.evaluation, event, pending)
         if event.batch is not None:
             summary = summary if summary is not None else summarize_batch(event.batch, event.prepared, self.bins)
         else:
@@ -227,28 +247,29 @@ class Monitoring(Families):
             event.tags.extra,  # free-form tags (step, epoch...): history only, never labels
         )
 
-    def _export_means(
-        self, series: TagSeries, evaluation: Evaluation, event: EvaluationEvent, pending: Pending
-    ) -> dict[str, tuple[float, float]]:
-        sums = loss_sums(evaluation, event.prior_states)
-        x = self._exporter
-        for reason in sums.skipped.values():
-            pending.add(x.child(self.skipped, reason), 1.0)
-        guarded: dict[str, tuple[float, float]] = {}
-        for alias, (num, den) in sums.sums.items():
-            function = x.function_series(series, alias, evaluation.results[alias].function)
-            x.fold(pending, function.folds)
-            function.numerator.inc(num)  # fractional amounts: added one evaluation at a time, in order
-            function.denominator.inc(den)
-            prior = guarded.get(function.label, (0.0, 0.0))
-            guarded[function.label] = (prior[0] + num, prior[1] + den)
-        return guarded
-
     def close(self) -> None:
         """Stop the worker (events already queued are still observed), then close the history file."""
         self.worker.close()
         self.worker.flush_sync(FLUSH_SECONDS)
         self.history.close()
+
+
+def _export_means(
+    m: Monitoring, series: TagSeries, evaluation: Evaluation, event: EvaluationEvent, pending: Pending
+) -> dict[str, tuple[float, float]]:
+    sums = loss_sums(evaluation, event.prior_states)
+    x = m._exporter
+    for reason in sums.skipped.values():
+        pending.add(x.child(m.skipped, reason), 1.0)
+    guarded: dict[str, tuple[float, float]] = {}
+    for alias, (num, den) in sums.sums.items():
+        function = x.function_series(series, alias, evaluation.results[alias].function)
+        x.fold(pending, function.folds)
+        function.numerator.inc(num)  # fractional amounts: added one evaluation at a time, in order
+        function.denominator.inc(den)
+        prior = guarded.get(function.label, (0.0, 0.0))
+        guarded[function.label] = (prior[0] + num, prior[1] + den)
+    return guarded
 
 
 def _summaries(events: Sequence[EvaluationEvent], bins: int) -> list[RowSummary | None]:

@@ -96,7 +96,10 @@ class Families:
             ["reason"],
             registry=r,
         )
-        self.last_seen = Gauge("lossd_last_evaluation_timestamp_seconds", "Unix time of the latest evaluation.", tags, registry=r)
+        # multiprocess_mode: what /metrics shows when workers count in files (lossd serve --workers N); ignored otherwise.
+        self.last_seen = Gauge(
+            "lossd_last_evaluation_timestamp_seconds", "Unix time of the latest evaluation.", tags, registry=r, multiprocess_mode="max"
+        )
         self.folded = Counter(
             "lossd_monitoring_folded",
             "Observations exported under __other__, by reason (family_cap, total_cap, too_long, not_allowlisted).",

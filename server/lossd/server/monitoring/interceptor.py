@@ -72,7 +72,11 @@ class GrpcMetrics:
             "lossd_grpc_sent_bytes", "Wire bytes of response messages sent.", ["grpc_service", "grpc_method"], registry=registry
         )
         self.in_flight = Gauge(
-            "lossd_grpc_in_flight_requests", "RPCs being handled now.", ["grpc_service", "grpc_method"], registry=registry
+            "lossd_grpc_in_flight_requests",
+            "RPCs being handled now.",
+            ["grpc_service", "grpc_method"],
+            registry=registry,
+            multiprocess_mode="livesum",  # over the live workers of lossd serve --workers N
         )
 
 
