@@ -119,12 +119,12 @@ def _http_ok(url: str) -> bool:
         return bool(reply.status == 200)
 
 
-def start_lossd(logs: Path, *, env: dict[str, str] | None = None) -> ServerProcess:
+def start_lossd(logs: Path, *, env: dict[str, str] | None = None, name: str = "lossd") -> ServerProcess:
     """``lossd serve`` (as ``python -m lossd.server serve``) on free ports, CPU, logging warnings only; ready when gRPC health says SERVING."""
     grpc_port, http_port = free_port(), free_port()
     argv = [sys.executable, "-m", "lossd.server", "serve", "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--device", "cpu"]
-    process, log = _spawn("lossd", argv, {"LOSSD_LOG_LEVEL": "warning", **(env or {})}, logs)
-    server = ServerProcess("lossd", process, f"127.0.0.1:{grpc_port}", log, {"http": f"127.0.0.1:{http_port}"})
+    process, log = _spawn(name, argv, {"LOSSD_LOG_LEVEL": "warning", **(env or {})}, logs)
+    server = ServerProcess(name, process, f"127.0.0.1:{grpc_port}", log, {"http": f"127.0.0.1:{http_port}"})
     return _wait(server, lambda: _grpc_serving(server.address))
 
 

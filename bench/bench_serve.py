@@ -70,6 +70,10 @@ class Scenario:
     peers: bool = True
 
 
+# The rows also measured on lossd serve --workers N: requests small enough that one process's
+# Python, not the cores' arithmetic, bounds them.
+WORKER_SCENARIOS = ("small_seq", "small_conc")
+
 SCENARIOS = [
     Scenario(
         "ce_f32",
@@ -411,6 +415,7 @@ def main() -> None:  # noqa: C901  (the flow reads top to bottom)
     parser.add_argument("--profile-rate", type=int, default=200)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply repeats, batches and durations")
     parser.add_argument("--tree", type=Path, help="run lossd (server and client) from this checkout instead of the installed one")
+    parser.add_argument("--workers", type=int, default=2, help="also measure the [64, 10] rows on lossd serve --workers N (1: not)")
     parser.add_argument("--json", type=Path, default=ARTIFACTS / "bench-serve.json")
     args = parser.parse_args()
 
@@ -438,6 +443,10 @@ def main() -> None:  # noqa: C901  (the flow reads top to bottom)
     starters: dict[str, Callable[[Path], ServerProcess]] = {
         "lossd": lambda logs: start_lossd(logs, env={**TREE_ENV, "LOSSD_ALLOW_SHARED_MEMORY": "true"})
     }
+    workers_target = f"lossd ×{args.workers}"
+    if args.workers > 1 and any(s.name in WORKER_SCENARIOS for s in wanted):
+        env = {**TREE_ENV, "LOSSD_WORKERS": str(args.workers), "LOSSD_DRAIN_SECONDS": "0"}
+        starters[workers_target] = lambda logs: start_lossd(logs, env=env, name=f"lossd-workers{args.workers}")
     if args.peers:
         starters["fastapi"] = start_fastapi
         if kserve_available():
@@ -456,7 +465,7 @@ def main() -> None:  # noqa: C901  (the flow reads top to bottom)
                     job[key] = max(1, type(job[key])(job[key] * args.scale))
             base = torch_seconds(s, job)
             for target, server in servers.items():
-                if target != "lossd" and not s.peers:
+                if target != "lossd" and not s.peers or target == workers_target and s.name not in WORKER_SCENARIOS:
                     continue
                 if target == "kserve" and job.get("dtype") == "bfloat16":
                     print(f"{s.name:<11} kserve   skipped: KServe 0.21 rejects BF16 inputs ('invalid content type')", flush=True)
@@ -467,7 +476,7 @@ def main() -> None:  # noqa: C901  (the flow reads top to bottom)
                     else None
                 )
                 try:
-                    got = measure(s, target, server, job)
+                    got = measure(s, "lossd" if target == workers_target else target, server, job)
                 finally:
                     if profiler is not None:
                         profiler.stop()

@@ -1,0 +1,167 @@
+"""``lossd serve --workers N`` as an operator runs it: one port, N processes, one /metrics that adds them up exactly.
+
+Every test starts a real supervisor with real workers (separate processes on
+free ports) and talks to it only through its ports and signals, as clients,
+Prometheus and an orchestrator do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lossd.client import Client
+from tests.integration.lossd_process import LossdProcess, wait_until
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="SO_REUSEPORT workers are a Linux feature")
+
+TAGS = {"model": "m", "dataset": "d", "split": "test"}
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def worker_directory(pid: int) -> Path:
+    """The supervisor's private directory, as a worker was started with it."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return Path(next(e.split(b"=", 1)[1] for e in environ if e.startswith(b"LOSSD_WORKER_DIR=")).decode())
+
+
+def metrics(server: LossdProcess) -> dict[str, float]:
+    """Every sample of /metrics by ``name{labels}``; the text must parse, each family once."""
+    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=10).read().decode()
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(names) == len(set(names)), "a family appears twice"
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name + json.dumps(dict(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(values: dict[str, float], name: str, **labels: str) -> float:
+    return values.get(name + json.dumps(dict(sorted(labels.items()))), 0.0)
+
+
+def evaluate_on_fresh_channels(address: str, count: int, seed: int = 0) -> float:
+    """``count`` evaluations, each on a new channel (a new connection, hashed to some worker); Σ of their CE numerators."""
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(count):
+        batch = {"logits": rng.standard_normal((32, 7), dtype=np.float32), "labels": rng.integers(0, 7, 32)}
+        with Client(address) as client:
+            result = client.evaluate(batch, ["cross_entropy"], tags=TAGS)
+        total += result["cross_entropy"].value * 32
+    return total
+
+
+@pytest.fixture
+def two_workers() -> Iterator[LossdProcess]:
+    with LossdProcess(workers=2, drain_seconds=0.2, grace_seconds=2) as server:
+        wait_until(lambda: len(children(server.pid)) == 2, 30, "two workers")
+        yield server
+
+
+def test_counts_of_every_worker_add_up_exactly_on_one_metrics_endpoint(two_workers: LossdProcess) -> None:
+    calls = 24
+    numerator = evaluate_on_fresh_channels(two_workers.grpc_address, calls)
+    tensors = {
+        "logits": {"dtype": "float32", "shape": [2, 2], "data": [[0.0, 1.0], [2.0, 0.5]]},
+        "labels": {"dtype": "int64", "shape": [2], "data": [1, 0]},
+    }
+    body = json.dumps({"tensors": tensors, "functions": ["accuracy"], "tags": TAGS})
+    request = urllib.request.Request(f"{two_workers.url}/v1/evaluate", body.encode(), {"Content-Type": "application/json"})
+    assert urllib.request.urlopen(request, timeout=30).status == 200  # the gateway forwards to a worker's socket
+
+    def counted() -> bool:
+        return sample(metrics(two_workers), "lossd_evaluations_total", method="Evaluate", **TAGS) == calls + 1
+
+    wait_until(counted, 10, "every evaluation counted")
+    values = metrics(two_workers)
+    assert sample(values, "lossd_evaluated_rows_total", **TAGS) == calls * 32 + 2
+    summed = sample(values, "lossd_loss_numerator_total", function="cross_entropy", **TAGS)
+    assert math.isclose(summed, numerator, rel_tol=1e-12)
+    handled = dict(grpc_code="OK", grpc_method="Evaluate", grpc_service="lossd.v1.LossService", grpc_type="unary")
+    assert sample(values, "grpc_server_handled_total", **handled) == calls + 1
+    assert sample(values, "lossd_grpc_in_flight_requests", grpc_method="Evaluate", grpc_service="lossd.v1.LossService") == 0
+    assert sample(values, "lossd_http_requests_total", handler="/v1/evaluate", method="POST", code="200") == 1
+    assert any(k.startswith("lossd_build_info") for k in values)
+    # The dashboard's history is the supervisor's, fed by both workers.
+    history = json.loads(urllib.request.urlopen(f"{two_workers.url}/v1/history", timeout=10).read())
+    (series,) = [s for s in history["series"] if s["model"] == "m" and "cross_entropy" in s["functions"]]
+    assert sum(p["rows"] for p in series["points"]) == calls * 32 + 2
+
+
+def test_a_killed_worker_is_restarted_and_keeps_its_counts(two_workers: LossdProcess) -> None:
+    before = evaluate_on_fresh_channels(two_workers.grpc_address, 16)
+
+    def counted(expected: int) -> bool:
+        return sample(metrics(two_workers), "lossd_evaluations_total", method="Evaluate", **TAGS) == expected
+
+    # Counted, then killed: what a worker counted is in its files, which outlive it. (A SIGKILL
+    # within the monitoring worker's gather window, ~10 ms after a response, loses that response's counts.)
+    wait_until(lambda: counted(16), 10, "the first 16 counted")
+    victim = children(two_workers.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len([p for p in children(two_workers.pid) if p != victim and alive(p)]) == 2, 30, "a replacement worker")
+    after = evaluate_on_fresh_channels(two_workers.grpc_address, 16, seed=1)
+    wait_until(lambda: counted(32), 10, "the dead worker's counts and the new one's, none twice")
+    summed = sample(metrics(two_workers), "lossd_loss_numerator_total", function="cross_entropy", **TAGS)
+    assert math.isclose(summed, before + after, rel_tol=1e-12)
+
+
+def test_sigterm_drains_every_worker_and_removes_the_private_directory(two_workers: LossdProcess) -> None:
+    workers = children(two_workers.pid)
+    directory = worker_directory(workers[0])
+    assert directory.is_dir() and directory.stat().st_mode & 0o077 == 0  # no one else may read the files or reach the sockets
+    two_workers.terminate()
+    code, _, err = two_workers.wait(30)
+    assert code == 0, err
+    assert not any(alive(p) for p in workers)
+    assert not directory.exists()
+
+
+def test_workers_stop_when_their_supervisor_is_killed() -> None:
+    with LossdProcess(workers=2) as server:
+        wait_until(lambda: len(children(server.pid)) == 2, 30, "two workers")
+        workers = children(server.pid)
+        os.kill(server.pid, signal.SIGKILL)
+        wait_until(lambda: not any(alive(p) for p in workers), 20, "orphaned workers gone")
+
+
+def test_a_port_in_use_fails_the_start_naming_the_setting() -> None:
+    with LossdProcess() as busy:
+        port = busy.grpc_address.rsplit(":", 1)[1]
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="grpc_port"):
+            LossdProcess(workers=2, grpc_port=port)
+        assert time.monotonic() - start < 60
