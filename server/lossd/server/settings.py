@@ -72,7 +72,10 @@ class Settings(BaseSettings):
         " event loop instead of a compute thread (the hop costs more than their work); 0: never",
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads of lossd serve; default: available cores // compute_threads (at least 1)"
+        None,
+        ge=1,
+        description="torch intra-op threads of lossd serve (of each worker); default: available cores // (compute_threads × workers),"
+        " at least 1",
     )
     retry_after_seconds: float = Field(1.0, gt=0, description="retry-after hint of an overloaded answer (jittered ±50%)")
     max_request_memory_bytes: int = Field(

@@ -47,7 +47,8 @@ async def serve_worker(settings_json: str, index: int, directory: Path, key: byt
 
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings)
-    set_torch_threads(settings.compute_threads, settings.torch_threads)
+    # The host's cores are shared by every worker's compute threads: torch's default per worker divides by all of them.
+    set_torch_threads(settings.compute_threads * settings.workers, settings.torch_threads)
     tracing = Tracing.from_settings(settings, os.environ)
     if tracing is not None:
         tracing.install()

@@ -24,8 +24,10 @@ of the same user that this supervisor started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Client, Connection, Listener
@@ -183,4 +185,11 @@ class RecordReceiver:
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:
-            conn.close()
+            _shut_down(conn)
+
+
+def _shut_down(conn: Connection) -> None:
+    """End the connection for both sides now: a close() alone waits for the reader blocked on it to let go."""
+    with contextlib.suppress(OSError):
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
