@@ -11,11 +11,15 @@ import json
 import math
 import os
 import signal
+import ssl
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -165,3 +169,34 @@ def test_a_port_in_use_fails_the_start_naming_the_setting() -> None:
         with pytest.raises(RuntimeError, match="grpc_port"):
             LossdProcess(workers=2, grpc_port=port)
         assert time.monotonic() - start < 60
+
+
+def test_workers_serve_tls_and_tokens_and_the_gateway_reaches_them(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen_certs.py"), "--out", str(tmp_path)], check=True, capture_output=True, timeout=60
+    )
+    token = "workers-test-token-0123456789"
+    (tmp_path / "tokens").write_text(f"workers:{token}\n")
+    settings = {
+        "tls_cert_file": tmp_path / "server.pem",
+        "tls_key_file": tmp_path / "server-key.pem",
+        "auth_tokens_file": tmp_path / "tokens",
+    }
+    with LossdProcess(workers=2, **settings) as server:
+        address = f"localhost:{server.grpc_address.rsplit(':', 1)[1]}"
+        with Client(address, ca_file=tmp_path / "ca.pem", token=token) as client:
+            batch = {"logits": np.zeros((4, 3), np.float32), "labels": np.array([0, 1, 2, 0])}
+            assert math.isclose(client.evaluate(batch, ["cross_entropy"])["cross_entropy"].value, math.log(3), rel_tol=1e-6)
+        with Client(address, ca_file=tmp_path / "ca.pem") as anonymous, pytest.raises(Exception, match="token"):
+            anonymous.evaluate(batch, ["cross_entropy"])
+        url = server.url.replace("127.0.0.1", "localhost")
+        body = json.dumps({"tensors": {"x": {"dtype": "float32", "shape": [1], "data": [1.0]}}, "functions": ["bogus"]})
+        headers = {"content-type": "application/json"}
+        ca = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        refused = httpx.post(f"{url}/v1/evaluate", content=body, headers=headers, verify=ca, timeout=30)
+        assert refused.status_code == 401  # no token: the gateway refuses before any worker is asked
+        unknown = httpx.post(
+            f"{url}/v1/evaluate", content=body, headers={**headers, "authorization": f"Bearer {token}"}, verify=ca, timeout=30
+        )
+        assert unknown.status_code == 400 and "bogus" in unknown.text  # forwarded to a worker, which names the function
