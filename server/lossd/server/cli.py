@@ -126,6 +126,7 @@ def serve_command(overrides: dict[str, Any], *, err: TextIO | None = None) -> in
 
     from lossd.kernels import select_device
     from lossd.server.app import serve
+    from lossd.server.supervisor import WorkerStartError
 
     try:
         select_device(settings.device)  # cuda asked for where there is none: refuse now, not mid-start
@@ -137,6 +138,8 @@ def serve_command(overrides: dict[str, Any], *, err: TextIO | None = None) -> in
         return _fail(str(exc), EXIT_INVALID, err)
     except ValueError as exc:  # unreadable certificates or token file
         return _fail(str(exc), EXIT_INVALID, err)
+    except WorkerStartError as exc:
+        return _fail(str(exc), EXIT_FAILURE, err)
     return EXIT_OK
 
 

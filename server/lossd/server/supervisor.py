@@ -47,7 +47,7 @@ from lossd.server.monitoring.history import History
 from lossd.server.monitoring.multiprocess import RecordReceiver, forget_process
 from lossd.server.settings import Settings
 
-__all__ = ["WorkerPool", "private_directory", "reserve_port", "socket_of"]
+__all__ = ["WorkerStartError", "WorkerPool", "private_directory", "reserve_port", "socket_of"]
 
 log = logging.getLogger("lossd.server")
 
@@ -93,6 +93,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
         if not reuse:
             sock.close()
     return sock
+
+
+class WorkerStartError(RuntimeError):
+    """A worker exited, or did not serve in time, while ``lossd serve --workers N`` was starting."""
 
 
 @dataclass
@@ -145,10 +149,10 @@ class WorkerPool:
                 code = w.process.poll() if w.process is not None else None
                 if code is not None:
                     await self._kill_all()
-                    raise RuntimeError(f"worker {w.index} exited with code {code} before serving (its log is above)")
+                    raise WorkerStartError(f"worker {w.index} exited with code {code} before serving (its log is above)")
                 if time.monotonic() > deadline:
                     await self._kill_all()
-                    raise RuntimeError(f"worker {w.index} did not start serving within {START_SECONDS:.0f}s")
+                    raise WorkerStartError(f"worker {w.index} did not start serving within {START_SECONDS:.0f}s")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(w.ready.wait(), POLL_SECONDS)
         self._supervising = asyncio.create_task(self._supervise())
