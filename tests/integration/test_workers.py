@@ -200,3 +200,19 @@ def test_workers_serve_tls_and_tokens_and_the_gateway_reaches_them(tmp_path: Pat
             f"{url}/v1/evaluate", content=body, headers={**headers, "authorization": f"Bearer {token}"}, verify=ca, timeout=30
         )
         assert unknown.status_code == 400 and "bogus" in unknown.text  # forwarded to a worker, which names the function
+
+
+def test_pinned_workers_run_every_thread_on_a_core_of_their_own() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    with LossdProcess(workers=2, pin_workers="true") as server:
+        wait_until(lambda: len(children(server.pid)) == 2, 30, "two workers")
+        evaluate_on_fresh_channels(server.grpc_address, 4)  # compute threads started
+        placed = []
+        for pid in children(server.pid):
+            allowed = set()
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                status = (task / "status").read_text()
+                allowed.add(next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list")))
+            assert len(allowed) == 1, allowed  # every thread of the worker: loop, gRPC poller, compute, monitoring
+            placed.append(int(allowed.pop()))
+        assert sorted(placed) == sorted(cores[i % len(cores)] for i in range(2))

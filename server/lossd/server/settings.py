@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         description="gRPC worker processes sharing the port (SO_REUSEPORT); above 1, lossd serve supervises them and serves the"
         " gateway, with metrics summed over them. One process computes on about one core at a time",
     )
+    pin_workers: bool = Field(
+        False,
+        description="with workers > 1: worker i runs on the i-th core of the process's CPU set (round robin); for hosts or pods"
+        " with cores of their own (Kubernetes' static CPU manager), where it spares each small request its core migrations",
+    )
     compute_threads: int = Field(
         2, ge=1, description="threads running evaluations, per lane (small and large requests; torch releases the GIL)"
     )

@@ -46,23 +46,15 @@ from pathlib import Path
 from lossd.server.monitoring.history import History
 from lossd.server.monitoring.multiprocess import RecordReceiver, forget_process
 from lossd.server.settings import Settings
+from lossd.server.worker_env import ENV_DIR, ENV_INDEX, ENV_KEY, ENV_SETTINGS, socket_of
 
-__all__ = ["WorkerStartError", "WorkerPool", "private_directory", "reserve_port", "socket_of"]
+__all__ = ["WorkerStartError", "WorkerPool", "private_directory", "reserve_port"]
 
 log = logging.getLogger("lossd.server")
 
-ENV_SETTINGS = "LOSSD_WORKER_SETTINGS"  # the supervisor's Settings, as JSON
-ENV_INDEX = "LOSSD_WORKER_INDEX"
-ENV_DIR = "LOSSD_WORKER_DIR"  # the private (0700) directory: metric files, sockets
-ENV_KEY = "LOSSD_WORKER_KEY"  # hex: proves a connection to the supervisor's records socket
 START_SECONDS = 120.0  # a worker imports torch and binds: minutes only on a cold, loaded host
 FIRST_BACKOFF, MAX_BACKOFF, HEALTHY_SECONDS = 1.0, 30.0, 60.0
 POLL_SECONDS = 0.2
-
-
-def socket_of(directory: Path, index: int) -> Path:
-    """The private Unix socket on which worker ``index`` serves the supervisor's gateway."""
-    return directory / f"grpc-{index}.sock"
 
 
 def private_directory() -> Path:
