@@ -216,3 +216,20 @@ def test_pinned_workers_run_every_thread_on_a_core_of_their_own() -> None:
             assert len(allowed) == 1, allowed  # every thread of the worker: loop, gRPC poller, compute, monitoring
             placed.append(int(allowed.pop()))
         assert sorted(placed) == sorted(cores[i % len(cores)] for i in range(2))
+
+
+def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:
+    with LossdProcess(workers=2, worker_timeout_seconds=1.5) as server:
+        wait_until(lambda: len(children(server.pid)) == 2, 30, "two workers")
+        hung = children(server.pid)[0]
+        os.kill(hung, signal.SIGSTOP)  # alive, and answering nothing: what a stuck event loop looks like from outside
+        wait_until(lambda: not alive(hung), 15, "the hung worker killed")
+        wait_until(lambda: len([p for p in children(server.pid) if alive(p)]) == 2, 30, "a replacement")
+        wait_until(lambda: sample(metrics(server), "lossd_workers", state="serving") == 2, 30, "both serving again")
+        values = metrics(server)
+        assert sum(v for k, v in values.items() if k.startswith("lossd_worker_restarts_total")) == 1
+        assert sample(values, "lossd_workers", state="configured") == 2
+        for worker in ("0", "1"):  # process_* are per process: each live worker's own stand-ins
+            assert sample(values, "lossd_worker_resident_memory_bytes", worker=worker) > 50e6
+            assert sample(values, "lossd_worker_cpu_seconds_total", worker=worker) > 0
+        evaluate_on_fresh_channels(server.grpc_address, 4)

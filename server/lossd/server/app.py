@@ -224,6 +224,7 @@ async def serve(settings: Settings) -> None:
     from lossd.server.gateway import create_app
     from lossd.server.monitoring import Monitoring
     from lossd.server.supervisor import WorkerPool, private_directory
+    from lossd.server.worker_watch import WorkersCollector
 
     check_bind(settings)  # before anything heavy starts
     configure_logging(settings)
@@ -244,6 +245,7 @@ async def serve(settings: Settings) -> None:
             tracing.install()
         if workers_dir is not None:
             pool = WorkerPool(settings, workers_dir, monitoring.history)
+            monitoring.exposed.register(WorkersCollector(pool.views))
             await pool.start()
             backend: RunningServer | WorkerPool = pool
             local = pool.backends

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
         description="gRPC worker processes sharing the port (SO_REUSEPORT); above 1, lossd serve supervises them and serves the"
         " gateway, with metrics summed over them. One process computes on about one core at a time",
     )
+    worker_timeout_seconds: float = Field(
+        15.0, gt=0, description="with workers > 1: a worker that answers no health check for this long is killed and restarted"
+    )
     pin_workers: bool = Field(
         False,
         description="with workers > 1: worker i runs on the i-th core of the process's CPU set (round robin); for hosts or pods"

@@ -18,8 +18,9 @@ supervisor:
 - Monitoring stays exact across workers (:mod:`lossd.server.monitoring.multiprocess`):
   counters in prometheus-client's multiprocess files, history records sent
   to this process's one history.
-- A worker that exits unexpectedly is restarted (1 s, doubling up to 30 s
-  while it keeps failing); its counts stay. SIGTERM/SIGINT drains every
+- A worker that exits unexpectedly, or answers no health check for
+  ``worker_timeout_seconds`` (then it is killed; :mod:`.worker_watch`), is
+  restarted (1 s, doubling up to 30 s while it keeps failing); its counts stay. SIGTERM/SIGINT drains every
   worker (each reports NOT_SERVING and serves ``drain_seconds``), a second
   one ends the drain; then the workers stop within their grace.
 
@@ -47,6 +48,7 @@ from lossd.server.monitoring.history import History
 from lossd.server.monitoring.multiprocess import RecordReceiver, forget_process
 from lossd.server.settings import Settings
 from lossd.server.worker_env import ENV_DIR, ENV_INDEX, ENV_KEY, ENV_SETTINGS, socket_of
+from lossd.server.worker_watch import WorkerView, answers_health
 
 __all__ = ["WorkerStartError", "WorkerPool", "private_directory", "reserve_port"]
 
@@ -99,6 +101,8 @@ class _Worker:
     started: float = 0.0
     backoff: float = FIRST_BACKOFF
     restart_at: float | None = None
+    restarts: int = 0
+    answered: float = 0.0  # when it last answered a health check (or became ready)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -116,7 +120,7 @@ class WorkerPool:
         self._workers = [_Worker(i) for i in range(settings.workers)]
         self._receiver = RecordReceiver(directory, self._key, history, self._ready)
         self._stopping = False
-        self._supervising: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def address(self) -> str:
@@ -127,9 +131,9 @@ class WorkerPool:
         """The gateway's backends: each worker's private socket."""
         return [f"unix:{socket_of(self.directory, w.index)}" for w in self._workers]
 
-    def pids(self) -> list[int]:
-        """The pids of the workers now serving."""
-        return [w.pid for w in self._workers if w.ready.is_set()]
+    def views(self) -> list[WorkerView]:
+        """Each worker as /metrics shows it (:class:`~lossd.server.worker_watch.WorkersCollector`)."""
+        return [WorkerView(w.index, w.pid if w.ready.is_set() else 0, w.ready.is_set(), w.restarts) for w in self._workers]
 
     async def start(self) -> None:
         """Start every worker and wait until each serves; a worker that exits first fails the start."""
@@ -147,7 +151,7 @@ class WorkerPool:
                     raise WorkerStartError(f"worker {w.index} did not start serving within {START_SECONDS:.0f}s")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(w.ready.wait(), POLL_SECONDS)
-        self._supervising = asyncio.create_task(self._supervise())
+        self._tasks = [asyncio.create_task(self._supervise()), asyncio.create_task(self._watch())]
 
     def _spawn(self, w: _Worker) -> None:
         env = {
@@ -168,6 +172,7 @@ class WorkerPool:
         def mark() -> None:
             w = self._workers[index]
             w.pid = pid
+            w.answered = time.monotonic()
             w.ready.set()
             log.info("worker %d serving (pid %d)", index, pid)
 
@@ -192,37 +197,47 @@ class WorkerPool:
                 w.restart_at = now + w.backoff
                 log.error("worker %d (pid %d) exited with code %s; restarting it in %.0fs", w.index, w.pid, code, w.backoff)
                 w.backoff = min(MAX_BACKOFF, w.backoff * 2)
+                w.restarts += 1
             await asyncio.sleep(POLL_SECONDS)
 
-    def _signal_all(self, sig: int) -> None:
-        for w in self._workers:
-            if w.process is not None and w.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    w.process.send_signal(sig)
+    async def _watch(self) -> None:
+        """Kill a serving worker that has answered no health check for ``worker_timeout_seconds`` (see worker_watch)."""
+        limit = self.settings.worker_timeout_seconds
+        while not self._stopping:
+            await asyncio.sleep(limit / 3)
+            serving = [w for w in self._workers if w.ready.is_set() and w.process is not None]
+            answers = await asyncio.gather(*(answers_health(socket_of(self.directory, w.index), limit / 3) for w in serving))
+            now = time.monotonic()
+            for w, answered in zip(serving, answers, strict=True):
+                if answered:
+                    w.answered = now
+                elif now - w.answered >= limit and not self._stopping and w.process is not None and w.process.poll() is None:
+                    log.error("worker %d (pid %d) answered no health check for %.0fs: killing it", w.index, w.pid, now - w.answered)
+                    w.process.kill()
 
     async def drain(self, seconds: float, interrupt: asyncio.Event | None = None) -> None:
         """Every worker reports NOT_SERVING and keeps serving ``seconds``; ``interrupt`` set again ends their drain."""
         self._stopping = True
-        self._signal_all(signal.SIGTERM)
+        _signal(self._workers, signal.SIGTERM)
         log.info("draining %d workers for %.1fs", len(self._workers), seconds)
         waiter = asyncio.Event() if interrupt is None else interrupt
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiter.wait(), timeout=seconds)
         if waiter.is_set():
-            self._signal_all(signal.SIGTERM)  # their second signal: the drain ends now
+            _signal(self._workers, signal.SIGTERM)  # their second signal: the drain ends now
 
     async def stop(self, grace: float | None = None) -> None:
         """Wait for the workers to finish (their grace, and a margin), then kill any left; close everything."""
         if not self._stopping:  # stopped without a drain: the workers still get their SIGTERM
             self._stopping = True
-            self._signal_all(signal.SIGTERM)
-            self._signal_all(signal.SIGTERM)
+            _signal(self._workers, signal.SIGTERM)
+            _signal(self._workers, signal.SIGTERM)
         deadline = time.monotonic() + (grace or 0.0) + self.settings.drain_seconds + 10.0
         while any(w.process is not None and w.process.poll() is None for w in self._workers) and time.monotonic() < deadline:
             await asyncio.sleep(POLL_SECONDS)
         await self._kill_all()
-        if self._supervising is not None:
-            self._supervising.cancel()
+        for task in self._tasks:
+            task.cancel()
         self._receiver.close()
         self._port_socket.close()
 
@@ -236,3 +251,11 @@ class WorkerPool:
     def close_directory(self) -> None:
         """Remove the private directory (after :meth:`stop`)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _signal(workers: list[_Worker], sig: int) -> None:
+    """Send ``sig`` to every worker still running."""
+    for w in workers:
+        if w.process is not None and w.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                w.process.send_signal(sig)

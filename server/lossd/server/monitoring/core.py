@@ -40,6 +40,7 @@ lossd_monitoring_dropped_total             events dropped because the monitoring
 lossd_monitoring_errors_total              observer failures (logged with a traceback)
 lossd_http_requests_total                  handler (route template), method, code (the gateway)
 lossd_http_request_duration_seconds        handler, method: histogram
+lossd_workers, lossd_worker_*              lossd serve --workers N only (:mod:`lossd.server.worker_watch`)
 =========================================  =========================================================
 """
 
