@@ -416,7 +416,7 @@ def main() -> None:  # noqa: C901  (the flow reads top to bottom)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply repeats, batches and durations")
     parser.add_argument("--tree", type=Path, help="run lossd (server and client) from this checkout instead of the installed one")
     parser.add_argument("--workers", type=int, default=2, help="also measure the [64, 10] rows on lossd serve --workers N (1: not)")
-    parser.add_argument("--pin-workers", action="store_true", help="with --workers: LOSSD_PIN_WORKERS=true (a core per worker)")
+    parser.add_argument("--pin", action="store_true", help="LOSSD_PIN_EVENT_LOOP=true on every lossd server")
     parser.add_argument("--json", type=Path, default=ARTIFACTS / "bench-serve.json")
     args = parser.parse_args()
 
@@ -444,13 +444,14 @@ def main() -> None:  # noqa: C901  (the flow reads top to bottom)
     starters: dict[str, Callable[[Path], ServerProcess]] = {
         "lossd": lambda logs: start_lossd(logs, env={**TREE_ENV, "LOSSD_ALLOW_SHARED_MEMORY": "true"})
     }
-    workers_target = f"lossd ×{args.workers}{' pinned' if args.pin_workers else ''}"
+    if args.pin:
+        TREE_ENV["LOSSD_PIN_EVENT_LOOP"] = "true"
+    workers_target = f"lossd ×{args.workers}"
     if args.workers > 1 and any(s.name in WORKER_SCENARIOS for s in wanted):
         env = {
             **TREE_ENV,
             "LOSSD_WORKERS": str(args.workers),
             "LOSSD_DRAIN_SECONDS": "0",
-            "LOSSD_PIN_WORKERS": str(args.pin_workers).lower(),
         }
         starters[workers_target] = lambda logs: start_lossd(logs, env=env, name=f"lossd-workers{args.workers}")
     if args.peers:

@@ -202,20 +202,36 @@ def test_workers_serve_tls_and_tokens_and_the_gateway_reaches_them(tmp_path: Pat
         assert unknown.status_code == 400 and "bogus" in unknown.text  # forwarded to a worker, which names the function
 
 
-def test_pinned_workers_run_every_thread_on_a_core_of_their_own() -> None:
+def thread_cores(pid: int) -> dict[str, set[str]]:
+    """Each thread name of a process -> the CPU lists its threads may run on (Linux /proc)."""
+    out: dict[str, set[str]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name, status = (task / "comm").read_text().strip(), (task / "status").read_text()
+        except OSError:
+            continue
+        out.setdefault(name, set()).add(next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list")))
+    return out
+
+
+def test_pinned_workers_run_their_event_loop_and_grpc_threads_on_a_core_each() -> None:
     cores = sorted(os.sched_getaffinity(0))
-    with LossdProcess(workers=2, pin_workers="true") as server:
+    everything = f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+    with LossdProcess(workers=2, pin_event_loop="true") as server:
         wait_until(lambda: len(children(server.pid)) == 2, 30, "two workers")
-        evaluate_on_fresh_channels(server.grpc_address, 4)  # compute threads started
+        rng = np.random.default_rng(0)
+        big = {"logits": rng.standard_normal((512, 1024), dtype=np.float32), "labels": rng.integers(0, 1024, 512)}
+        for _ in range(4):
+            with Client(server.grpc_address) as client:  # over the inline bound: a compute thread runs it
+                client.evaluate(big, ["cross_entropy"])
         placed = []
         for pid in children(server.pid):
-            allowed = set()
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                status = (task / "status").read_text()
-                allowed.add(next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list")))
-            assert len(allowed) == 1, allowed  # every thread of the worker: loop, gRPC poller, compute, monitoring
-            placed.append(int(allowed.pop()))
+            threads = thread_cores(pid)
+            loop = Path(f"/proc/{pid}/status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+            assert loop != everything and threads["grpc_global_tim"] == {loop}, threads
+            placed.append(int(loop))
         assert sorted(placed) == sorted(cores[i % len(cores)] for i in range(2))
+    # (That compute threads take the whole set back is tests/unit/server/test_affinity.py: Python 3.11 names no OS thread.)
 
 
 def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:
@@ -233,3 +249,12 @@ def test_a_worker_that_stops_answering_is_killed_and_restarted() -> None:
             assert sample(values, "lossd_worker_resident_memory_bytes", worker=worker) > 50e6
             assert sample(values, "lossd_worker_cpu_seconds_total", worker=worker) > 0
         evaluate_on_fresh_channels(server.grpc_address, 4)
+
+
+def test_one_process_pins_its_event_loop_too() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    with LossdProcess(pin_event_loop="true") as server:
+        evaluate_on_fresh_channels(server.grpc_address, 2)
+        loop = Path(f"/proc/{server.pid}/status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+        assert loop == str(cores[0])
+        assert thread_cores(server.pid)["grpc_global_tim"] == {loop}

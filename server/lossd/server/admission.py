@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from lossd.kernels.cancellation import CancelToken, cancellable
 from lossd.kernels.errors import StateLimitExceeded
-from lossd.server.allocator import IdleTrim, match_torch_threads
+from lossd.server.allocator import IdleTrim, init_compute_thread
 
 __all__ = ["Admission", "AdmissionLimits", "Lane", "Overloaded"]
 
@@ -75,7 +75,7 @@ class Lane:
         self.name = name
         # Daemon-like: shutdown(wait=False) never joins a stuck thread (the process exits after the grace).
         self.threads = threads
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"lossd-{name}", initializer=match_torch_threads)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"lossd-{name}", initializer=init_compute_thread)
         self._lock = threading.Lock()
         self.queued = 0
         self.queued_bytes = 0

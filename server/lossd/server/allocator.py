@@ -43,6 +43,7 @@ import os
 from collections.abc import Callable
 
 from lossd.client import buffers
+from lossd.server import affinity
 
 __all__ = [
     "reuse_large_buffers",
@@ -53,6 +54,7 @@ __all__ = [
     "torch_threads_for",
     "set_torch_threads",
     "match_torch_threads",
+    "init_compute_thread",
 ]
 
 log = logging.getLogger("lossd.server")
@@ -139,6 +141,12 @@ def match_torch_threads() -> None:
     import torch
 
     torch.set_num_threads(torch.get_num_threads())
+
+
+def init_compute_thread() -> None:
+    """The initializer of every lossd thread pool: torch's thread count (see above), and the whole CPU set (lossd.server.affinity)."""
+    affinity.free_this_thread()
+    match_torch_threads()
 
 
 def set_torch_threads(compute_threads: int, configured: int | None = None) -> int:

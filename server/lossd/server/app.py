@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from lossd.kernels import select_device
 from lossd.kernels.budget import Budget
 from lossd.server.admission import Admission, AdmissionLimits
+from lossd.server.affinity import pin_event_loop
 from lossd.server.allocator import IdleTrim, limit_malloc_arenas, reuse_large_buffers, set_torch_threads
 from lossd.server.monitoring.events import Subscriber
 from lossd.server.monitoring.multiprocess import count_in_files
@@ -227,6 +228,8 @@ async def serve(settings: Settings) -> None:
     from lossd.server.worker_watch import WorkersCollector
 
     check_bind(settings)  # before anything heavy starts
+    if settings.pin_event_loop and settings.workers == 1:  # with workers, each pins its own
+        pin_event_loop(0)  # before the gRPC server starts its threads: they inherit it
     configure_logging(settings)
     set_torch_threads(settings.compute_threads, settings.torch_threads)  # process-wide: here, not in create_server (tests share a process)
     tracing = Tracing.from_settings(settings, os.environ)

@@ -54,10 +54,10 @@ class Settings(BaseSettings):
     worker_timeout_seconds: float = Field(
         15.0, gt=0, description="with workers > 1: a worker that answers no health check for this long is killed and restarted"
     )
-    pin_workers: bool = Field(
+    pin_event_loop: bool = Field(
         False,
-        description="with workers > 1: worker i runs on the i-th core of the process's CPU set (round robin); for hosts or pods"
-        " with cores of their own (Kubernetes' static CPU manager), where it spares each small request its core migrations",
+        description="run the event loop and gRPC's threads on one core (worker i on the i-th core of the CPU set), compute"
+        " threads on all; for cores of the server's own (Kubernetes' static CPU manager): fewer core migrations per small request",
     )
     compute_threads: int = Field(
         2, ge=1, description="threads running evaluations, per lane (small and large requests; torch releases the GIL)"

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lossd.server.affinity import pin_event_loop
 from lossd.server.worker_env import ENV_DIR, ENV_INDEX, ENV_KEY, ENV_SETTINGS, socket_of
 
 __all__ = ["main", "serve_worker"]
@@ -48,8 +49,8 @@ async def serve_worker(settings_json: str, index: int, directory: Path, key: byt
 
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings)
-    if settings.pin_workers:
-        log.info("worker %d runs on core %s", index, ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    if settings.pin_event_loop:
+        log.info("worker %d: event loop on core %s", index, ",".join(map(str, sorted(os.sched_getaffinity(0)))))
     # The host's cores are shared by every worker's compute threads: torch's default per worker divides by all of them.
     set_torch_threads(settings.compute_threads * settings.workers, settings.torch_threads)
     tracing = Tracing.from_settings(settings, os.environ)
@@ -88,20 +89,6 @@ async def serve_worker(settings_json: str, index: int, directory: Path, key: byt
         os._exit(0)
 
 
-def pin_to_core(index: int) -> int:
-    """Run this thread, and every thread it starts from now on, on one core of the CPU set: the ``index``-th, round robin.
-
-    A small request wakes the event loop, gRPC's poller thread and sometimes the
-    monitoring thread; left to the scheduler they land on whichever core is free
-    and run with cold caches. On 2 cores (bench_serve's [64, 10] rows, three
-    interleaved runs, medians): 32 concurrent callers 1,183 req/s pinned against
-    1,139 unpinned, a sequential call's p50 1.11 ms against 1.23 ms."""
-    cores = sorted(os.sched_getaffinity(0))
-    core = cores[index % len(cores)]
-    os.sched_setaffinity(0, {core})
-    return core
-
-
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
     with contextlib.suppress(RuntimeError):  # the loop already closed: the worker is exiting anyway
         loop.call_soon_threadsafe(fn)
@@ -128,8 +115,8 @@ def main() -> int:
     except (KeyError, ValueError):
         print("lossd worker: start it with `lossd serve --workers N`, not by hand", file=sys.stderr)
         return 2
-    if json.loads(settings_json).get("pin_workers"):
-        pin_to_core(index)  # first, before any import starts a thread: every thread of the worker inherits it
+    if json.loads(settings_json).get("pin_event_loop"):
+        pin_event_loop(index)  # first, before any import starts a thread: gRPC's threads inherit it
     asyncio.run(serve_worker(settings_json, index, directory, key))
     return 0
 

@@ -59,7 +59,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 
 from lossd.kernels import Evaluation, select_device
-from lossd.server.allocator import match_torch_threads
+from lossd.server.allocator import init_compute_thread
 from lossd.server.monitoring.device import DeviceCollector, DeviceStatsProvider, torch_cuda_stats
 from lossd.server.monitoring.events import EvaluationEvent, Subscriber
 from lossd.server.monitoring.exporter import Exporter, Pending, TagSeries
@@ -155,7 +155,7 @@ class Monitoring(Families):
         self.worker: Worker[EvaluationEvent] = Worker(
             self.observe, max_events=max_pending_events, max_bytes=max_pending_bytes, on_drop=self._dropped
         )
-        self.worker.handle_batches(self.observe_many, initializer=match_torch_threads)
+        self.worker.handle_batches(self.observe_many, initializer=init_compute_thread)
         self._streams = OpenStreams(on_forgotten=self.dropped.inc)
         self._exporter = Exporter(self, self.admission, self.bin_labels)
 
