@@ -1,6 +1,6 @@
 """``lossd serve``: the command lossd-server adds to the ``lossd`` command (entry point group ``lossd.commands``).
 
-    lossd serve [--host H] [--grpc-port P] [--http-port P] [--device auto|cpu|cuda[:N]] [--tls-cert ...]
+    lossd serve [--host H] [--grpc-port P] [--http-port P] [--device auto|cpu|cuda[:N]] [--workers N] [--tls-cert ...]
 
 ``serve`` reads its settings from ``LOSSD_*`` environment variables, then
 applies the flags given explicitly. The client commands (``eval``,
