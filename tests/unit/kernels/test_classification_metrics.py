@@ -536,3 +536,24 @@ def test_errors_name_the_field(name, tensors, params, field, match):
     with pytest.raises(InvalidInput, match=match) as info:
         evaluate(tensors, [{"name": name, "params": params}])
     assert info.value.violations[0].field == field
+
+
+@pytest.mark.parametrize("poison", ["none", "nan", "neginf_row"])
+def test_accuracy_without_weights_sums_the_same_state_as_with_unit_weights(poison: str) -> None:
+    """All labels valid and every score finite: accuracy takes the unit-weight path; its state equals the weighted path's bit for bit."""
+    rng = np.random.default_rng(3)
+    z = torch.from_numpy(rng.standard_normal((300, 7)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 7, 300))
+    if poison == "nan":
+        z[5, 2] = math.nan
+    elif poison == "neginf_row":
+        z[9] = -math.inf
+    plain = evaluate({"logits": z, "labels": y}, ["accuracy"], return_state=True).results["accuracy"]
+    ones = evaluate({"logits": z, "labels": y, "weights": torch.ones(300, dtype=torch.float64)}, ["accuracy"], return_state=True)
+    masked = evaluate({"logits": z, "labels": torch.where(torch.arange(300) == 0, -100, y)}, ["accuracy"], return_state=True)
+    weighted = ones.results["accuracy"]
+    assert plain.state is not None and weighted.state is not None
+    for field in ("total", "weight", "count"):
+        assert float(plain.state.fields[field]).hex() == float(weighted.state.fields[field]).hex(), field
+    assert float(masked.results["accuracy"].state.fields["count"]) == 299  # an ignored label still leaves the sum
+    assert (plain.value != plain.value) == (poison != "none")  # a NaN or all -inf row makes the accuracy NaN

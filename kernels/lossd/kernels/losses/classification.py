@@ -75,6 +75,14 @@ def class_labels(view: View, z: torch.Tensor, ignore_index: int | None, role: st
     return y, valid
 
 
+def labels_all_valid(view: View, z: torch.Tensor, ignore_index: int | None, role: str = "labels") -> bool:
+    """Whether the labels :func:`class_labels` checked for ``z`` are all valid (the mask all True).
+
+    Read from the batch memo, without an op or the diagnostics a check adds; False when not checked yet."""
+    checked = view.batch.checked_labels.get((view.tensor_name(role), z.shape[1], ignore_index))
+    return checked is not None and checked[2] == 0
+
+
 def _checked_labels(view: View, z: torch.Tensor, ignore_index: int | None, role: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """:func:`class_labels`, and how many labels equal ``ignore_index`` (0: the valid mask is all True)."""
     k = z.shape[1]

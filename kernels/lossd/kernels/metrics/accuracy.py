@@ -17,7 +17,7 @@ import torch
 from lossd.kernels.budget import confusion
 from lossd.kernels.chunks import iter_class_last_chunks
 from lossd.kernels.declarations import FunctionDef, Output, Result, Role
-from lossd.kernels.losses.classification import INPUT_KIND
+from lossd.kernels.losses.classification import INPUT_KIND, labels_all_valid
 from lossd.kernels.metrics.scores import (
     LABELS,
     LOGITS,
@@ -67,11 +67,21 @@ def _accuracy_terms(view: View, p: Mapping[str, Any]) -> Terms:
     correct = (pred == y).to(torch.float64)
     # A row with NaN or inf scores has no meaningful prediction: it makes the value NaN
     # (as it does for the losses) instead of being scored by where argmax lands.
-    if is_binary(view):
+    binary = is_binary(view)
+    finite: torch.Tensor | None
+    if binary:
         finite = torch.isfinite(view.scores("logits"))
     else:
-        finite = torch.isfinite(view.row_stats("logits", 1, input_kind=p["input_kind"]).lse)
-    return _terms(torch.where(finite, correct, torch.full_like(correct, math.nan)), valid)
+        stats = view.row_stats("logits", 1, input_kind=p["input_kind"])
+        # The CPU row pass proved every score finite: the mask would be all True (three ops saved).
+        finite = None if stats.finite else torch.isfinite(stats.lse)
+    if finite is not None:
+        correct = torch.where(finite, correct, torch.full_like(correct, math.nan))
+    # Every label valid (binary: always): no weights, so the mean sums the terms as they are
+    # (mean_loss's unit-weight path: Σ 1·c and Σ 1 are the same numbers, without seven ops).
+    if binary or labels_all_valid(view, view.scores("logits"), p["ignore_index"]):
+        return Terms(correct)
+    return Terms(correct, valid)
 
 
 def _top_k_terms(view: View, p: Mapping[str, Any]) -> Terms:
