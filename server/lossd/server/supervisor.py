@@ -20,9 +20,10 @@ supervisor:
   to this process's one history.
 - A worker that exits unexpectedly, or answers no health check for
   ``worker_timeout_seconds`` (then it is killed; :mod:`.worker_watch`), is
-  restarted (1 s, doubling up to 30 s while it keeps failing); its counts stay. SIGTERM/SIGINT drains every
-  worker (each reports NOT_SERVING and serves ``drain_seconds``), a second
-  one ends the drain; then the workers stop within their grace.
+  restarted (1 s, doubling up to 30 s while it keeps failing); its counts
+  stay. SIGTERM/SIGINT drains every worker (each reports NOT_SERVING and
+  serves ``drain_seconds``), a second one ends the drain; then the workers
+  stop within their grace, and any left after that are killed.
 
 Everything private lives in one 0700 temporary directory, removed at exit.
 """
@@ -192,10 +193,11 @@ class WorkerPool:
                     if now - w.started > HEALTHY_SECONDS:
                         w.backoff = FIRST_BACKOFF
                     continue
-                forget_process(self.directory, w.process.pid if w.process is not None else w.pid)
+                pid = w.process.pid if w.process is not None else w.pid
+                forget_process(self.directory, pid)
                 w.ready.clear()
                 w.restart_at = now + w.backoff
-                log.error("worker %d (pid %d) exited with code %s; restarting it in %.0fs", w.index, w.pid, code, w.backoff)
+                log.error("worker %d (pid %d) exited with code %s; restarting it in %.0fs", w.index, pid, code, w.backoff)
                 w.backoff = min(MAX_BACKOFF, w.backoff * 2)
                 w.restarts += 1
             await asyncio.sleep(POLL_SECONDS)
@@ -244,7 +246,7 @@ class WorkerPool:
     async def _kill_all(self) -> None:
         for w in self._workers:
             if w.process is not None and w.process.poll() is None:
-                log.warning("worker %d (pid %d) did not stop in time: killing it", w.index, w.process.pid)
+                log.warning("killing worker %d (pid %d)", w.index, w.process.pid)
                 w.process.kill()
                 await asyncio.to_thread(w.process.wait)
 
