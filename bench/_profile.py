@@ -1,7 +1,9 @@
 """Where the server's time went: py-spy raw (collapsed) stacks summed by phase, and the top frames.
 
-A sample belongs to the first phase (in PHASES order) one of whose markers
-appears anywhere in its stack; idle samples (threads waiting on a queue, the
+A sample belongs to the phase of its innermost frame that names one (a frame
+naming two takes the first in PHASES order): an inline request's kernels run
+inside the metrics interceptor's wrapper, and are compute, not interceptor,
+time. The monitoring worker's samples are monitoring whatever they call. Idle samples (threads waiting on a queue, the
 event loop or the gRPC poller in epoll) are counted apart and left out of the
 percentages.
 """
@@ -12,12 +14,15 @@ from collections import Counter
 from pathlib import Path
 
 IDLE = ("_queue_SimpleQueue_get", "select_epoll_poll", "epoll_wait", "pthread_cond_timedwait", "sem_wait", "PyThread_acquire_lock_timed")
+# The monitoring worker's modules: a sample with one of them anywhere in its stack is monitoring, kernels included.
+MONITORING = tuple(
+    f"monitoring/{m}.py" for m in ("core", "worker", "statistics", "calibration", "small_calibration", "exporter", "history")
+)
 PHASES: list[tuple[str, tuple[str, ...]]] = [
     ("decode", ("decode_request_tensors", "decode_tensor", "to_torch")),
     ("encode", ("evaluation_to_proto", "SerializeToString", "upb_Encode", "_upb_Encode")),
     ("protobuf parse", ("upb_Decode", "FromString", "ParseFromString")),
     ("interceptor", ("monitoring/interceptor.py",)),
-    ("monitoring", ("(server/monitoring/", "lossd/server/monitoring/")),
     ("compute", ("(kernels/", "lossd/kernels/")),
     ("service (other)", ("server/service.py", "server/convert.py", "server/errors.py")),
     ("gRPC core (receive/send)", ("cygrpc", "_poll_wrapper", "libgrpc", "grpc/_cython", "grpc/aio", "_cygrpc")),
@@ -40,9 +45,12 @@ def phase_of(frames: list[str]) -> str:
     text = ";".join(frames)
     if any(marker in frame for marker in IDLE for frame in frames[-3:]) or "_queue_SimpleQueue_get" in text:
         return "idle"
-    for name, markers in PHASES:
-        if any(marker in text for marker in markers):
-            return name
+    if any(marker in frame for frame in frames for marker in MONITORING):
+        return "monitoring"
+    for frame in reversed(frames):
+        for name, markers in PHASES:
+            if any(marker in frame for marker in markers):
+                return name
     return "other"
 
 
