@@ -48,7 +48,16 @@ from lossd.server.settings import GRPC_OPTIONS, Settings
 from lossd.server.wire_request import add_loss_service
 from lossd.v1 import lossd_pb2 as pb
 
-__all__ = ["RunningServer", "create_server", "serve", "SERVICE_NAME", "bind_http_socket", "check_port_free"]
+__all__ = [
+    "RunningServer",
+    "create_server",
+    "serve",
+    "SERVICE_NAME",
+    "bind_http_socket",
+    "check_port_free",
+    "exit_if_compute_busy",
+    "reload_credentials",
+]
 
 log = logging.getLogger("lossd.server")
 
@@ -288,7 +297,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _second_signal_ends_drain, signals)
-    loop.add_signal_handler(signal.SIGHUP, _reload, authenticator, reloader, True)
+    loop.add_signal_handler(signal.SIGHUP, reload_credentials, authenticator, reloader, True)
     rotation = asyncio.create_task(_watch_rotation(reloader)) if reloader is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
     while not http.started and not http_task.done():
@@ -320,11 +329,17 @@ async def serve(settings: Settings) -> None:
         monitoring.close()
         backend.close_directory()
         return
-    busy = backend.service.admission.running()
+    exit_if_compute_busy(backend.service)
+
+
+def exit_if_compute_busy(service: LossService, who: str = "") -> None:
+    """After the grace: exit now, without the compute threads still running (``who`` names a worker in the log).
+
+    A thread cannot be interrupted; waiting for it is how a 100,000-degree sphereface
+    kept a stopped server alive for an hour. Its call has already been answered."""
+    busy = service.admission.running()
     if busy:
-        # A thread cannot be interrupted; waiting for it is how a 100,000-degree sphereface
-        # kept a stopped server alive for an hour. Its call has already been answered.
-        log.warning("%d compute thread(s) still busy after the grace period; exiting without them", busy)
+        log.warning("%s%d compute thread(s) still busy after the grace period; exiting without them", who, busy)
         logging.shutdown()
         os._exit(0)
 
@@ -346,7 +361,7 @@ class _HttpServer(uvicorn.Server):
 ROTATION_CHECK_SECONDS = 5.0
 
 
-def _reload(authenticator: Authenticator | None, reloader: HttpsReloader | None, force: bool) -> None:
+def reload_credentials(authenticator: Authenticator | None, reloader: HttpsReloader | None = None, force: bool = True) -> None:
     """SIGHUP: re-read the token file and the HTTPS certificate now (gRPC re-reads its own on change)."""
     log.info("SIGHUP: reloading tokens and certificates")
     if authenticator is not None:

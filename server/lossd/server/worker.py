@@ -39,7 +39,7 @@ log = logging.getLogger("lossd.server")
 async def serve_worker(settings_json: str, index: int, directory: Path, key: bytes) -> None:
     """Serve until SIGTERM (then drain) or until the supervisor is gone (then stop at once)."""
     from lossd.server.allocator import set_torch_threads
-    from lossd.server.app import create_server
+    from lossd.server.app import create_server, exit_if_compute_busy, reload_credentials
     from lossd.server.monitoring import Monitoring
     from lossd.server.monitoring.multiprocess import SupervisorLink
     from lossd.server.observability.logging import configure_logging
@@ -72,7 +72,7 @@ async def serve_worker(settings_json: str, index: int, directory: Path, key: byt
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     loop.add_signal_handler(signal.SIGTERM, _on_term, signals, stop)
-    loop.add_signal_handler(signal.SIGHUP, _reload_tokens, authenticator)
+    loop.add_signal_handler(signal.SIGHUP, reload_credentials, authenticator)
     link.send(("ready", index, os.getpid()))
     await stop.wait()
     if signals.is_set():  # SIGTERM: drain; a second one (signals set again) ends it
@@ -83,10 +83,7 @@ async def serve_worker(settings_json: str, index: int, directory: Path, key: byt
     link.close()
     if tracing is not None:
         tracing.shutdown()
-    if running.service.admission.running():
-        log.warning("worker %d: compute thread(s) still busy after the grace period; exiting without them", index)
-        logging.shutdown()
-        os._exit(0)
+    exit_if_compute_busy(running.service, f"worker {index}: ")
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
@@ -97,12 +94,6 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> Non
 def _on_term(signals: asyncio.Event, stop: asyncio.Event) -> None:
     signals.set()
     stop.set()
-
-
-def _reload_tokens(authenticator: object) -> None:
-    store = getattr(authenticator, "store", None)
-    if store is not None:
-        store.reload()
 
 
 def main() -> int:
