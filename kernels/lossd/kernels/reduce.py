@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role, no_valid_element
+from lossd.kernels.dtypes import as_dtype
 from lossd.kernels.params import REDUCTION, Param
 from lossd.kernels.state import MergeOp
 from lossd.kernels.view import View
@@ -59,7 +60,7 @@ def _weights(view: View, terms: Terms) -> tuple[torch.Tensor | None, torch.Tenso
     sw = view.sample_weights(terms.loss.shape, terms.loss.dtype) if "weights" in view.role_shapes else None
     if terms.weight is None and sw is None and _summed_as_is(terms.loss if terms.weighted is None else terms.weighted):
         return None, None
-    w = torch.ones_like(terms.loss) if terms.weight is None else _as_dtype(terms.weight, terms.loss.dtype)
+    w = torch.ones_like(terms.loss) if terms.weight is None else as_dtype(terms.weight, terms.loss.dtype)
     if sw is not None:
         w = w * sw
     return w, sw
@@ -72,11 +73,6 @@ def _summed_as_is(t: torch.Tensor) -> bool:
     return t.is_contiguous()
 
 
-def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype`` (itself when it already is: a no-op ``.to`` still costs a dispatch)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _on_cpu(t: torch.Tensor) -> torch.Tensor:
     return t if t.device.type == "cpu" else t.cpu()
 
@@ -86,13 +82,13 @@ def weighted_sums(contributions: torch.Tensor, weight: torch.Tensor | None) -> d
 
     A weight of ones sums to the element count, exactly in float64 (counts
     below 2^53), and every element counts: the same fields without the passes."""
-    total = _on_cpu(_as_dtype(contributions, torch.float64).sum())
+    total = _on_cpu(as_dtype(contributions, torch.float64).sum())
     if weight is None:
         n = float(contributions.numel())
         return {"total": total, "weight": torch.scalar_tensor(n, dtype=torch.float64), "count": torch.scalar_tensor(n, dtype=torch.float64)}
     return {
         "total": total,
-        "weight": _on_cpu(_as_dtype(weight, torch.float64).sum()),
+        "weight": _on_cpu(as_dtype(weight, torch.float64).sum()),
         "count": _on_cpu((weight != 0).sum().to(torch.float64)),
     }
 

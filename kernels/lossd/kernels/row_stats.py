@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lossd.kernels.chunks import CACHE_BLOCK_ELEMENTS, cache_blocks, only_block, row_count
-from lossd.kernels.dtypes import compute_dtype
+from lossd.kernels.dtypes import as_dtype, compute_dtype
 
 __all__ = ["RowStats", "row_statistics", "row_entropy", "top1_confidence"]
 
@@ -199,7 +199,7 @@ def _row_pass(x: torch.Tensor, class_dim: int, with_entropy: bool) -> _Pass:
     dtype = compute_dtype(x.dtype)
     whole = only_block(x, class_dim)
     if whole is not None:  # one block: its results are the statistics, no buffers to copy them into
-        return _block_pass(whole if whole.dtype == dtype else whole.to(dtype), with_entropy, None, None)
+        return _block_pass(as_dtype(whole, dtype), with_entropy, None, None)
     out_shape = x.shape[:class_dim] + x.shape[class_dim + 1 :]
     rows = math.prod(out_shape)
     lse = torch.empty(rows, dtype=dtype, device=x.device)

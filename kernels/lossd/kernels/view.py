@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lossd.kernels.batch import Batch
-from lossd.kernels.dtypes import FLOAT_DTYPES, INT_DTYPES, compute_dtype
+from lossd.kernels.dtypes import FLOAT_DTYPES, INT_DTYPES, as_dtype, compute_dtype
 from lossd.kernels.errors import InvalidInput
 from lossd.kernels.input_diagnostics import defer_nonfinite, diagnose_class_imbalance, diagnose_nonfinite, diagnose_score_kind
 from lossd.kernels.row_stats import RowStats
@@ -145,7 +145,7 @@ class View(RoleTensors):
         """Integer class labels as int64. Floats holding integers are cast; anything else is refused."""
         t = self.tensor(role)
         if t.dtype in INT_DTYPES:
-            return t if t.dtype == torch.int64 else t.to(torch.int64)
+            return as_dtype(t, torch.int64)
         if t.dtype == torch.bool:
             raise self.error(role, "expected integer class indices, got bool; send 0/1 as an integer dtype")
         if t.dtype in FLOAT_DTYPES:

@@ -17,7 +17,7 @@ import torch
 
 from lossd.kernels.chunks import iter_class_last_chunks, iter_row_chunks
 from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role, no_valid_element
-from lossd.kernels.dtypes import compute_dtype
+from lossd.kernels.dtypes import as_dtype, compute_dtype
 from lossd.kernels.examples import K, log_softmax, normal, softmax
 from lossd.kernels.examples import class_labels as example_labels
 from lossd.kernels.params import IGNORE_INDEX, Param
@@ -122,8 +122,7 @@ def class_weight_vector(view: View, p: Mapping[str, Any], k: int, dtype: torch.d
 
 def gather_class(z: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """z[n, y[n, ...], ...]: the score of each element's label, [N, d...]."""
-    picked = z.gather(1, y.unsqueeze(1)).squeeze(1)
-    return picked if picked.dtype == dtype else picked.to(dtype)
+    return as_dtype(z.gather(1, y.unsqueeze(1)).squeeze(1), dtype)
 
 
 def _rowwise_class_sum(z: torch.Tensor, vec: torch.Tensor | None, soft: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
