@@ -80,7 +80,14 @@ class Batch:
         key = (tensor_name, class_dim)
         confidence = self._top1.get(key)
         if confidence is None:
-            confidence = self._top1[key] = top1_confidence(self.tensors[tensor_name], class_dim)
+            # On CPU the row pass sums the exponentials the confidence is made of: one pass for the
+            # logsumexp and the confidence, whichever function (or monitoring) asks first.
+            stats = self.row_stats(tensor_name, class_dim) if self.device.type == "cpu" else self._row_stats.get(key)
+            if stats is not None and stats.top1 is not None:
+                confidence = stats.top1
+            else:
+                confidence = top1_confidence(self.tensors[tensor_name], class_dim)
+            self._top1[key] = confidence
         return confidence
 
     def add_tensor(self, name: str, tensor: torch.Tensor, *, finite_checked: bool = False) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import DTYPES, assert_close, tol
+from lossd.kernels import batch as batch_module
 from lossd.kernels import chunks, evaluate, input_diagnostics, row_stats
 from lossd.kernels.batch import Batch
 from lossd.kernels.dtypes import compute_dtype
@@ -97,6 +98,43 @@ def test_entropy_asked_later_reuses_the_stats(monkeypatch):
     again = batch.row_stats("logits", 1, with_entropy=True)
     assert again is first and again.entropy is not None
     assert_close(again.entropy, reference(z, 1)["entropy"], rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocked", [False, True])
+def test_the_passs_confidence_is_the_confidence_passs_bits(monkeypatch, dtype, blocked):
+    """RowStats.top1 (the CPU row pass's own exponentials) is bit for bit top1_confidence, edge rows and ties included."""
+    if blocked:
+        monkeypatch.setattr(chunks, "CACHE_BLOCK_ELEMENTS", 40)
+    x = torch.randn(23, 9, dtype=torch.float64) * 4
+    x[0] = -INF
+    x[1, 4] = INF
+    x[2, 3] = NAN
+    x[3, :2] = 7.0  # two tied top scores, the rest far below: confidence 1/2 exactly
+    x[3, 2:] = -1e4
+    x[4, :5] = -INF
+    x[5] = 1e4
+    x = x.to(dtype)
+    stats = row_stats.row_statistics(x, 1, with_entropy=blocked)
+    expected = row_stats.top1_confidence(x, 1)
+    assert stats.top1 is not None and stats.top1.dtype == torch.float64
+    assert torch.equal(stats.top1.nan_to_num(-1.0), expected.nan_to_num(-1.0))
+    assert stats.top1[3] == 0.5
+
+
+def test_one_pass_serves_the_logsumexp_and_the_confidence(monkeypatch):
+    """Cross-entropy, ECE and a subscriber reading the confidence (monitoring) make one pass over the scores, in either order."""
+    calls = []
+    real = row_stats._row_pass
+    monkeypatch.setattr(row_stats, "_row_pass", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(batch_module, "top1_confidence", lambda *a: pytest.fail("a pass of its own for the confidence"))
+    monkeypatch.setattr(chunks, "CACHE_BLOCK_ELEMENTS", 64)
+    z, y = torch.randn(300, 10) * 3, torch.randint(0, 10, (300,))
+    for functions in (["cross_entropy", "ece"], ["ece", "cross_entropy"]):
+        calls.clear()
+        out = evaluate({"logits": z, "labels": y}, functions)
+        assert out.batch.top1_confidence("logits", 1) is out.batch.memoized_row_stats("logits", 1).top1
+        assert calls == [1]
 
 
 def test_row_stats_needs_values_or_a_source():
