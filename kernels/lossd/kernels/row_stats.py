@@ -15,7 +15,6 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from lossd.kernels.chunks import CACHE_BLOCK_ELEMENTS, cache_blocks, only_block, row_count
@@ -39,12 +38,12 @@ class RowStats:
     on CPU each is a pass over the scores of its own that cross-entropy alone
     never needs.  ``entropy`` is None unless it was asked for.  ``finite`` is
     True when the pass proved every score finite (the nan_or_inf check then
-    needs no pass of its own), False when it could not.  ``exp_sums`` are
-    the rows' Σ exp(z − max) when the pass summed those exponentials (the CPU
-    path; None elsewhere): ``top1`` is then the top-1 confidence, bit for bit
-    :func:`top1_confidence`."""
+    needs no pass of its own), False when it could not.  ``top`` is each
+    row's largest softmax probability when the pass computed the softmax (the
+    CPU path; None elsewhere): ``top1`` is then the top-1 confidence, bit for
+    bit :func:`top1_confidence`."""
 
-    __slots__ = ("lse", "max", "entropy", "finite", "exp_sums", "_top1", "_argmax", "_sum", "_source")
+    __slots__ = ("lse", "max", "entropy", "finite", "top", "_top1", "_argmax", "_sum", "_source")
 
     def __init__(
         self,
@@ -56,19 +55,19 @@ class RowStats:
         *,
         source: tuple[torch.Tensor, int] | None = None,
         finite: bool = False,
-        exp_sums: torch.Tensor | None = None,  # Σ_k exp(z_k − max) (the max where finite, else 0)
+        top: torch.Tensor | None = None,  # max_k softmax(z)_k in the compute dtype
     ) -> None:
         if source is None and (argmax is None or sum is None):
             raise ValueError("RowStats needs argmax and sum, or the source (scores, class_dim) to compute them from")
-        self.lse, self.max, self.entropy, self.finite, self.exp_sums = lse, max, entropy, finite, exp_sums
+        self.lse, self.max, self.entropy, self.finite, self.top = lse, max, entropy, finite, top
         self._top1: torch.Tensor | None = None
         self._argmax, self._sum, self._source = argmax, sum, source
 
     @property
     def top1(self) -> torch.Tensor | None:
-        """max_k softmax(z)_k = 1 / Σ exp(z − max) as float64 (None without ``exp_sums``), computed on first use."""
-        if self._top1 is None and self.exp_sums is not None:
-            self._top1 = 1.0 / self.exp_sums.to(torch.float64)
+        """max_k softmax(z)_k as float64 (None without ``top``), converted on first use."""
+        if self._top1 is None and self.top is not None:
+            self._top1 = self.top.to(torch.float64)
         return self._top1
 
     @property
@@ -189,21 +188,21 @@ def row_statistics(x: torch.Tensor, class_dim: int, with_entropy: bool) -> RowSt
             stats.entropy = row_entropy(x, class_dim)
         return stats
     done = _row_pass(x, class_dim, with_entropy)
-    return RowStats(done.lse, done.max, entropy=done.entropy, source=(x, class_dim), finite=done.finite, exp_sums=done.exp_sums)
+    return RowStats(done.lse, done.max, entropy=done.entropy, source=(x, class_dim), finite=done.finite, top=done.top)
 
 
 class _Pass(NamedTuple):
-    """What one pass over scores gives: per-row max, lse, entropy (when asked for), whether every score is finite, Σ exp(z − max)."""
+    """What one pass over scores gives: per-row max, lse, entropy (when asked for), whether every score is finite, max softmax."""
 
     max: torch.Tensor
     lse: torch.Tensor
     entropy: torch.Tensor | None
     finite: bool  # True only when proven (the CPU path); False when unknown or not
-    exp_sums: torch.Tensor | None  # Σ exp(z − max), on the CPU path
+    top: torch.Tensor | None  # max_k softmax(z)_k, on the CPU path
 
 
 def _row_pass(x: torch.Tensor, class_dim: int, with_entropy: bool) -> _Pass:
-    """Max, lse (and entropy, and on CPU Σ exp(z − max)) of every row of ``x`` over ``class_dim``, block by block, shaped as ``x`` without it."""
+    """Max, lse (and entropy, and on CPU the max softmax) of every row of ``x`` over ``class_dim``, block by block, shaped as ``x`` without it."""
     dtype = compute_dtype(x.dtype)
     whole = only_block(x, class_dim)
     if whole is not None:  # one block: its results are the statistics, no buffers to copy them into
@@ -214,54 +213,58 @@ def _row_pass(x: torch.Tensor, class_dim: int, with_entropy: bool) -> _Pass:
     mx = torch.empty(rows, dtype=dtype, device=x.device)
     ent = torch.empty(rows, dtype=dtype, device=x.device) if with_entropy else None
     on_cpu = x.device.type == "cpu"
-    sums = torch.empty(rows, dtype=dtype) if on_cpu else None
+    top = torch.empty(rows, dtype=dtype) if on_cpu else None
     k = x.shape[class_dim]
     step = max(1, CACHE_BLOCK_ELEMENTS // max(1, k))  # cache_blocks' rows per block on CPU
     # Cache-sized buffers reused by every block: a fresh 4 MiB tensor per block pays its page faults each time.
-    exps = torch.empty((step, k), dtype=dtype) if on_cpu else None
+    p = torch.empty((step, k), dtype=dtype) if on_cpu else None
     log_p = torch.empty((step, k), dtype=dtype) if on_cpu and with_entropy else None
     converted = torch.empty((step, k), dtype=dtype) if on_cpu and x.dtype != dtype else None
     finite = on_cpu
     for row, z in cache_blocks(x, class_dim):
         m = z.shape[0]
         z = converted[:m].copy_(z) if converted is not None else z.to(dtype)
-        done = _block_pass(z, with_entropy, None if exps is None else exps[:m], None if log_p is None else log_p[:m])
+        done = _block_pass(z, with_entropy, None if p is None else p[:m], None if log_p is None else log_p[:m])
         stop = row + m
         mx[row:stop], lse[row:stop] = done.max, done.lse
         if ent is not None and done.entropy is not None:
             ent[row:stop] = done.entropy
-        if sums is not None and done.exp_sums is not None:
-            sums[row:stop] = done.exp_sums
+        if top is not None and done.top is not None:
+            top[row:stop] = done.top
         finite = finite and done.finite
     return _Pass(
         mx.reshape(out_shape),
         lse.reshape(out_shape),
         None if ent is None else ent.reshape(out_shape),
         finite,
-        None if sums is None else sums.reshape(out_shape),
+        None if top is None else top.reshape(out_shape),
     )
 
 
-def _block_pass(z: torch.Tensor, with_entropy: bool, exps_out: torch.Tensor | None, log_p_out: torch.Tensor | None) -> _Pass:
-    """One block [m, K] in its compute dtype: on CPU one sum of exp(z − max) (:func:`_cpu_block`), elsewhere the exp path."""
+def _block_pass(z: torch.Tensor, with_entropy: bool, p_out: torch.Tensor | None, log_p_out: torch.Tensor | None) -> _Pass:
+    """One block [m, K] in its compute dtype: on CPU the softmax path (the exp path for odd rows), elsewhere the exp path."""
     if z.device.type != "cpu":
         block = _block_logsumexp(z)
         return _Pass(block.max, block.lse, _block_entropy(z, block) if with_entropy else None, False, None)
     values = z.amax(dim=1)  # amax: max(dim) also tracks indices, 4x slower on CPU
-    # A finite sum proves every row max finite (a NaN, a ±inf, or an overflow: a false alarm
-    # that only takes the careful path, same bits): one scalar for the usual case.
+    # A finite sum proves every row max finite (a NaN, a ±inf, or an overflow, a false alarm
+    # that then finds no odd row): one scalar for the usual case.
     peaks_finite = values.numel() == 0 or math.isfinite(float(values.sum()))
-    done = _cpu_block(z, values, peaks_finite, with_entropy, exps_out, log_p_out)
-    if peaks_finite or done.entropy is None:
+    done = _cpu_block(z, values, peaks_finite, with_entropy, p_out, log_p_out)
+    if peaks_finite:
         return done
     finite_max = torch.isfinite(values)
     if bool(finite_max.all()):
         return done
-    # Rows with a NaN or +inf score, or all −inf, have their lse and exp sums from the unshifted
-    # exponentials already (NaN, +inf, −inf: torch.logsumexp's); their entropy takes the exp path.
+    # Rows with a NaN or +inf score, or all −inf, take the exp path, row by row alike whatever
+    # block they fall in: the values torch defines for such rows (softmax makes them NaN, and
+    # leaves their confidence NaN: never binned).
     odd = torch.nonzero(~finite_max).reshape(-1)
     rows = z.index_select(0, odd)
-    done.entropy.index_copy_(0, odd, _block_entropy(rows, _block_logsumexp(rows)))
+    block = _block_logsumexp(rows)
+    done.lse.index_copy_(0, odd, block.lse)
+    if done.entropy is not None:
+        done.entropy.index_copy_(0, odd, _block_entropy(rows, block))
     return done
 
 
@@ -270,60 +273,36 @@ def _cpu_block(
     values: torch.Tensor,
     peaks_finite: bool,
     with_entropy: bool,
-    exps_out: torch.Tensor | None,
+    p_out: torch.Tensor | None,
     log_p_out: torch.Tensor | None,
 ) -> _Pass:
-    """A CPU block's lse = log Σe + max and top-1 confidence 1 / Σe from one sum of e = exp(z − max) (numpy's SIMD exp).
+    """A CPU block's lse and top-1 confidence from torch's softmax kernel (right where row maxima are finite).
 
-    Monitoring bins the top-1 confidence of every batch it sees, and the ECE
-    functions bin it too: summing the logsumexp's own exponentials gives it
-    for nothing, where log_softmax's lse (whose exp is hidden in the kernel)
-    left it a second pass over the scores (a [4096, 1024] float32 batch's
-    cross-entropy and confidence: 4.2 ms against 9.0 ms, one torch thread).
-    The entropy −Σ p log p, log p = (z − max) − log Σe, has only terms of one
-    sign: no cancellation, even for logits near 1e4 in float32."""
-    e, total, shift = _shifted_exp(z, values, exps_out, peaks_finite)
-    log_total = torch.log(total)
-    lse = log_total + shift
+    The kernel shifts, exponentiates and sums each row in one vectorized pass
+    (its exp is much faster on CPU than torch.exp's), on every intra-op
+    thread, and scales by 1/Σ: at the row max, whose term is e^0 = 1, the
+    probability is 1/Σ itself. So one pass gives the top-1 confidence that
+    monitoring and the ECE functions bin (exact for ties: 1/2 for two) and
+    lse = max − log p_max, where log_softmax's lse left the confidence a
+    second pass over the scores ([4096, 1024] float32 cross-entropy and
+    confidence, one thread: 5.3-5.7 ms against 9.0 ms). The kernel computes
+    each row alone, so a row's bits do not depend on its block, its batch or
+    the thread count. The entropy −Σ p log p has only terms of one sign: no
+    cancellation, even for logits near 1e4 in float32."""
+    p = torch.softmax(z, 1) if p_out is None else torch.softmax(z, 1, out=p_out)
+    top = p.amax(dim=1)
+    log_top = torch.log(top)
+    lse = values - log_top
     # The row maxima being finite, the min finds any −inf: every score proven finite.
     finite = peaks_finite and (z.numel() == 0 or math.isfinite(float(z.amin())))
     if not with_entropy:
-        return _Pass(values, lse, None, finite, total)
-    log_p = z - shift.unsqueeze(1) if log_p_out is None else torch.sub(z, shift.unsqueeze(1), out=log_p_out)
-    # Clamped: p log p counts as 0 where p is 0 and log p is −inf (z = −inf), as 0·log 0 = 0.
-    log_p = log_p.sub_(log_total.unsqueeze(1)).clamp_min_(torch.finfo(log_p.dtype).min)
-    p = e.div_(total.unsqueeze(1))
+        return _Pass(values, lse, None, finite, top)
+    # log p = (z − max) + log p_max, clamped: p log p counts as 0 where p is 0 and log p is −inf (z = −inf).
+    log_p = z - values.unsqueeze(1) if log_p_out is None else torch.sub(z, values.unsqueeze(1), out=log_p_out)
+    log_p = log_p.add_(log_top.unsqueeze(1)).clamp_min_(torch.finfo(log_p.dtype).min)
     # +0.0 turns the −0.0 of a one-hot row into 0.0.
     entropy = p.mul_(log_p).sum(dim=1).neg_().add_(0.0)
-    return _Pass(values, lse, entropy, finite, total)
-
-
-def _shifted_exp(
-    z: torch.Tensor, peak: torch.Tensor, buffer: torch.Tensor | None, peaks_finite: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """e = exp(z − shift) of a block [m, K] (into ``buffer`` [m, K] when given), Σe per row, and the shift [m].
-
-    The shift is each row's max ``peak`` where finite, else 0 (a row with a NaN
-    or +inf, or all −inf, then gives NaN, +inf or 0 sums, as in torch);
-    ``peaks_finite`` says every peak is known finite, which skips the two
-    guards the other rows need (same bits either way). On CPU
-    the exp is numpy's: its SIMD exp took 2.0 ms for 4M float32 scores against
-    3.7-4.0 ms for torch.exp's. The two differ by at most 2 ulp (measured on
-    4M normal scores); e^0 = 1 exactly in both, so the confidence of tied top
-    scores stays exact, and numpy's gives an element the same value wherever
-    it lies in an array (monitoring's small-batch path relies on that)."""
-    shift = peak if peaks_finite else peak.nan_to_num(0.0, 0.0, 0.0)  # one op for where(isfinite(peak), peak, 0)
-    e = z - shift.unsqueeze(1) if buffer is None else torch.sub(z, shift.unsqueeze(1), out=buffer)
-    if e.device.type == "cpu" and e.dtype in (torch.float32, torch.float64) and not e.requires_grad:
-        shifted = e.numpy()
-        if peaks_finite:  # z − max ≤ 0: nothing overflows
-            np.exp(shifted, out=shifted)
-        else:
-            with np.errstate(over="ignore", invalid="ignore"):  # a +inf row's finite scores overflow to inf, as in torch
-                np.exp(shifted, out=shifted)
-    else:
-        e = e.exp_()
-    return e, e.sum(dim=1), shift
+    return _Pass(values, lse, entropy, finite, top)
 
 
 @functools.cache
@@ -342,14 +321,14 @@ def _row_stats_kernel() -> ModuleType | None:
 
 
 def top1_confidence(x: torch.Tensor, class_dim: int) -> torch.Tensor:
-    """max_k softmax(z)_k of log-space scores as 1 / Σ exp(z − max), float64, shaped as ``x`` without ``class_dim``.
+    """max_k softmax(z)_k of log-space scores, float64, shaped as ``x`` without ``class_dim`` (NaN for a row whose max is not finite).
 
-    The top class's term is exactly 1, so a representable confidence (1/2 for
-    two tied logits) is exact, where exp(max − lse) may land an ulp off it.
-    The sum runs in the compute dtype, one pass as cheap as the logsumexp.
-    On CPU the row pass sums the same exponentials for its lse and keeps the
-    confidence (``RowStats.top1``, these bits): :class:`lossd.kernels.batch.Batch`
-    takes it from there, and makes this pass on other devices only."""
+    torch's softmax in the compute dtype: the top class's term is e^0 = 1, so
+    its probability is 1/Σ, and a representable confidence (1/2 for two tied
+    logits) is exact, where exp(max − lse) may land an ulp off it. On CPU the
+    row pass computes this softmax for its lse and keeps the confidence
+    (``RowStats.top1``, these bits): :class:`lossd.kernels.batch.Batch` takes
+    it from there, and makes this pass on other devices only."""
     precision = compute_dtype(x.dtype)
     whole = only_block(x, class_dim)
     if whole is not None:  # one block: no buffer to copy its rows into
@@ -367,8 +346,8 @@ def top1_confidence(x: torch.Tensor, class_dim: int) -> torch.Tensor:
 
 
 def _block_top1_confidence(z: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """1 / Σ_k exp(z_k − max) per row of a block [m, K] in its compute dtype, as float64 [m] (``buffer``: [m, K] scratch).
+    """max_k softmax(z)_k per row of a block [m, K] in its compute dtype, as float64 [m] (``buffer``: [m, K] scratch).
 
-    The same operations as the CPU row pass's confidence (:func:`_shifted_exp`), so the same bits."""
-    _, total, _ = _shifted_exp(z, z.amax(dim=1), buffer)
-    return 1.0 / total.to(torch.float64)
+    The CPU row pass's own operation (:func:`_cpu_block`), so the same bits."""
+    p = torch.softmax(z, 1) if buffer is None else torch.softmax(z, 1, out=buffer)
+    return p.amax(dim=1).to(torch.float64)

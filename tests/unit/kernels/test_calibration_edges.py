@@ -147,6 +147,15 @@ def test_tied_logits_give_an_exact_edge(n_bins: int, dtype: torch.dtype) -> None
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ties_whose_confidence_is_not_representable_stay_on_their_edge(dtype: torch.dtype) -> None:
+    """m = 5 or 10 tied top logits: the confidence is the compute dtype's nearest 1/m, which meets that dtype's edge m/10: bin below."""
+    rows = torch.full((2, 12), -1e4, dtype=dtype)
+    rows[0, :5], rows[1, :10] = 0.0, 0.0
+    top = bins_of({"logits": rows, "labels": torch.zeros(2, dtype=torch.int64)}, "ece", n_bins=10)
+    assert torch.equal(top[:, 0], counts_for([2, 1], 10)), top[:, 0]
+
+
 def test_zero_and_one_are_in_the_first_and_last_bins() -> None:
     p = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
     bins = bins_of(

@@ -122,6 +122,25 @@ def test_the_passs_confidence_is_the_confidence_passs_bits(monkeypatch, dtype, b
     assert stats.top1[3] == 0.5
 
 
+@pytest.mark.parametrize("k", [10, 33, 1000])
+def test_a_rows_confidence_and_lse_do_not_depend_on_its_batch_or_the_thread_count(k):
+    """Monitoring bins many batches' rows in one softmax, and a local client's kernels run on other threads than the server's."""
+    z = torch.randn(301, k) * 4
+    z[5], z[5, :2] = -1e4, 3.0  # two tied top scores, the rest negligible: confidence 1/2 exactly
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = row_stats.row_statistics(z, 1, with_entropy=False)
+        torch.set_num_threads(2)
+        two = row_stats.row_statistics(z, 1, with_entropy=False)
+    finally:
+        torch.set_num_threads(threads)
+    part = row_stats.row_statistics(z[3:10].clone(), 1, with_entropy=False)
+    assert torch.equal(one.top1, two.top1) and torch.equal(one.lse, two.lse)
+    assert torch.equal(part.top1, one.top1[3:10]) and torch.equal(part.lse, one.lse[3:10])
+    assert one.top1[5] == 0.5
+
+
 def test_one_pass_serves_the_logsumexp_and_the_confidence(monkeypatch):
     """Cross-entropy, ECE and a subscriber reading the confidence (monitoring) make one pass over the scores, in either order."""
     calls = []

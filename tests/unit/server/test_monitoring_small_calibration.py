@@ -16,13 +16,16 @@ BINS = (10, 15, 7)
 
 
 def _hostile_logits(g: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Random scores with tied rows (top-1 exactly 1/2, 1/3: bin edges), huge and non-finite entries."""
+    """Random scores with tied rows (top-1 exactly 1/2, 1/3, 1/5: bin edges), huge and non-finite entries."""
     z = torch.randn(shape, generator=g, dtype=torch.float64) * 3
     flat = z.reshape(-1, shape[-1])
     flat[0::7, :2] = 1.25  # two tied maxima: confidence exactly 1/2 when the rest is far below
     flat[0::7, 2:] = -80.0
     flat[3::11, :3] = 0.0  # three tied maxima: 1/3
     flat[3::11, 3:] = -90.0
+    if shape[-1] > 5:  # five tied maxima: the compute dtype's nearest 1/5, on its edge 0.2 (not representable in float32)
+        flat[8::29, :5] = 0.5
+        flat[8::29, 5:] = -90.0
     flat[5::13] *= 40  # maxima beyond ±60: the shifted exponentials
     flat[1::17, 1] = float("inf")
     flat[2::19, 0] = float("nan")

@@ -11,9 +11,11 @@ Edges stay exact.  ``input_kind=probs`` rows are binned as given, never
 through log and exp (a row off 1 by more than rounding, within the 1e-3 the
 service accepts, is renormalized first: p / Σp), and a confidence equal to an
 edge in its own precision (float32 0.1 with ten bins) goes to the bin below.
-From logits the top-1 confidence is 1 / Σ exp(z − max), so that a
-representable edge (two tied logits: 1/2) is exact, where exp(max − lse)
-may land an ulp above it.
+From logits the top-1 confidence is max softmax = 1 / Σ exp(z − max) in
+the compute dtype, so that a representable edge (two tied logits: 1/2) is
+exact, where exp(max − lse) may land an ulp above it, and m tied logits
+give the nearest 1/m of that dtype, on its edge (the edges are rounded to
+the confidences' precision).
 """
 
 from __future__ import annotations
@@ -170,8 +172,15 @@ def bin_sums(
 
 
 def edge_precision(view: View, p: Mapping[str, Any]) -> torch.dtype:
-    """The precision of the edges: the scores' own for probabilities binned as given, else float64."""
-    return compute_dtype(view.scores("logits").dtype) if p["input_kind"] == "probs" else F64
+    """The precision of the edges: that of the confidences being binned.
+
+    The scores' compute dtype for probabilities binned as given and for the
+    top-1 confidence of multiclass scores (a softmax in that dtype: ten tied
+    float32 logits give the float32 nearest 0.1, on the float32 edge 0.1);
+    float64 for sigmoids and the classwise softmax, computed in float64."""
+    z = view.scores("logits")
+    top_of_classes = p.get("scope", "top_label") == "top_label" and z.ndim >= 2
+    return compute_dtype(z.dtype) if p["input_kind"] == "probs" or top_of_classes else F64
 
 
 def renormalized(probs: torch.Tensor, precision: torch.dtype) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 
 from lossd.kernels.batch import Batch
 from lossd.kernels.calibration.bins import bin_sums
+from lossd.kernels.dtypes import compute_dtype
 from lossd.kernels.prepared import Prepared
 from lossd.server.monitoring.small_calibration import SmallBatch, is_small, small_multiclass_many
 
@@ -72,8 +73,9 @@ def _is_token_level(p: Prepared) -> bool:
     return bool(p.fdef.role("logits").shape.startswith("[B, T, V]"))
 
 
-def _binned(confidence: torch.Tensor, correct: torch.Tensor, keep: torch.Tensor, bins: int) -> Calibration:
-    sums = bin_sums(confidence[keep].to(F64), correct[keep], bins).cpu().numpy()
+def _binned(confidence: torch.Tensor, correct: torch.Tensor, keep: torch.Tensor, bins: int, precision: torch.dtype = F64) -> Calibration:
+    """Per-bin sums of the kept rows, against the edges rounded to ``precision`` (the confidences', as the ece functions bin them)."""
+    sums = bin_sums(confidence[keep].to(F64), correct[keep], bins, precision=precision).cpu().numpy()
     return Calibration(sums[:, 0], sums[:, 1], sums[:, 2])
 
 
@@ -111,7 +113,7 @@ def _multiclass(p: Prepared, batch: Batch, name: str, labels: torch.Tensor, bins
     ignore_index = p.params.get("ignore_index")
     if ignore_index is not None:
         keep &= y != ignore_index
-    return _binned(confidence, predicted == y, keep, bins)
+    return _binned(confidence, predicted == y, keep, bins, compute_dtype(z.dtype))
 
 
 def _counts_of(p: Prepared, batch: Batch, bins: int) -> Calibration | SmallBatch | str:

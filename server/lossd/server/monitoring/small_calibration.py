@@ -5,30 +5,25 @@ The general path calls :func:`lossd.kernels.row_stats.top1_confidence` and
 :func:`lossd.kernels.calibration.bins.bin_sums`: a dozen torch operations and
 the chunking machinery, about 300 µs per [64, 10] batch, most of it per-call
 overhead on tensors of a few hundred elements. Here the same values come from
-numpy for every step whose result IEEE arithmetic fixes (max, subtraction,
-division, comparisons, the bin rule, sums in input order), from numpy's exp
-as the kernel's pass on CPU (element by element the same wherever an element
-lies in an array), and from torch for the one step whose digits depend on
-torch's own kernels (the row sum of the exponentials), applied to the same
-tensor as the kernel's single chunk.
+numpy for every step whose result IEEE arithmetic fixes (argmax, comparisons,
+the bin rule, sums in input order), and from torch's softmax for the
+confidence, the kernel's own operation (which computes each row alone).
 ``tests/unit/server/test_monitoring_small_calibration.py`` checks the equality
 on ties, bin edges and non-finite rows.
 
 Only CPU batches whose scores are class-last (``[N, K]``, ``[B, T, V]``) and
-small enough to be one chunk and one unsplit torch loop take this path.
+small (:data:`SMALL_ELEMENTS`) take this path.
 
 :func:`small_multiclass_many` bins many such batches at once (the monitoring
-worker takes queued events together): the row-wise numpy steps run once over
-their rows put end to end, and only the torch step runs per batch, on exactly
-that batch's rows, so that every row is summed as alone. Per-bin
-sums of each batch are still added in its input order (``np.bincount`` over
-(batch, bin) slots): each batch's counters are those of :func:`small_multiclass`, bit for bit.
+worker takes queued events together): every step runs once over their rows
+put end to end, the softmax included. Per-bin sums of each batch are still
+added in its input order (``np.bincount`` over (batch, bin) slots): each
+batch's counters are those of :func:`small_multiclass`, bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,8 +37,8 @@ __all__ = ["SMALL_ELEMENTS", "BinSums", "SmallBatch", "is_small", "small_multicl
 # (n_b, Σ confidence, Σ correct) per bin, float64 arrays of length B.
 BinSums = tuple[np.ndarray, np.ndarray, np.ndarray]
 
-# At most this many score elements: torch runs an op over a contiguous tensor below its parallel
-# grain (32768) as one loop, so the row sums see the same vector/tail split as in the kernel's pass.
+# At most this many score elements: where the general path's dozen torch calls cost more in
+# per-call overhead than in arithmetic.
 SMALL_ELEMENTS = 32768
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -62,8 +57,9 @@ def is_small(z: torch.Tensor, class_dim: int) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _edges(bins: int) -> np.ndarray:
-    edges = np.arange(bins + 1, dtype=np.float64) / bins
+def _edges(bins: int, precision: torch.dtype) -> np.ndarray:
+    """The float64 edges b/B rounded to ``precision`` (the confidences', as ``bin_index`` rounds them)."""
+    edges = (torch.arange(bins + 1, dtype=torch.float64) / bins).to(precision).to(torch.float64).numpy()
     edges.flags.writeable = False
     return edges
 
@@ -111,26 +107,19 @@ def _group_sums(
     """The per-bin sums of batches that share a dtype, K, shift and ignore_index, one pass over all their rows.
 
     Per row, in the compute dtype: argmax (the first maximum, as torch's; rows
-    with a NaN differ, and are never binned: their confidence is NaN), the max,
-    z − max (no shift where the max is not finite, as the kernel does), then
-    numpy's exp, per batch torch's row sum, and confidence = 1 / Σ in float64. The
+    with a NaN differ, and are never binned: their confidence is NaN), and the
+    confidence max_k softmax(z)_k from torch's kernel, as float64. The
     bin rule is that of ``bin_index``: the b with b/B < c <= (b+1)/B against
-    the float64 edges (0 in bin 0), which is what its ceil-and-correct settles on.
+    the edges rounded to the compute dtype (0 in bin 0), which is what its
+    ceil-and-correct settles on.
     """
     parts = [(b.scores if b.scores.dtype == precision else b.scores.to(precision)).numpy().reshape(-1, classes) for b in group]
     values = parts[0] if len(parts) == 1 else np.concatenate(parts)
     rows = [len(part) for part in parts]
     argmax = values.argmax(axis=1)
-    peak = values[np.arange(values.shape[0]), argmax]
-    finite = np.isfinite(peak)
-    if not finite.all():  # no shift where the max is not finite
-        peak = np.where(finite, peak, np.zeros_like(peak))
-    shifted = values - peak[:, None]
-    total = _exp_row_sums(shifted, rows)
-    # A row's terms are <= 1 and one is 1: 1 <= Σ <= K, a finite confidence, except for a row of −inf
-    # (1 / 0, an infinite confidence never binned, as in torch) or with a NaN.
-    with np.errstate(divide="ignore"):
-        confidence = 1.0 / total
+    # torch's softmax computes each row alone (one call over every batch's rows gives each row the
+    # bits of the kernel's pass over its own batch); a row whose max is not finite is NaN, never binned.
+    confidence = torch.softmax(torch.from_numpy(values), 1).amax(dim=1).numpy().astype(np.float64)
     labels = [_int_labels(b.labels) for b in group]
     y = labels[0] if len(labels) == 1 else np.concatenate(labels)
     keep = np.isfinite(confidence)
@@ -141,7 +130,7 @@ def _group_sums(
         keep &= y != ignore_index
     every_row = bool(keep.all())  # the usual case: no row to leave out, no copies
     binned = confidence if every_row else confidence[keep]
-    slot = np.searchsorted(_edges(bins), binned)
+    slot = np.searchsorted(_edges(bins, precision), binned)
     slot -= 1
     np.maximum(slot, 0, out=slot)
     np.minimum(slot, bins - 1, out=slot)
@@ -155,46 +144,6 @@ def _group_sums(
     correct = (hits if every_row else hits[keep]).astype(np.float64)
     correct_sums = np.bincount(slot, weights=correct, minlength=size).reshape(-1, bins)
     return [(count[j], confidence_sums[j], correct_sums[j]) for j in range(len(group))]
-
-
-def _exp_row_sums(shifted: np.ndarray, rows: Sequence[int]) -> np.ndarray:
-    """Σ_k exp(row) per row in the compute dtype (as float64): numpy's exp, torch's sum run as on each batch alone.
-
-    Batches of equal size go through torch together, a few at a time, as the
-    rows of a [batches, elements] view whose row stride is one element longer:
-    torch cannot merge such rows into one loop, so each runs its own loop over
-    exactly one batch's elements, with that batch's vector/tail split, and
-    below the parallel grain (``SMALL_ELEMENTS``) no thread splits a row."""
-    with np.errstate(over="ignore", invalid="ignore"):  # rows not shifted (a +inf max) overflow to inf, as in the kernel
-        exps = np.exp(shifted)
-    if len(rows) == 1:  # one batch: its own tensor
-        total: np.ndarray = torch.from_numpy(exps).sum(dim=1).numpy().astype(np.float64)
-        return total
-    classes = shifted.shape[1]
-    starts = [0, *itertools.accumulate(rows)]
-    total = np.empty(shifted.shape[0], dtype=np.float64)
-    by_size: dict[int, list[int]] = {}
-    for i, n in enumerate(rows):
-        by_size.setdefault(n, []).append(i)
-    for n, members in by_size.items():
-        elements = n * classes
-        per_call = max(1, SMALL_ELEMENTS // elements)
-        for first in range(0, len(members), per_call):
-            call = members[first : first + per_call]
-            padded = np.empty((len(call), elements + 1), dtype=shifted.dtype)
-            adjacent = call[-1] - call[0] == len(call) - 1  # the usual case: one slice, no per-batch copies
-            if adjacent:
-                padded[:, :elements] = exps[starts[call[0]] : starts[call[-1] + 1]].reshape(len(call), elements)
-            else:
-                for row, i in enumerate(call):
-                    padded[row, :elements] = exps[starts[i] : starts[i + 1]].reshape(-1)
-            sums = torch.from_numpy(padded)[:, :elements].reshape(len(call), n, classes).sum(dim=2).numpy()
-            if adjacent:
-                total[starts[call[0]] : starts[call[-1] + 1]] = sums.reshape(-1)
-            else:
-                for row, i in enumerate(call):
-                    total[starts[i] : starts[i + 1]] = sums[row]
-    return total
 
 
 def _next_tokens(group: Sequence[SmallBatch], y: np.ndarray, keep: np.ndarray) -> np.ndarray:
