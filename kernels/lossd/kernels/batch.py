@@ -80,8 +80,8 @@ class Batch:
         key = (tensor_name, class_dim)
         confidence = self._top1.get(key)
         if confidence is None:
-            # On CPU the row pass sums the exponentials the confidence is made of: one pass for the
-            # logsumexp and the confidence, whichever function (or monitoring) asks first.
+            # On CPU the row pass's softmax gives the confidence with the logsumexp: one pass for
+            # both, whichever function (or monitoring) asks first.
             stats = self.row_stats(tensor_name, class_dim) if self.device.type == "cpu" else self._row_stats.get(key)
             if stats is not None and stats.top1 is not None:
                 confidence = stats.top1
