@@ -103,7 +103,7 @@ def test_entropy_asked_later_reuses_the_stats(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocked", [False, True])
 def test_the_passs_confidence_is_the_confidence_passs_bits(monkeypatch, dtype, blocked):
-    """RowStats.top1 (the CPU row pass's own exponentials) is bit for bit top1_confidence, edge rows and ties included."""
+    """RowStats.top1 (the CPU row pass's own softmax) is bit for bit top1_confidence, edge rows and ties included."""
     if blocked:
         monkeypatch.setattr(chunks, "CACHE_BLOCK_ELEMENTS", 40)
     x = torch.randn(23, 9, dtype=torch.float64) * 4

@@ -52,6 +52,7 @@ __all__ = [
     "edge_precision",
     "renormalized",
     "bin_edges",
+    "rounded_edges",
     "bin_sums",
     "BinaryScores",
     "MulticlassScores",
@@ -127,7 +128,7 @@ def bin_index(conf: torch.Tensor, n_bins: int, precision: torch.dtype = F64) -> 
     nearest 0.1 is on the edge 0.1): a confidence equal to an edge always goes
     to the bin below it, as in uncertainty-calibration and sklearn."""
     c = conf.to(F64)
-    edges = _rounded_edges(n_bins, precision).to(c.device)
+    edges = rounded_edges(n_bins, precision).to(c.device)
     # NaN confidences (from NaN or inf scores) go to bin 0, where they make the sums NaN.
     idx = torch.nan_to_num(torch.ceil(c * n_bins) - 1, nan=0.0).clamp(0, n_bins - 1).to(torch.int64)
     idx = torch.where((c <= edges[idx]) & (idx > 0), idx - 1, idx)
@@ -135,7 +136,7 @@ def bin_index(conf: torch.Tensor, n_bins: int, precision: torch.dtype = F64) -> 
 
 
 @functools.lru_cache(maxsize=64)
-def _rounded_edges(n_bins: int, precision: torch.dtype) -> torch.Tensor:
+def rounded_edges(n_bins: int, precision: torch.dtype) -> torch.Tensor:
     """bin_edges(n_bins) rounded to ``precision``, as float64 on the CPU.
 
     Cached: every binning of a request would otherwise build the same edges

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lossd.kernels.calibration.bins import rounded_edges
 from lossd.kernels.dtypes import compute_dtype
 
 __all__ = ["SMALL_ELEMENTS", "BinSums", "SmallBatch", "is_small", "small_multiclass", "small_multiclass_many"]
@@ -58,8 +59,8 @@ def is_small(z: torch.Tensor, class_dim: int) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _edges(bins: int, precision: torch.dtype) -> np.ndarray:
-    """The float64 edges b/B rounded to ``precision`` (the confidences', as ``bin_index`` rounds them)."""
-    edges = (torch.arange(bins + 1, dtype=torch.float64) / bins).to(precision).to(torch.float64).numpy()
+    """``bin_index``'s edges (rounded to the confidences' ``precision``) as a read-only numpy array."""
+    edges = rounded_edges(bins, precision).numpy()
     edges.flags.writeable = False
     return edges
 
