@@ -155,6 +155,11 @@ class View(RoleTensors):
                 raise self.error(
                     role, f"expected integer class indices, got non-integer value {float(t.reshape(-1)[first])!r} at flat index {first}"
                 )
+            # A float past int64's range would cast to an arbitrary integer (-2^63 here), which the range check would quote.
+            huge = t.abs() >= 2.0**62
+            if bool(huge.any()):
+                first = first_index(huge)
+                raise self.error(role, f"expected class indices, got {float(t.reshape(-1)[first])!r} at flat index {first}")
             return t.to(torch.int64)
         raise self.error(role, f"expected integer class indices, got {t.dtype}")
 

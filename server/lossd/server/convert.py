@@ -20,8 +20,8 @@ from lossd.kernels import CODES, Evaluation, FunctionDef, FunctionSpec, State, g
 from lossd.kernels.errors import InvalidInput
 from lossd.kernels.params import resolve_params
 from lossd.kernels.state import check_state
-from lossd.server.shared_memory import shared_tensor
-from lossd.server.wire_dtypes import tensor_over, wire_dtype
+from lossd.server.shared_memory import ONLY_EVALUATE_MESSAGE, shared_tensor
+from lossd.server.wire_dtypes import check_bool_bytes, check_wire_shape, tensor_over, wire_dtype
 from lossd.server.wire_request import tensor_data_views
 from lossd.v1 import lossd_pb2 as pb
 
@@ -36,11 +36,6 @@ __all__ = [
 ]
 
 
-# Bounds on what a wire tensor may declare, checked before numpy sees the shape:
-# numpy stops at 64 dimensions, and a zero-size tensor may claim any other
-# dimension (its byte length matches whatever they are).
-MAX_TENSOR_NDIM = 32
-MAX_TENSOR_DIM = 2**31 - 1
 MAX_PARAMS_JSON_BYTES = 64 * 1024
 # json.loads recurses once per level: "[" * 5000 reaches Python's recursion limit, where a garbage
 # collection that finalizes async generators fails in their hooks (stderr noise, "Exception ignored").
@@ -60,23 +55,15 @@ def nested_deeper_than(text: str, levels: int) -> bool:
     return int(np.cumsum(steps).max(initial=0)) > levels
 
 
-def _check_wire_shape(shape: tuple[int, ...], field: str) -> None:
-    if len(shape) > MAX_TENSOR_NDIM:
-        raise InvalidInput.single(field, f"expected at most {MAX_TENSOR_NDIM} dimensions, got {len(shape)}")
-    if shape and (min(shape) < 0 or max(shape) > MAX_TENSOR_DIM):
-        bad = next(d for d in shape if d < 0 or d > MAX_TENSOR_DIM)
-        raise InvalidInput.single(field, f"expected dimensions in [0, 2^31 - 1], got {bad} in shape of {len(shape)} dimensions")
-    if (math.prod(shape) if 0 not in shape else math.prod(d for d in shape if d)) > MAX_TENSOR_DIM * 64:
-        raise InvalidInput.single(field, "expected a shape whose non-zero dimensions multiply to at most 2^37 elements")
-
-
 def _wire_array(t: pb.Tensor, field: str, data: memoryview | None = None) -> tuple[np.ndarray, torch.dtype]:
     """A read-only numpy view of a wire tensor's bytes (bfloat16 as uint16), after checking dtype, shape and length.
 
     ``data``: the tensor's bytes as a view into the received message (lossd.server.wire_request);
     without it ``t.data`` is read, once: each read of a protobuf bytes field is a fresh copy of it."""
+    if t.HasField("shared_memory"):  # Evaluate's tensors under allow_shared_memory are mapped before they get here
+        raise InvalidInput.single(f"{field}.shared_memory", ONLY_EVALUATE_MESSAGE)
     shape = tuple(t.shape)  # once: each read of a repeated field builds a new container
-    _check_wire_shape(shape, field)
+    check_wire_shape(shape, field)
     numpy_dtype, torch_dtype = wire_dtype(t, field)
     if data is None:
         data = memoryview(t.data)
@@ -86,7 +73,9 @@ def _wire_array(t: pb.Tensor, field: str, data: memoryview | None = None) -> tup
             field,
             f"byte length {len(data)} does not match dtype {dtype_name(t.dtype)} × shape {list(shape)} (expected {expected} bytes)",
         )
-    return np.frombuffer(data, dtype=numpy_dtype).reshape(shape), torch_dtype
+    array = np.frombuffer(data, dtype=numpy_dtype).reshape(shape)
+    check_bool_bytes(array, field)
+    return array, torch_dtype
 
 
 def _to_torch(t: pb.Tensor, field: str, data: memoryview | None) -> torch.Tensor:
@@ -95,15 +84,18 @@ def _to_torch(t: pb.Tensor, field: str, data: memoryview | None) -> torch.Tensor
 
 
 def decode_request_tensors(
-    tensors: Mapping[str, pb.Tensor], device: torch.device, *, allow_shared_memory: bool = False
+    tensors: Mapping[str, pb.Tensor], device: torch.device, *, allow_shared_memory: bool | None = None
 ) -> dict[str, torch.Tensor]:
-    """Wire tensors -> torch tensors on ``device`` (zero-copy on the CPU: views into the received message's bytes)."""
+    """Wire tensors -> torch tensors on ``device`` (zero-copy on the CPU: views into the received message's bytes).
+
+    ``allow_shared_memory``: the server's setting, for Evaluate's tensors; None
+    where shared memory is not taken at all (a stream's messages), whatever the setting."""
     views = tensor_data_views(tensors) or {}
     out = {}
     for name, t in tensors.items():
         if not name:
             raise InvalidInput.single("tensors", "expected tensor names, got an empty name")
-        if t.HasField("shared_memory"):  # the client's segment, mapped read-only (lossd.server.shared_memory)
+        if t.HasField("shared_memory") and allow_shared_memory is not None:  # the client's segment, mapped read-only
             tensor = shared_tensor(t, f"tensors.{name}", allowed=allow_shared_memory, data=views.get(name))
         else:
             tensor = _to_torch(t, f"tensors.{name}", views.get(name))
@@ -184,7 +176,9 @@ def state_from_proto(state: pb.State, path: str) -> State:
                 field, f"expected dtype float64 or int64, got {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}"
             )
         arrays[name] = _wire_array(t, field)[0]
-    decoded = State.from_arrays(state.function, state.version, state.params_json, arrays, batches=max(1, state.batches))
+    # batches as sent: every producer (this server, the client's compute="local", state files) copies a
+    # kernel State's, which is at least 1, so a 0 is forged or hand-built, and check_state refuses it.
+    decoded = State.from_arrays(state.function, state.version, state.params_json, arrays, batches=state.batches)
     check_state(decoded, fdef.fields, params, path)
     return decoded
 

@@ -44,16 +44,22 @@ import numpy as np
 import torch
 
 from lossd.kernels.errors import InvalidInput
-from lossd.server.wire_dtypes import tensor_over, wire_dtype
+from lossd.server.wire_dtypes import check_bool_bytes, check_wire_shape, tensor_over, wire_dtype
 from lossd.v1 import lossd_pb2 as pb
 
-__all__ = ["SEGMENT_DIRECTORY", "SEGMENT_NAME", "DISABLED_MESSAGE", "MAPPINGS", "shared_tensor"]
+__all__ = ["SEGMENT_DIRECTORY", "SEGMENT_NAME", "DISABLED_MESSAGE", "ONLY_EVALUATE_MESSAGE", "MAPPINGS", "shared_tensor"]
 
 SEGMENT_DIRECTORY = "/dev/shm"  # where POSIX shm_open puts segments on Linux
 SEGMENT_NAME = re.compile(r"lossd_[A-Za-z0-9_]{1,200}")
 # The client recognizes a refusal by this setting name in the field violation (and falls back to the wire).
 DISABLED_MESSAGE = "shared memory is off on this server; start it with LOSSD_ALLOW_SHARED_MEMORY=true (setting allow_shared_memory)"
+# Stream messages and states always travel as bytes (a stream's batches are sent as they come; states are small).
+ONLY_EVALUATE_MESSAGE = "shared memory is taken only for Evaluate's tensors, not here: send these bytes in the message's data"
 
+
+# O_NONBLOCK: opening a FIFO put there under a segment's name would otherwise wait for a writer, on the
+# event loop for a small request (the fstat after it refuses anything but a regular file; a regular file ignores it).
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 CACHED_MAPPINGS = 16
 CACHED_BYTES = 4 << 30
@@ -81,7 +87,7 @@ class _Mappings:
         # Python's mmap keeps a dup of the descriptor it maps, which would share (and keep) the request's lock:
         # a kept mapping is made from a descriptor of its own, opened again by name (and checked to be the same file).
         try:
-            watch = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            watch = os.open(path, _OPEN_FLAGS)
         except OSError:  # unlinked meanwhile: mapped for this request only (its lock then lasts as long as the mapping)
             return mmap.mmap(fd, info.st_size, prot=mmap.PROT_READ)
         watched = os.fstat(watch)
@@ -151,7 +157,7 @@ MAPPINGS = _Mappings()
 def _open_locked(path: str, name: str, offset: int, size: int, field: str) -> tuple[int, os.stat_result]:
     """Open segment ``name`` read-only under a shared lock, after checking it is a regular file holding ``offset + size`` bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
         raise InvalidInput.single(f"{field}.name", f"cannot open shared-memory segment {name!r}: {exc.strerror}") from None
     try:
@@ -188,6 +194,7 @@ def shared_tensor(t: pb.Tensor, field: str, *, allowed: bool, data: memoryview |
         raise InvalidInput.single(f"{where}.name", f"expected 'lossd_' and letters, digits or underscores, got {region.name!r}")
     wire = wire_dtype(t, f"{field}.dtype")
     shape = tuple(t.shape)
+    check_wire_shape(shape, field)
     expected = math.prod(shape) * wire[0].itemsize
     if region.byte_size != expected:
         raise InvalidInput.single(
@@ -200,6 +207,7 @@ def shared_tensor(t: pb.Tensor, field: str, *, allowed: bool, data: memoryview |
     try:
         mapped = MAPPINGS.mapping(path, fd, info) if info.st_size else mmap.mmap(-1, 1)
         array = np.frombuffer(mapped, dtype=wire[0], count=math.prod(shape), offset=region.offset).reshape(shape)
+        check_bool_bytes(array, field)
     except BaseException:
         os.close(fd)
         raise

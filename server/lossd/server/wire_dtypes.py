@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -11,7 +12,7 @@ from lossd.client.codec import DTYPE_NAMES
 from lossd.kernels.errors import InvalidInput
 from lossd.v1 import lossd_pb2 as pb
 
-__all__ = ["WIRE_DTYPES", "wire_dtype", "tensor_over"]
+__all__ = ["WIRE_DTYPES", "MAX_TENSOR_NDIM", "MAX_TENSOR_DIM", "wire_dtype", "check_wire_shape", "check_bool_bytes", "tensor_over"]
 
 # Wire dtype -> the numpy dtype its bytes are read as, and the torch dtype of the tensor.
 # bfloat16 is read as uint16 and viewed as torch.bfloat16: numpy has no bfloat16 of its own.
@@ -25,6 +26,32 @@ WIRE_DTYPES: dict[int, tuple[np.dtype, torch.dtype]] = {
     pb.UINT8: (np.dtype("u1"), torch.uint8),
     pb.BOOL: (np.dtype("?"), torch.bool),
 }
+
+# Bounds on what a wire tensor may declare, checked before numpy sees the shape:
+# numpy stops at 64 dimensions, and a zero-size tensor may claim any other
+# dimension (its byte length matches whatever they are).
+MAX_TENSOR_NDIM = 32
+MAX_TENSOR_DIM = 2**31 - 1
+
+
+def check_wire_shape(shape: tuple[int, ...], field: str) -> None:
+    """Refuse a declared shape numpy cannot take or that no real tensor has (message bytes and shared memory alike)."""
+    if len(shape) > MAX_TENSOR_NDIM:
+        raise InvalidInput.single(field, f"expected at most {MAX_TENSOR_NDIM} dimensions, got {len(shape)}")
+    if shape and (min(shape) < 0 or max(shape) > MAX_TENSOR_DIM):
+        bad = next(d for d in shape if d < 0 or d > MAX_TENSOR_DIM)
+        raise InvalidInput.single(field, f"expected dimensions in [0, 2^31 - 1], got {bad} in shape of {len(shape)} dimensions")
+    if (math.prod(shape) if 0 not in shape else math.prod(d for d in shape if d)) > MAX_TENSOR_DIM * 64:
+        raise InvalidInput.single(field, "expected a shape whose non-zero dimensions multiply to at most 2^37 elements")
+
+
+def check_bool_bytes(array: np.ndarray, field: str) -> None:
+    """A BOOL tensor's bytes are 0 or 1 (the contract): another byte is refused, not read as True."""
+    if array.dtype == np.bool_ and array.size:
+        raw = array.view(np.uint8)
+        if int(raw.max()) > 1:
+            first = int(np.flatnonzero(raw.reshape(-1) > 1)[0])
+            raise InvalidInput.single(field, f"expected BOOL bytes 0 or 1, got {int(raw.reshape(-1)[first])} at flat index {first}")
 
 
 def wire_dtype(t: pb.Tensor, field: str) -> tuple[np.dtype, torch.dtype]:
