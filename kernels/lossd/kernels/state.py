@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from lossd.kernels.cancellation import check_cancelled
 from lossd.kernels.errors import InvalidInput, StateLimitExceeded
 
-__all__ = ["MergeOp", "State", "merge_fields", "canonical_params", "chan_merge", "moments_of", "check_state"]
+__all__ = ["MergeOp", "State", "merge_fields", "merge_many", "canonical_params", "chan_merge", "moments_of", "check_state"]
 
 
 class MergeOp(enum.Enum):
@@ -96,45 +97,119 @@ def merge_fields(
     path: str = "states",
 ) -> State:
     """Merge two states of the same function, version and parameters."""
-    if a.function != b.function:
-        raise InvalidInput.single(path, f"cannot merge a state of {a.function!r} with one of {b.function!r}")
-    if a.version != b.version:
-        raise InvalidInput.single(path, f"state versions differ for {a.function!r}: {a.version} and {b.version}")
-    if a.params != b.params:
-        raise InvalidInput.single(path, f"states of {a.function!r} were computed with different parameters: {a.params} and {b.params}")
-    merged: dict[str, torch.Tensor] = {}
-    for name, op in ops.items():
-        if name not in a.fields or name not in b.fields:
-            raise InvalidInput.single(f"{path}.fields.{name}", f"state of {a.function!r} lacks field {name!r}")
-        x, y = a.fields[name], b.fields[name]
+    return merge_many([a, b], ops, concat_limit=concat_limit, path=path)
+
+
+# States merged between two cancellation checks: a few ms of work for the largest ones.
+MERGES_PER_CHECK = 256
+
+
+def merge_many(
+    states: Sequence[State],
+    ops: Mapping[str, MergeOp],
+    *,
+    concat_limit: int | None = None,
+    path: str = "states",
+    each: Callable[[State], None] | None = None,
+) -> State:
+    """Merge states left to right: bit for bit ``merge_fields`` applied pairwise, in linear time.
+
+    The checks and errors are those of the pairwise merge, in its order.
+    CONCAT fields are gathered and concatenated once at the end (pairwise
+    concatenation copies the growing buffer once per state: quadratic);
+    the other fields are reduced one state at a time, so float sums keep
+    their order. ``each`` is called on every state before it merges (the
+    caller's own checks, in the same order)."""
+    if not states:
+        raise ValueError("merge_many: expected at least one state, got none")
+    first = states[0]
+    if each is not None:
+        each(first)
+    if len(states) == 1:
+        return first
+    merged = _Merge(first, ops, concat_limit, path)
+    for i, b in enumerate(states[1:]):
+        if i % MERGES_PER_CHECK == 0:
+            check_cancelled()  # a cancelled call (or one past its deadline) stops here, between states
+        if each is not None:
+            each(b)
+        merged.add(b)
+    return merged.state()
+
+
+class _Merge:
+    """A running merge: reduced fields so far, CONCAT parts to concatenate, their rows and the batches."""
+
+    def __init__(self, first: State, ops: Mapping[str, MergeOp], concat_limit: int | None, path: str) -> None:
+        self.first, self.ops, self.concat_limit, self.path = first, ops, concat_limit, path
+        self.reduced: dict[str, torch.Tensor] = {}
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.rows: dict[str, int] = {}
+        self.batches = first.batches
+
+    def add(self, b: State) -> None:
+        a = self.first
+        if a.function != b.function:
+            raise InvalidInput.single(self.path, f"cannot merge a state of {a.function!r} with one of {b.function!r}")
+        if a.version != b.version:
+            raise InvalidInput.single(self.path, f"state versions differ for {a.function!r}: {a.version} and {b.version}")
+        if a.params != b.params:
+            raise InvalidInput.single(
+                self.path, f"states of {a.function!r} were computed with different parameters: {a.params} and {b.params}"
+            )
+        for name, op in self.ops.items():
+            if name not in a.fields or name not in b.fields:
+                raise InvalidInput.single(f"{self.path}.fields.{name}", f"state of {a.function!r} lacks field {name!r}")
+            if op is MergeOp.CONCAT:
+                self._concat(name, b.fields[name])
+            else:
+                self._reduce(name, op, b.fields[name])
+        if self.batches + b.batches > MAX_MERGED_BATCHES:
+            raise InvalidInput.single(
+                f"{self.path}.batches", f"expected at most {MAX_MERGED_BATCHES} batches in all, got {self.batches + b.batches}"
+            )
+        self.batches += b.batches
+
+    def _concat(self, name: str, y: torch.Tensor) -> None:
+        """Check ``y`` against the buffer so far (its rows counted, not yet concatenated) and keep it for the end."""
+        parts = self.parts.setdefault(name, [self.first.fields[name]])
+        x = parts[0]  # the buffer so far has the first part's dtype and trailing shape
+        field = f"{self.path}.fields.{name}"
         if x.dtype != y.dtype:
-            raise InvalidInput.single(f"{path}.fields.{name}", f"expected matching dtypes, got {x.dtype} and {y.dtype}")
-        if op is MergeOp.CONCAT:
-            if x.shape[1:] != y.shape[1:]:
-                raise InvalidInput.single(
-                    f"{path}.fields.{name}", f"expected matching trailing shapes, got {tuple(x.shape)} and {tuple(y.shape)}"
-                )
-            if concat_limit is not None and x.shape[0] + y.shape[0] > concat_limit:
-                raise StateLimitExceeded(
-                    f"{a.function}: the exact state would hold {x.shape[0] + y.shape[0]} scores, over the limit of "
-                    f"{concat_limit}; raise LOSSD_EXACT_STATE_LIMIT or pass bins=T for a binned, mergeable estimate",
-                    setting="exact_state_limit",
-                )
-            merged[name] = torch.cat([x, y], dim=0)
-            continue
+            raise InvalidInput.single(field, f"expected matching dtypes, got {x.dtype} and {y.dtype}")
+        if x.shape[1:] != y.shape[1:]:
+            so_far = (self.rows[name], *x.shape[1:]) if name in self.rows else tuple(x.shape)
+            raise InvalidInput.single(field, f"expected matching trailing shapes, got {so_far} and {tuple(y.shape)}")
+        total = (self.rows[name] if name in self.rows else x.shape[0]) + y.shape[0]
+        if self.concat_limit is not None and total > self.concat_limit:
+            raise StateLimitExceeded(
+                f"{self.first.function}: the exact state would hold {total} scores, over the limit of "
+                f"{self.concat_limit}; raise LOSSD_EXACT_STATE_LIMIT or pass bins=T for a binned, mergeable estimate",
+                setting="exact_state_limit",
+            )
+        self.rows[name] = total
+        parts.append(y)
+
+    def _reduce(self, name: str, op: MergeOp, y: torch.Tensor) -> None:
+        x = self.reduced.get(name, self.first.fields[name])
+        field = f"{self.path}.fields.{name}"
+        if x.dtype != y.dtype:
+            raise InvalidInput.single(field, f"expected matching dtypes, got {x.dtype} and {y.dtype}")
         if x.shape != y.shape:
-            raise InvalidInput.single(f"{path}.fields.{name}", f"expected matching shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise InvalidInput.single(field, f"expected matching shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
         if op is MergeOp.SUM:
-            merged[name] = x + y
+            self.reduced[name] = x + y
         elif op is MergeOp.MAX:
-            merged[name] = torch.maximum(x, y)
+            self.reduced[name] = torch.maximum(x, y)
         elif op is MergeOp.MIN:
-            merged[name] = torch.minimum(x, y)
+            self.reduced[name] = torch.minimum(x, y)
         else:
-            merged[name] = chan_merge(x, y)
-    if a.batches + b.batches > MAX_MERGED_BATCHES:
-        raise InvalidInput.single(f"{path}.batches", f"expected at most {MAX_MERGED_BATCHES} batches in all, got {a.batches + b.batches}")
-    return State(a.function, a.version, a.params, merged, a.batches + b.batches)
+            self.reduced[name] = chan_merge(x, y)
+
+    def state(self) -> State:
+        """The merged state; each CONCAT field is concatenated once, in the order its parts arrived."""
+        fields = {name: torch.cat(self.parts[name], dim=0) if name in self.parts else self.reduced[name] for name in self.ops}
+        return State(self.first.function, self.first.version, self.first.params, fields, self.batches)
 
 
 # -- validation of states that come from outside (prior_states, Finalize) -------------------------
@@ -169,7 +244,7 @@ SCALAR_FIELDS = frozenset(
         "no_negative_batches",
     }
 )
-# Numbers of elements, rows or items: finite and >= 0.
+# Numbers of elements, rows or items: finite, >= 0 and whole.
 COUNT_FIELDS = frozenset(
     {"count", "rows", "elements", "tokens", "sequences", "empty_sequences", "nonempty_updates", "nan_rows", "positives", "negatives"}
     | {"single_row_batches", "no_positive_batches", "no_negative_batches"}
@@ -184,6 +259,9 @@ MAX_STATE_CLASSES = 4096
 MAX_STATE_NDIM = 4
 MAX_STATE_BATCHES = 2**40  # one state's batches; merged ones add up and travel as uint64
 MAX_MERGED_BATCHES = 2**62
+ADAPTIVE_HISTOGRAM_BINS = 1000  # calibration.bins' (imported here, a cycle): adaptive_ece's fine histogram
+CONCAT_DTYPES = {"scores": torch.float64, "labels": torch.int64}  # what the exact AUROC/AP updates keep
+SUM_SLACK = 1e-9  # relative: a float64 sum of n terms in [0, 1] may round past n, never by more
 
 
 def check_state(state: State, declared: Mapping[str, MergeOp], params: Mapping[str, Any], path: str) -> None:
@@ -208,6 +286,7 @@ def check_state(state: State, declared: Mapping[str, MergeOp], params: Mapping[s
 
 def _check_field(t: torch.Tensor, name: str, op: MergeOp, field: str) -> None:
     allowed = (torch.float64, torch.int64) if op is MergeOp.CONCAT else (torch.float64,)
+    allowed = (CONCAT_DTYPES[name],) if op is MergeOp.CONCAT and name in CONCAT_DTYPES else allowed
     if t.dtype not in allowed:
         wanted = " or ".join(str(d).removeprefix("torch.") for d in allowed)
         raise InvalidInput.single(field, f"expected dtype {wanted}, got {str(t.dtype).removeprefix('torch.')}")
@@ -219,21 +298,23 @@ def _check_field(t: torch.Tensor, name: str, op: MergeOp, field: str) -> None:
         if t.ndim == 0 or t.shape[-1] != 3:
             raise InvalidInput.single(field, f"expected moments of shape [..., 3] = (n, mean, M2), got shape {list(t.shape)}")
         n, m2 = t[..., 0], t[..., 2]
-        if not bool(torch.isfinite(n).all()) or bool((n < 0).any()):
-            raise InvalidInput.single(field, "expected finite, non-negative counts n in moments[..., 0]")
+        # n sums weights: a NaN one (nan_policy='propagate') makes it NaN, an infinite one makes M2 non-finite too.
+        if bool(((torch.isinf(n) & torch.isfinite(m2)) | (n < 0)).any()):
+            raise InvalidInput.single(field, "expected non-negative counts n in moments[..., 0], infinite only beside a non-finite M2")
         if bool((m2 < 0).any()):
             raise InvalidInput.single(field, "expected non-negative sums of squares M2 in moments[..., 2]")
-    if name in COUNT_FIELDS and (not bool(torch.isfinite(t).all()) or bool((t < 0).any())):
-        raise InvalidInput.single(field, f"expected finite, non-negative counts, got {_extreme(t)}")
+    if name in COUNT_FIELDS and (bad := _bad_count(t, whole=True)) is not None:
+        raise InvalidInput.single(field, f"expected finite, non-negative whole counts, got {bad}")
     if name in NONNEGATIVE_FIELDS and bool((t < 0).any()):
-        raise InvalidInput.single(field, f"expected non-negative sums, got {_extreme(t)}")
+        raise InvalidInput.single(field, f"expected non-negative sums, got {_bad_count(t)}")
 
 
-def _extreme(t: torch.Tensor) -> str:
-    """The value that breaks a count rule, for the message (never the whole tensor)."""
+def _bad_count(t: torch.Tensor, whole: bool = False) -> str | None:
+    """The first value that is not a finite, non-negative (whole) count, for the message (never the whole tensor)."""
     flat = t.reshape(-1).to(torch.float64)
-    bad = flat[~torch.isfinite(flat) | (flat < 0)]
-    return f"{float(bad[0])!r}" if bad.numel() else "none"
+    bad = ~torch.isfinite(flat) | (flat < 0)
+    found = flat[bad | (flat != torch.round(flat)) if whole else bad]
+    return f"{float(found[0])!r}" if found.numel() else None
 
 
 def _expect_shape(fields: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], path: str, what: str) -> None:
@@ -256,11 +337,10 @@ def _check_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str, Mer
         want = "[K, n_bins, 3] (scope='classwise')" if classwise else "[n_bins, 3]"
         if b.ndim != (3 if classwise else 2) or tuple(b.shape[-2:]) != (n_bins, 3):
             raise InvalidInput.single(f"{path}.fields.bins", f"expected shape {want} with n_bins={n_bins}, got {list(b.shape)}")
-    if "histogram" in fields and (fields["histogram"].ndim != 2 or fields["histogram"].shape[-1] != 3):
-        raise InvalidInput.single(f"{path}.fields.histogram", f"expected shape [H, 3], got {list(fields['histogram'].shape)}")
-    for name in ("bins", "histogram"):  # (n, Σ confidence, Σ correct) per bin: n counts rows, NaN inputs or not
-        if name in fields and not bool(torch.isfinite(fields[name][..., 0]).all()):
-            raise InvalidInput.single(f"{path}.fields.{name}", "expected finite counts n in [..., 0] of (n, Σ confidence, Σ correct)")
+    _expect_shape(fields, "histogram", (ADAPTIVE_HISTOGRAM_BINS, 3), path, "adaptive_ece's fixed fine bins")
+    for name in [name for name in ("bins", "histogram") if name in fields]:
+        _check_bin_sums(fields[name], f"{path}.fields.{name}")
+    _check_sums_agree(fields, path)
     grid = params.get("grid_points")
     if isinstance(grid, int):
         _expect_shape(fields, "nll", (grid,), path, f"grid_points={grid}")
@@ -274,6 +354,37 @@ def _check_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str, Mer
         _expect_shape(fields, "router_prob", (r.shape[1],), path, "one per expert of routed")
     _check_moments_layout(fields, declared, path)
     _check_rank_layout(fields, declared, params, path)
+
+
+def _check_bin_sums(t: torch.Tensor, field: str) -> None:
+    """(n, Σ confidence, Σ correct) per bin: n whole (it counts rows, NaN inputs or not), each sum in [0, n] or NaN."""
+    bad = _bad_count(t[..., 0], whole=True) if t.ndim and t.shape[-1] == 3 else f"shape {list(t.shape)}"
+    if bad is not None:
+        raise InvalidInput.single(field, f"expected finite whole counts n in [..., 0] of (n, Σ confidence, Σ correct), got {bad}")
+    over = t[..., 1:] > t[..., :1] * (1 + SUM_SLACK)  # confidences and correctness are each in [0, 1]
+    if bool(over.any()):
+        at = [int(i) for i in torch.nonzero(over)[0][:-1]]
+        got = t[tuple(at)].tolist()
+        raise InvalidInput.single(field, f"expected Σ confidence and Σ correct in [0, n], got (n, Σ conf, Σ correct) = {got} in bin {at}")
+
+
+def _check_sums_agree(fields: Mapping[str, torch.Tensor], path: str) -> None:
+    """Sums bounded by counts of the same state (or by each other) stay within them."""
+    count, at = fields.get("count"), f"{path}.fields."
+    nonzero = int((fields["matrix"] != 0).sum()) if "matrix" in fields else 0
+    if count is not None and nonzero > float(count):  # each non-zero cell holds an element of non-zero weight
+        raise InvalidInput.single(at + "matrix", f"expected at most count={float(count):g} non-zero cells, got {nonzero}")
+    weight, total = fields.get("weight"), fields.get("total")
+    if weight is not None and total is not None and bool(torch.isposinf(weight).any() & torch.isfinite(total).all()):
+        # A real infinite weight makes Σ w·ℓ infinite or NaN too (nan_policy='propagate'); a finite total beside it is forged.
+        raise InvalidInput.single(at + "weight", "expected a finite weight beside a finite total, got inf")
+    exact, updates = fields.get("exact"), fields.get("nonempty_updates")
+    if exact is not None and updates is not None and "histogram" in fields:  # adaptive_ece: each update of rows adds 1
+        rows, n = float(fields["histogram"][:, 0].sum()), float(updates)
+        if not min(rows, 1.0) <= n <= rows:
+            raise InvalidInput.single(at + "nonempty_updates", f"expected {min(rows, 1.0):g} to {rows:g} (histogram rows), got {n:g}")
+        if bool(exact > n * (1 + SUM_SLACK)):
+            raise InvalidInput.single(at + "exact", f"expected at most nonempty_updates={n:g} (ECEs ≤ 1), got {float(exact)!r}")
 
 
 def _check_moments_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str, MergeOp], path: str) -> None:
@@ -302,6 +413,8 @@ def _check_rank_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str
         raise InvalidInput.single(f"{path}.fields.scores", f"expected shape [N] or [N, K], got {list(scores.shape)}")
     if "labels" in fields and fields["labels"].ndim != 1:
         raise InvalidInput.single(f"{path}.fields.labels", f"expected shape [N], got {list(fields['labels'].shape)}")
+    if scores is not None and "labels" in fields:
+        _check_labels(fields["labels"], scores, f"{path}.fields.labels")
     if "positives" not in fields or "negatives" not in fields:
         return
     pos, neg = fields["positives"], fields["negatives"]
@@ -309,6 +422,10 @@ def _check_rank_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str
     if bins is None:
         _expect_shape(fields, "positives", (0,), path, "empty for an exact state (bins=None)")
         _expect_shape(fields, "negatives", (0,), path, "empty for an exact state (bins=None)")
+        if scores is not None and "nan_rows" in fields:  # an exact state counts the rows it keeps with a NaN score
+            nan = int(torch.isnan(scores if scores.ndim == 2 else scores[:, None]).any(1).sum())
+            if float(fields["nan_rows"]) != nan:
+                raise InvalidInput.single(f"{path}.fields.nan_rows", f"expected {nan} (rows with NaN), got {float(fields['nan_rows'])!r}")
         return
     if pos.shape != neg.shape or pos.ndim not in (1, 2) or pos.shape[-1] != bins or any(rows.values()):
         raise InvalidInput.single(
@@ -316,3 +433,13 @@ def _check_rank_layout(fields: Mapping[str, torch.Tensor], declared: Mapping[str
             f"expected positives and negatives of shape [bins={bins}] or [K, bins] and empty score buffers, "
             f"got {list(pos.shape)}, {list(neg.shape)} and rows {rows}",
         )
+
+
+def _check_labels(labels: torch.Tensor, scores: torch.Tensor, field: str) -> None:
+    """Exact AUROC/AP labels: class indices in [0, K) for scores [N, K], {0, 1} for binary scores [N]."""
+    k = int(scores.shape[1]) if scores.ndim == 2 else 2
+    bad = (labels < 0) | (labels >= k)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0][0])
+        want = f"class indices in [0, {k}) for scores of shape [N, {k}]" if scores.ndim == 2 else "labels in {0, 1} for binary scores [N]"
+        raise InvalidInput.single(field, f"expected {want}, got {int(labels[i])} at index {i}")
