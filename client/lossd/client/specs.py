@@ -56,6 +56,8 @@ def parse_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
                     key, eq, value = item.partition("=")
                     if not eq or not key.strip():
                         raise SpecError(f"expected param=value in {text!r}, got {item!r}")
+                    if key.strip() in params:  # the last would win silently
+                        raise SpecError(f"expected each parameter once in {text!r}, got {key.strip()!r} twice")
                     params[key.strip()] = _json_scalar(value.strip())
             obj = {"name": name.strip(), "params": params}
     unknown = set(obj) - _SPEC_KEYS

@@ -126,8 +126,8 @@ def _megabytes(n: int) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
 
-def check_budget(estimates: Iterable[tuple[str, Estimate]], *, max_memory_bytes: int | None, max_response_bytes: int | None) -> None:
-    """Refuse a request whose summed estimates exceed the budgets, naming the largest contributor."""
+def check_budget(estimates: Iterable[tuple[str, Estimate]], *, max_memory_bytes: int | None, max_response_bytes: int | None) -> int:
+    """Refuse a request whose summed estimates exceed the budgets, naming the largest contributor; return its memory estimate."""
     items = list(estimates)
     memory = sum(e.memory for _, e in items)
     response = sum(e.response for _, e in items)
@@ -147,17 +147,29 @@ def check_budget(estimates: Iterable[tuple[str, Estimate]], *, max_memory_bytes:
             "ask for fewer tensor results per request",
             RESPONSE_SETTING,
         )
+    return memory
 
 
 class Budget(NamedTuple):
-    """The server's limits on one request: estimated memory, and tensor bytes in the response (None: no limit)."""
+    """The server's limits on one request: estimated memory, and tensor bytes in the response (None: no limit).
+
+    ``reserve``: called with the memory estimate of each unit of work that
+    passed, before it allocates; the server's ledger of the work running at
+    once (lossd.server.admission.MemoryLedger), which may refuse it in turn."""
 
     max_memory_bytes: int | None = None
     max_response_bytes: int | None = None
+    reserve: Callable[[int], None] | None = None
 
     def check(self, prepared: Iterable[Any], tensors: Mapping[str, Any]) -> None:
         """Estimate every prepared spec on ``tensors`` (anything with a ``shape``) and refuse the request over the budget."""
-        check_budget(estimates(prepared, tensors), max_memory_bytes=self.max_memory_bytes, max_response_bytes=self.max_response_bytes)
+        self.checked(estimates(prepared, tensors))
+
+    def checked(self, items: Iterable[tuple[str, Estimate]]) -> None:
+        """Refuse estimates ``items`` over the budget, then reserve their memory."""
+        memory = check_budget(items, max_memory_bytes=self.max_memory_bytes, max_response_bytes=self.max_response_bytes)
+        if self.reserve is not None:
+            self.reserve(memory)
 
 
 class Estimated(NamedTuple):
@@ -173,8 +185,7 @@ class Estimated(NamedTuple):
 
     def check(self, prepared: Iterable[Any], tensors: Mapping[str, Any]) -> None:
         """Refuse the request over the budget, from the estimates given (``prepared`` and ``tensors`` are theirs)."""
-        budget = self.budget
-        check_budget(self.items, max_memory_bytes=budget.max_memory_bytes, max_response_bytes=budget.max_response_bytes)
+        self.budget.checked(self.items)
 
 
 def estimates(prepared: Iterable[Any], tensors: Mapping[str, Any]) -> list[tuple[str, Estimate]]:

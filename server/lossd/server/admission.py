@@ -13,6 +13,15 @@ Past a bound the call is refused at once with :class:`Overloaded`
 is decoded or allocated for it. Requests of ``large_request_bytes`` or more
 run on their own threads, so a small request never waits behind 16 MB ones.
 
+A third bound holds over the work running at once: the *estimated memory* of
+every unit of work on the compute threads (and inline), summed, stays within
+``max_concurrent_memory_bytes`` (:class:`MemoryLedger`). Each request is
+within ``max_request_memory_bytes`` on its own; without the sum, a few small
+requests asking for large states (thousands of classes × 1000 bins) would
+together exhaust the host. Work that would pass it is refused with
+:class:`Overloaded`, unless nothing else is running (one request alone is
+bounded by its own budget).
+
 Each unit of work runs with a :class:`lossd.kernels.cancellation.CancelToken`:
 a call cancelled by its client, or past its deadline, stops computing at the
 kernels' next chunk.
@@ -61,11 +70,48 @@ class AdmissionLimits:
     compute_threads: int = 2
     retry_after_seconds: float = 1.0
     inline_request_bytes: int = 64 << 10  # work this small (with inline=True) runs on the event loop; 0: never
+    max_concurrent_memory_bytes: int | None = None  # estimated memory of the work running at once; None: no bound
 
     @property
     def inline_memory_bytes(self) -> int:
         """Inline work must also have a memory estimate at most this (the servicer checks): 64 times its byte bound."""
         return 64 * self.inline_request_bytes
+
+
+class MemoryLedger:
+    """The estimated memory of the units of work running now; each reserves on its thread and frees when it ends.
+
+    ``reserve`` is the server's ``Budget.reserve``: the kernels call it once a
+    unit of work's estimates pass the per-request budget, before they allocate
+    (a stream reserves per message). :meth:`Admission.run` frees what the
+    unit reserved on its thread when it returns or fails."""
+
+    def __init__(self, max_bytes: int | None, refuse: Callable[[str, str], Overloaded]) -> None:
+        self.max_bytes = max_bytes
+        self._refuse = refuse
+        self._lock = threading.Lock()
+        self.reserved = 0
+        self._held = threading.local()  # what the unit of work on this thread reserved
+
+    def reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` for the unit of work on this thread, or raise Overloaded when the sum would pass the bound."""
+        with self._lock:
+            if self.max_bytes is not None and self.reserved and self.reserved + nbytes > self.max_bytes:
+                raise self._refuse(
+                    f"{self.reserved / (1 << 20):,.1f} MiB of estimated memory in use by running requests, this one needs "
+                    f"{nbytes / (1 << 20):,.1f} MiB more, over {self.max_bytes / (1 << 20):,.1f} MiB",
+                    "max_concurrent_memory_bytes",
+                )
+            self.reserved += nbytes
+        self._held.bytes = getattr(self._held, "bytes", 0) + nbytes
+
+    def release_held(self) -> None:
+        """Free what the unit of work on this thread reserved (it has ended)."""
+        held = getattr(self._held, "bytes", 0)
+        if held:
+            self._held.bytes = 0
+            with self._lock:
+                self.reserved -= held
 
 
 class Lane:
@@ -111,6 +157,7 @@ class Admission:
         self.small = Lane("compute", limits.compute_threads)
         self.large = Lane("compute-large", limits.compute_threads)
         self.active = 0  # touched on the event loop only
+        self.memory = MemoryLedger(limits.max_concurrent_memory_bytes, self._refuse)
         self.on_idle: IdleTrim | None = None  # called on the loop when the last call in progress ends
 
     def _refuse(self, what: str, setting: str) -> Overloaded:
@@ -139,8 +186,11 @@ class Admission:
         if inline and nbytes < self.limits.inline_request_bytes:
             token = CancelToken(deadline)
             token.check()
-            with cancellable(token):
-                return fn()
+            try:
+                with cancellable(token):
+                    return fn()
+            finally:
+                self.memory.release_held()
         lane = self.lane_for(nbytes)
         if lane.running + lane.queued >= lane.threads:  # it would wait for a thread: the queue's bounds apply
             if lane.queued >= self.limits.max_queued_requests:
@@ -157,6 +207,7 @@ class Admission:
                 with cancellable(token):
                     return fn()
             finally:
+                self.memory.release_held()
                 lane.finish()
 
         future = lane.pool.submit(contextvars.copy_context().run, work)  # the call's trace span and caller, in the thread

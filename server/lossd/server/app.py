@@ -179,22 +179,26 @@ async def create_server(
             ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
+    admission = Admission(
+        AdmissionLimits(
+            max_concurrent_requests=settings.max_concurrent_requests,
+            max_queued_requests=settings.max_queued_requests,
+            max_queued_bytes=settings.max_queued_bytes,
+            large_request_bytes=settings.large_request_bytes,
+            compute_threads=settings.compute_threads,
+            retry_after_seconds=settings.retry_after_seconds,
+            inline_request_bytes=settings.inline_request_bytes,
+            max_concurrent_memory_bytes=settings.max_concurrent_memory_bytes,
+        )
+    )
     service = LossService(
         device,
         exact_state_limit=settings.exact_state_limit,
         allow_shared_memory=settings.allow_shared_memory,
-        admission=Admission(
-            AdmissionLimits(
-                max_concurrent_requests=settings.max_concurrent_requests,
-                max_queued_requests=settings.max_queued_requests,
-                max_queued_bytes=settings.max_queued_bytes,
-                large_request_bytes=settings.large_request_bytes,
-                compute_threads=settings.compute_threads,
-                retry_after_seconds=settings.retry_after_seconds,
-                inline_request_bytes=settings.inline_request_bytes,
-            )
-        ),
-        budget=Budget(settings.max_request_memory_bytes, settings.max_message_bytes),
+        stream_idle_seconds=settings.stream_idle_seconds,
+        admission=admission,
+        # Each request within its own budget, and the work running at once within the admission's memory ledger.
+        budget=Budget(settings.max_request_memory_bytes, settings.max_message_bytes, admission.memory.reserve),
         subscribers=subscribers,
     )
     service.admission.on_idle = IdleTrim(service.admission.idle)  # buffers kept through a burst, given back after it

@@ -32,6 +32,10 @@ def _default_request_memory() -> int:
     return physical_memory_bytes() // 4
 
 
+def _default_concurrent_memory() -> int:
+    return physical_memory_bytes() // 2
+
+
 class Settings(BaseSettings):
     """Every knob of ``lossd serve`` and the gateway. Environment: ``LOSSD_<NAME>``."""
 
@@ -90,6 +94,18 @@ class Settings(BaseSettings):
         default_factory=_default_request_memory,
         gt=0,
         description="estimated intermediates and state one request may allocate (default: 25% of RAM); more get RESOURCE_EXHAUSTED",
+    )
+    max_concurrent_memory_bytes: int = Field(
+        default_factory=_default_concurrent_memory,
+        gt=0,
+        description="estimated memory of all the requests computing at once (default: 50% of RAM; per worker process); work"
+        " that would pass it gets RESOURCE_EXHAUSTED with a retry-after, unless nothing else is running",
+    )
+    stream_idle_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="longest wait for an EvaluateStream's next message (or its end); a stream idle longer is ended with"
+        " DEADLINE_EXCEEDED and its admission slot freed",
     )
     backends: list[str] = Field(
         default_factory=list, description="gateway only: gRPC addresses to forward to (default: the in-process server)"

@@ -77,3 +77,9 @@ def test_proto_round_trip(text: str) -> None:
     assert back["name"] == parsed["name"] and back["inputs"] == parsed["inputs"] and back["alias"] == parsed["alias"]
     # Struct numbers are doubles: ints come back as equal floats
     assert back["params"] == parsed["params"]
+
+
+@pytest.mark.parametrize("text", ["ece:n_bins=15,n_bins=10", "cross_entropy:label_smoothing=0.3, label_smoothing =0.0"])
+def test_a_parameter_given_twice_is_refused_not_last_wins(text: str) -> None:
+    with pytest.raises(SpecError, match="twice"):
+        parse_spec(text)

@@ -126,6 +126,18 @@ def _decode_b64(name: str, body: TensorBody) -> pb.Tensor:
     return pb.Tensor(dtype=DTYPE_NAMES[body.dtype], shape=body.shape, data=raw)  # the backend checks len(data) against shape
 
 
+_BFLOAT16_MAX = 3.3895313892515355e38  # (2 - 2^-7) · 2^127
+
+
+def _float_array(array: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values in a float dtype of the wire (bfloat16 through float32, as the client encodes torch's)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return array.astype(np.float32).astype(ml_dtypes.bfloat16)
+    return array.astype(np.dtype(dtype))
+
+
 def _nested_array(name: str, body: TensorBody) -> np.ndarray:
     field_ = f"tensors.{name}.data"
     try:
@@ -140,12 +152,16 @@ def _nested_array(name: str, body: TensorBody) -> np.ndarray:
     if list(array.shape) != body.shape:
         raise Problem.bad_field(field_, f"nested lists have shape {list(array.shape)}, but shape says {body.shape}")
     if body.dtype in _FLOATS:
-        limit = float(np.finfo(np.float32 if body.dtype == "bfloat16" else np.dtype(body.dtype)).max)
-        too_large = np.isfinite(array) & (np.abs(array) > limit)
-        if too_large.any():
-            bad = array.reshape(-1)[int(np.argmax(too_large.reshape(-1)))]
+        # Judged on the cast itself: a value past the dtype's max that still rounds to it is kept,
+        # one that rounds to inf is refused (bfloat16's max is below float32's, and rounding is per dtype).
+        with np.errstate(over="ignore"):
+            typed = _float_array(array, body.dtype)
+        became_inf = np.isfinite(array) & ~np.isfinite(typed.astype(np.float64))
+        if became_inf.any():
+            bad = array.reshape(-1)[int(np.argmax(became_inf.reshape(-1)))]
+            limit = float(np.finfo(typed.dtype).max) if body.dtype != "bfloat16" else _BFLOAT16_MAX
             raise Problem.bad_field(field_, f"value {bad!r} is outside the range of {body.dtype} (±{limit:.4g}); it would become inf")
-        return array
+        return typed
     if array.size and array.dtype.kind not in "biuf":
         raise Problem.bad_field(field_, f"expected numbers for dtype {body.dtype}, got elements of numpy dtype {array.dtype}")
     if array.dtype.kind == "f":
@@ -165,14 +181,8 @@ def tensor_to_proto(name: str, body: TensorBody) -> pb.Tensor:
     """Convert a JSON tensor to the wire tensor the gRPC client would send."""
     if body.b64 is not None:
         return _decode_b64(name, body)
-    array = _nested_array(name, body)
-    if body.dtype == "bfloat16":
-        import ml_dtypes
-
-        typed = array.astype(np.float32).astype(ml_dtypes.bfloat16)
-    else:
-        typed = array.astype(np.dtype(body.dtype))
-    return encode_tensor(typed, name)
+    array = _nested_array(name, body)  # float dtypes come typed already
+    return encode_tensor(array if body.dtype in _FLOATS else array.astype(np.dtype(body.dtype)), name)
 
 
 def request_to_proto(body: EvaluateBody) -> pb.EvaluateRequest:
