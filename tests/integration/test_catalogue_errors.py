@@ -114,17 +114,30 @@ def accepted_missing_role_fields(fdef: FunctionDef) -> set[str]:
 @pytest.mark.parametrize("name", NAMES)
 def test_missing_required_roles(stub, name):
     fdef = FUNCTIONS[name]
-    found = violations(stub, {"unrelated": np.zeros(3, np.float32)}, name)
+    found = violations(stub, {}, name)
     assert len(found) == 1
     field, description = found[0]
     assert field in accepted_missing_role_fields(fdef), f"{name}: {found}"
     assert field.removeprefix("tensors.") in description
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_tensor_no_role_reads_is_refused(stub, name):
+    """A misspelt optional role would change nothing: it is refused, naming it and what the function reads."""
+    found = violations(stub, {**inputs(name), "unrelated": np.zeros(3, np.float32)}, name)
+    assert [f for f, _ in found] == ["tensors.unrelated"], f"{name}: {found}"
+    assert "no requested function reads a tensor named 'unrelated'" in found[0][1]
+    assert all(role.name in found[0][1] for role in FUNCTIONS[name].roles), found[0][1]
+
+
 def test_missing_role_under_a_mapped_name(stub):
     """A role mapped to another tensor name is reported under that name."""
     spec = {"name": "cross_entropy", "inputs": {"logits": "student_logits"}}
-    assert fields(stub, inputs("cross_entropy"), spec) == ["tensors.student_logits"]
+    sent = {name: t for name, t in inputs("cross_entropy").items() if name != "logits"}
+    assert fields(stub, sent, spec) == ["tensors.student_logits"]
+    # Sent under the role's own name instead, the tensor is one no role reads: refused, pointing at the mapped name.
+    ((field, description),) = violations(stub, inputs("cross_entropy"), spec)
+    assert field == "tensors.logits" and "did you mean 'student_logits'?" in description
 
 
 # -- (b) unknown parameter ---------------------------------------------------------------------

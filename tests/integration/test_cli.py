@@ -123,6 +123,31 @@ def test_eval_refuses_a_single_array_file(address: str, tmp_path: Path, capsys: 
     assert "expected an .npz archive" in capsys.readouterr().err
 
 
+def test_eval_refuses_a_file_that_is_not_an_archive(address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "batch.csv"
+    path.write_text("1,2,3\n")
+    assert main(["eval", "--server", address, "--inputs", str(path), "--fn", "mse"]) == 2
+    err = capsys.readouterr().err
+    assert "not a zip archive" in err and "pickled" not in err  # numpy alone calls any such file pickled data
+
+
+def test_eval_refuses_an_array_no_function_reads_and_array_selects(
+    address: str, tmp_path: Path, arrays: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "extra.npz"
+    np.savez(path, **arrays, weight=np.ones(N))  # a misspelt "weights" would change nothing: refused, not ignored
+    assert main(["eval", "--server", address, "--inputs", str(path), "--fn", "cross_entropy"]) == 2
+    err = capsys.readouterr().err
+    assert "tensors.weight" in err and "did you mean 'weights'" in err
+    selected = ["--array", "logits", "--array", "labels", "--fn", "cross_entropy", "--json"]
+    assert main(["eval", "--server", address, "--inputs", str(path), *selected]) == 0
+    value = json.loads(capsys.readouterr().out)["results"]["cross_entropy"]
+    expected = F.cross_entropy(torch.from_numpy(arrays["logits"]).double(), torch.from_numpy(arrays["labels"]))
+    assert value == pytest.approx(float(expected), rel=1e-6)
+    assert main(["eval", "--server", address, "--inputs", str(path), "--array", "logit", "--fn", "cross_entropy"]) == 2
+    assert "has no array named 'logit'; it has: logits, labels, weight" in capsys.readouterr().err
+
+
 def test_eval_unreachable_server_exits_1(npz: Path) -> None:
     result = lossd("eval", "--server", f"127.0.0.1:{free_port()}", "--inputs", str(npz), "--fn", "cross_entropy", "--timeout", "1")
     assert result.returncode == 1

@@ -266,6 +266,19 @@ def test_float_data_beyond_the_dtype_range_is_refused(http: httpx.Client) -> Non
     assert problem["errors"][0]["field"] == "tensors.logits.data" and "outside the range of float32" in problem["errors"][0]["description"]
 
 
+def test_a_tensor_no_function_reads_and_json_booleans_as_numbers_are_refused(http: httpx.Client) -> None:
+    tensors = {
+        "logits": {"dtype": "float32", "shape": [1, 2], "data": [[1.0, 0.0]]},
+        "labels": {"dtype": "int64", "shape": [1], "data": [0]},
+    }
+    misspelt = {"tensors": {**tensors, "weight": {"dtype": "float32", "shape": [1], "data": [2.0]}}, "functions": ["cross_entropy"]}
+    (error,) = _problem(http.post("/v1/evaluate", json=misspelt), 400)["errors"]
+    assert error["field"] == "tensors.weight" and "did you mean 'weights'?" in error["description"]
+    boolean = {"tensors": {**tensors, "labels": {"dtype": "int64", "shape": [1], "data": [True]}}, "functions": ["cross_entropy"]}
+    (error,) = _problem(http.post("/v1/evaluate", json=boolean), 400)["errors"]
+    assert error["field"] == "tensors.labels.data" and "JSON boolean at data[0]" in error["description"]
+
+
 def test_empty_nested_list_takes_any_empty_shape(http: httpx.Client) -> None:
     body = {
         "tensors": {"logits": {"dtype": "float32", "shape": [0, 4], "data": []}, "labels": {"dtype": "int64", "shape": [0], "data": []}},

@@ -145,7 +145,9 @@ def test_missing_role(client: Client, batch: dict) -> None:
 
 def test_input_mapping_to_a_missing_tensor(client: Client, batch: dict) -> None:
     spec = {"name": "cross_entropy", "inputs": {"logits": "student_logits"}}
-    expect_invalid(lambda: client.evaluate(batch, [spec]), "tensors.student_logits", "student_logits")
+    expect_invalid(lambda: client.evaluate({"labels": batch["labels"]}, [spec]), "tensors.student_logits", "student_logits")
+    # Sent under the role's own name, that tensor is read by no function: refused too, pointing at the mapped name.
+    expect_invalid(lambda: client.evaluate(batch, [spec]), "tensors.logits", "did you mean 'student_logits'?")
 
 
 def test_unknown_role_in_inputs(client: Client, batch: dict) -> None:

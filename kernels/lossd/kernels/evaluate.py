@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from lossd.kernels.batch import Batch, entropy_wanted
 from lossd.kernels.budget import Budget, Estimated
 from lossd.kernels.declarations import Result
 from lossd.kernels.diagnostics import Diagnostic, Diagnostics
+from lossd.kernels.dtypes import to_torch
 from lossd.kernels.errors import FieldViolation, InvalidInput
 from lossd.kernels.nan_policy import DEFAULT_NAN_POLICY, check_nan_policy, check_omit, first_nonfinite, function_batches
 from lossd.kernels.params import resolve_params
@@ -29,6 +29,7 @@ from lossd.kernels.prepared import Prepared
 from lossd.kernels.registry import get_function
 from lossd.kernels.spans import function_span
 from lossd.kernels.state import State, merge_fields, merge_many
+from lossd.kernels.tensor_names import check_all_read
 
 __all__ = [
     "FunctionSpec",
@@ -155,31 +156,14 @@ def prepare(specs: Specs) -> PreparedSpecs:
     return PreparedSpecs(prepared)
 
 
-def to_torch(value: Any, name: str = "tensor") -> torch.Tensor:
-    """A torch tensor from a torch tensor, a numpy array (ml_dtypes bfloat16 included) or nested lists."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        if value.dtype.name == "bfloat16":
-            return torch.from_numpy(np.ascontiguousarray(value).view(np.uint16).copy()).view(torch.bfloat16)
-        if value.dtype == np.bool_ or value.dtype.kind in "iuf":
-            with warnings.catch_warnings():
-                # Read-only buffers (zero-copy decode of request bytes) are never written to.
-                warnings.filterwarnings("ignore", message=".*not writable.*")
-                return torch.from_numpy(value)
-        raise InvalidInput.single(f"tensors.{name}", f"unsupported numpy dtype {value.dtype}")
-    try:
-        return torch.as_tensor(np.asarray(value))
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput.single(f"tensors.{name}", f"expected an array, got {type(value).__name__}: {exc}") from None
-
-
-def _to_device(tensors: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    out = {}
+def _batch(prepared: PreparedSpecs, tensors: Mapping[str, Any], device: torch.device) -> Batch:
+    """The batch of ``tensors`` on ``device``; a tensor no function reads is refused (lossd.kernels.tensor_names)."""
+    check_all_read(prepared, tensors)
+    on_device = {}
     for name, value in tensors.items():
         t = to_torch(value, name)
-        out[name] = t.to(device, non_blocking=True) if t.device != device else t
-    return out
+        on_device[name] = t.to(device, non_blocking=True) if t.device != device else t
+    return Batch(on_device, device, entropy_for=entropy_wanted(prepared))
 
 
 def _result_of(p: Prepared, fields: Mapping[str, torch.Tensor], diagnostics: Diagnostics) -> Result:
@@ -267,7 +251,7 @@ def evaluate(
     device = torch.device(device)
     if budget is not None:
         budget.check(prepared, tensors)
-    batch = Batch(_to_device(tensors, device), device, entropy_for=entropy_wanted(prepared))
+    batch = _batch(prepared, tensors, device)
     results: dict[str, FunctionResult] = {}
     batches = 1
     with _diagnostics_on_error(batch):
@@ -356,7 +340,7 @@ class Accumulator:
         self._last_batch_id = batch_id
         if self.budget is not None:
             self.budget.check(self.prepared, tensors)
-        batch = Batch(_to_device(tensors, self.device), self.device, entropy_for=entropy_wanted(self.prepared))
+        batch = _batch(self.prepared, tensors, self.device)
         with _diagnostics_on_error(batch):
             # Every update first, then every merge: a batch that fails for one
             # function is merged into none (nothing counted for some functions only).

@@ -86,22 +86,28 @@ def test_omit_on_clean_data_changes_nothing() -> None:
 
 def test_raise_names_the_tensor_the_flat_index_and_the_row() -> None:
     tensors, _ = classification_batch()
+    ce_tensors = {name: tensors[name] for name in ("logits", "labels")}
+    mse_tensors = {name: tensors[name] for name in ("y_pred", "y_true")}
     with pytest.raises(InvalidInput) as info:
-        evaluate(tensors, ["cross_entropy"], nan_policy="raise")
+        evaluate(ce_tensors, ["cross_entropy"], nan_policy="raise")
     (violation,) = info.value.violations
     assert violation.field == "tensors.logits"
     assert "holds NaN at flat index 16 (row 3)" in violation.description  # 3 * K + 1
     assert "nan_or_inf" in [d.code for d in info.value.diagnostics]
     with pytest.raises(InvalidInput) as info:
-        evaluate(tensors, [MSE], nan_policy="raise")
+        evaluate(mse_tensors, [MSE], nan_policy="raise")
     assert info.value.violations[0].field == "tensors.y_true"
     assert "holds -inf at flat index 95 (row 31)" in info.value.violations[0].description  # 31 * 3 + 2
 
 
-def test_raise_ignores_tensors_no_function_reads() -> None:
+def test_a_tensor_no_function_reads_is_refused_as_unread_not_judged() -> None:
     tensors, _ = classification_batch()
-    out = evaluate({**tensors, "logits": torch.zeros(N, K)}, ["cross_entropy"], nan_policy="raise")  # targets hold -inf, unread
-    assert out["cross_entropy"].value == pytest.approx(math.log(K))
+    with pytest.raises(InvalidInput) as info:  # y_true holds -inf, but no function reads it: that is the error
+        evaluate({**tensors, "logits": torch.zeros(N, K)}, ["cross_entropy"], nan_policy="raise")
+    assert [v.field for v in info.value.violations] == ["tensors.y_pred", "tensors.y_true"]
+    assert all("no requested function reads" in v.description for v in info.value.violations)
+    read = {"logits": torch.zeros(N, K), "labels": tensors["labels"]}
+    assert evaluate(read, ["cross_entropy"], nan_policy="raise")["cross_entropy"].value == pytest.approx(math.log(K))
 
 
 def test_propagate_is_the_default_and_unchanged() -> None:

@@ -31,3 +31,24 @@ def test_a_value_that_rounds_to_the_max_is_kept(dtype: str, value: float) -> Non
     t = _proto(dtype, value)
     decoded = np.frombuffer(t.data, dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)).astype(np.float64)
     assert decoded.shape == (2,) and np.isfinite(decoded).all()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "data", "where"),
+    [
+        ("float32", [3], [1.5, True, 0.0], "data[1]"),
+        ("int64", [2, 2], [[0, 1], [2, False]], "data[1][1]"),
+        ("int64", [2], [True, False], "data[0]"),  # all booleans: numpy would make a bool array and cast it
+        ("uint8", [1, 2], [[3, True]], "data[0][1]"),
+    ],
+)
+def test_json_booleans_are_not_numbers(dtype: str, shape: list[int], data: list, where: str) -> None:
+    with pytest.raises(Problem) as refused:
+        tensor_to_proto("x", TensorBody(dtype=dtype, shape=shape, data=data))
+    assert refused.value.detail.startswith("tensors.x.data: ")
+    assert f"got a JSON boolean at {where}" in refused.value.detail
+
+
+def test_json_booleans_are_bool_tensors() -> None:
+    t = tensor_to_proto("x", TensorBody(dtype="bool", shape=[2, 2], data=[[True, False], [1, 0]]))
+    assert np.frombuffer(t.data, dtype=np.bool_).tolist() == [True, False, True, False]

@@ -40,6 +40,13 @@ def register(commands: Commands) -> None:
     parser: argparse.ArgumentParser = commands.add_parser("eval", help="evaluate functions on the arrays of an .npz file")
     parser.add_argument("--inputs", type=Path, required=True, help="an .npz file; its arrays are tensors named by their keys")
     parser.add_argument(
+        "--array",
+        dest="arrays",
+        action="append",
+        metavar="NAME",
+        help="send only this array of the file; repeat for more (default: every array, and the server refuses one that no function reads)",
+    )
+    parser.add_argument(
         "--fn",
         dest="specs",
         action="append",
@@ -59,16 +66,25 @@ def run(args: argparse.Namespace) -> int:
         settings = connection_settings(args)
     except ValueError as exc:
         return fail("eval", str(exc), EXIT_INVALID)
-    return eval_command(settings, args.inputs, args.specs, dict(args.tags), as_json=args.as_json, timeout=args.timeout)
+    return eval_command(settings, args.inputs, args.specs, dict(args.tags), as_json=args.as_json, timeout=args.timeout, arrays=args.arrays)
 
 
-def load_npz(path: Path) -> dict[str, Any]:
-    """The named arrays of an .npz file (pickled objects refused)."""
+def load_npz(path: Path, arrays: Sequence[str] | None = None) -> dict[str, Any]:
+    """The named arrays of an .npz file (pickled objects refused); only ``arrays`` when given, each of which it must hold."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"expected an .npz archive of named arrays (numpy.savez), got a single .npy array in {path}")
+    if not magic.startswith(b"PK"):  # numpy would call any other file pickled data
+        raise ValueError(f"expected an .npz archive of named arrays (numpy.savez writes one), got a file that is not a zip archive: {path}")
     data = np.load(path, allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"expected an .npz archive of named arrays, got a single array in {path}")
     with data:
-        return {name: data[name] for name in data.files}
+        missing = [name for name in arrays or () if name not in data.files]
+        if missing:
+            raise ValueError(f"--array {missing[0]}: {path} has no array named {missing[0]!r}; it has: {', '.join(data.files)}")
+        return {name: data[name] for name in (arrays or data.files)}
 
 
 def eval_command(
@@ -81,10 +97,11 @@ def eval_command(
     timeout: float = 60.0,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    arrays: Sequence[str] | None = None,
 ) -> int:
-    """Evaluate ``specs`` on the arrays of ``inputs`` on the server of ``settings`` and print the results."""
+    """Evaluate ``specs`` on the arrays of ``inputs`` (only ``arrays``, when given) on the server of ``settings``; print the results."""
     try:
-        tensors = load_npz(inputs)
+        tensors = load_npz(inputs, arrays)
         functions = function_specs(list(specs))
     except (OSError, ValueError) as exc:  # no such file, not an npz, object arrays, a bad spec
         return fail("eval", str(exc), EXIT_INVALID, err)

@@ -135,8 +135,29 @@ def _float_array(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.astype(np.dtype(dtype))
 
 
+def _first_bool(data: Any) -> tuple[int, ...] | None:
+    """The index of the first JSON true/false in nested lists, or None (numpy would read them as 1 and 0)."""
+    stack: list[tuple[tuple[int, ...], Any]] = [((), data)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, list):
+            if any(type(x) is bool for x in item):
+                return (*where, next(i for i, x in enumerate(item) if type(x) is bool))
+            stack.extend(((*where, i), x) for i, x in reversed(list(enumerate(item))) if isinstance(x, list))
+        elif type(item) is bool:
+            return where
+    return None
+
+
 def _nested_array(name: str, body: TensorBody) -> np.ndarray:
     field_ = f"tensors.{name}.data"
+    if body.dtype != "bool":
+        found = _first_bool(body.data)
+        if found is not None:
+            at = "".join(f"[{i}]" for i in found)
+            raise Problem.bad_field(
+                field_, f"expected numbers for dtype {body.dtype}, got a JSON boolean at data{at}; send 0/1, or dtype bool"
+            )
     try:
         if body.dtype in _FLOATS:
             array = np.asarray(body.data, dtype=np.float64)  # null -> NaN, "inf"/"-inf"/"nan" parsed
