@@ -103,6 +103,17 @@ def test_diagnostics_reach_the_response(stub):
     assert found[("nan_or_inf", "")][0] == pb.ERROR and "'student'" in found[("nan_or_inf", "")][2]
 
 
+def test_top_k_covering_every_class_warns_through_the_server(stub):
+    """top_k_accuracy with k >= K keeps its perfect score, and the warning that it means nothing reaches the response."""
+    tensors = {"logits": np.random.default_rng(2).standard_normal((16, 3)).astype(np.float32), "labels": np.arange(16) % 3}
+    specs = [{"name": "top_k_accuracy", "params": {"k": 3}}, {"name": "top_k_accuracy", "alias": "top2", "params": {"k": 2}}]
+    response = stub.Evaluate(pb.EvaluateRequest(tensors=encode_tensors(tensors), functions=specs_to_proto(specs)), timeout=30)
+    assert response.results[0].values["value"] == 1.0
+    found = [(d.code, d.function, d.severity, d.count) for d in response.diagnostics]
+    assert found == [("top_k_covers_all_classes", "top_k_accuracy", pb.WARNING, 1)]
+    assert "k=3 >= the 3 classes of 'logits'" in response.diagnostics[0].message
+
+
 # -- (a) missing roles -------------------------------------------------------------------------
 
 

@@ -73,6 +73,36 @@ class TensorError(ValueError):
 _WIRE_OF: dict[np.dtype, pb.DType] = {numpy: pb.DType.ValueType(wire) for wire, numpy in _TO_NUMPY.items()}
 
 
+# What to cast a dtype the wire does not carry to, by kind: numpy's dtype.kind letters, "q" for torch's
+# quantized integers. A person who sent float8 or complex scores needs the cast, not only the list.
+_CASTS: dict[str, str] = {
+    "f": "cast it to float32 first ({float32})",
+    "c": "keep its real part or its magnitude and cast it to float32 first (.real{float32})",
+    "i": "cast it to int64 (labels, indices) or float32 (values) first ({int64})",
+    "u": "cast it to int64 (labels, indices) or float32 (values) first ({int64})",
+    "q": "dequantize it to float32 first (.dequantize())",
+}
+_CONVERT = "convert it to numbers first: float32 for scores and targets, int64 for labels"
+
+
+def _unsupported_dtype(field: str, name: str, kind: str, *, torch_tensor: bool = False) -> TensorError:
+    """The TensorError of a dtype lossd does not carry: the dtypes it does, and the cast to make (torch or numpy spelling)."""
+
+    def cast(target: str) -> str:
+        return f".to(torch.{target})" if torch_tensor else f".astype(np.{target})"
+
+    hint = _CASTS.get(kind, _CONVERT).format(float32=cast("float32"), int64=cast("int64"))
+    return TensorError(field, f"unsupported dtype {name}; lossd carries {', '.join(DTYPE_NAMES)}: {hint}")
+
+
+def _numpy_kind(dtype: np.dtype) -> str:
+    """numpy's kind letter, with ml_dtypes' extension types (kind "V": float8, int4...) read from their names."""
+    if dtype.kind != "V":
+        return dtype.kind
+    name = dtype.name
+    return "f" if name.startswith(("float", "bfloat")) else "i" if name.startswith(("int", "uint")) else "V"
+
+
 def dtype_of(array: np.ndarray, field: str) -> pb.DType:
     """The wire dtype of a numpy array; unsupported dtypes are refused, not converted."""
     wire = _WIRE_OF.get(array.dtype)
@@ -82,23 +112,49 @@ def dtype_of(array: np.ndarray, field: str) -> pb.DType:
     if name == "bfloat16" and array.dtype != bfloat16():  # a void dtype of that name, not ml_dtypes' (already imported: free)
         name = str(array.dtype)
     if name not in DTYPE_NAMES:
-        raise TensorError(field, f"unsupported dtype {name}; expected one of {', '.join(DTYPE_NAMES)} (cast it first)")
+        raise _unsupported_dtype(field, name, _numpy_kind(array.dtype))
     return DTYPE_NAMES[name]
+
+
+_TORCH_DTYPES = frozenset(f"torch.{name}" for name in DTYPE_NAMES)  # torch spells the wire dtypes as numpy does
+
+
+def _torch_kind(dtype: Any) -> str:
+    """The kind letter of a torch dtype (see :data:`_CASTS`); float8 counts as floating point."""
+    name = str(dtype)
+    if dtype.is_complex:
+        return "c"
+    if dtype.is_floating_point:
+        return "f"
+    return "q" if name.startswith("torch.q") else "i" if "int" in name else ""
+
+
+def _torch_to_numpy(value: Any, field: str) -> np.ndarray:
+    """A numpy array of a torch tensor; a dtype the wire does not carry is refused before numpy sees it.
+
+    ``Tensor.numpy()`` raises a bare TypeError for float8 or quantized tensors, and
+    converts uint16 or complex ones to arrays the wire refuses later under numpy's name."""
+    name = str(value.dtype)
+    if name not in _TORCH_DTYPES:
+        raise _unsupported_dtype(field, name, _torch_kind(value.dtype), torch_tensor=True)
+    try:
+        t = value.detach().cpu()
+        if name == "torch.bfloat16":
+            import torch
+
+            array: np.ndarray = t.contiguous().view(torch.int16).numpy().view(bfloat16())
+        else:
+            array = t.numpy()
+    except (TypeError, RuntimeError, NotImplementedError) as exc:  # sparse layouts, meta tensors: no dense bytes to send
+        raise TensorError(field, f"cannot read the torch tensor as a dense array ({exc})") from exc
+    return array
 
 
 def _as_numpy(value: Any, field: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if type(value).__module__.split(".")[0] == "torch":  # a torch.Tensor, without importing torch
-        t = value.detach().cpu()
-        array: np.ndarray
-        if str(t.dtype) == "torch.bfloat16":
-            import torch
-
-            array = t.contiguous().view(torch.int16).numpy().view(bfloat16())
-        else:
-            array = t.numpy()
-        return array
+        return _torch_to_numpy(value, field)
     if isinstance(value, np.generic):  # a numpy scalar: a 0-d array
         return np.asarray(value)
     if isinstance(value, (list, tuple, int, float, bool)):
@@ -110,8 +166,15 @@ def _as_numpy(value: Any, field: str) -> np.ndarray:
 
 
 def to_numpy(value: Any, name: str = "tensor") -> np.ndarray:
-    """A numpy array of a numpy array, torch tensor (bfloat16 included) or nested list; no copy where possible."""
-    return _as_numpy(value, f"tensors.{name}")
+    """A numpy array of a numpy array, torch tensor (bfloat16 included) or nested list; no copy where possible.
+
+    A dtype the wire does not carry is refused here, where every path starts
+    (unary, streams, runs, shared memory, compute="local"), so local compute
+    refuses what the server would, with the same message."""
+    field = f"tensors.{name}"
+    array = _as_numpy(value, field)
+    dtype_of(array, field)
+    return array
 
 
 def encode_tensor(value: Any, name: str = "tensor") -> pb.Tensor:

@@ -51,7 +51,12 @@ CODES: dict[str, tuple[str, str]] = {
         "metric-learning batches with no valid pair (a single embedding, every label equal or every label distinct): each "
         "contributes 0 and counts as a batch in the mean of per-batch values, as in pytorch-metric-learning",
     ),
+    "top_k_covers_all_classes": (
+        WARNING,
+        "top_k_accuracy with k >= K, the number of classes: every label is among the top k, so the value is 1.0 and says nothing",
+    ),
     "binned_estimate": (INFO, "the value is computed from a fixed histogram (approximate), not from exact scores"),
+    "sum_overflow": (ERROR, "a state sum overflowed float64 to inf from finite inputs (weights of 1e308, say); the values are NaN"),
 }
 
 

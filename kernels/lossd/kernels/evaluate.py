@@ -29,6 +29,7 @@ from lossd.kernels.prepared import Prepared
 from lossd.kernels.registry import get_function
 from lossd.kernels.spans import function_span
 from lossd.kernels.state import State, merge_fields, merge_many
+from lossd.kernels.sum_overflow import diagnose_sum_overflow
 from lossd.kernels.tensor_names import check_all_read
 
 __all__ = [
@@ -172,7 +173,7 @@ def _result_of(p: Prepared, fields: Mapping[str, torch.Tensor], diagnostics: Dia
     if p.fdef.finalize_diagnostics is not None:
         for code, message in p.fdef.finalize_diagnostics(fields, p.params):
             diagnostics.add(code, message, function=p.alias)
-    return result
+    return diagnose_sum_overflow(p, fields, result, diagnostics)
 
 
 def _function_result(p: Prepared, result: Result, state: State | None) -> FunctionResult:

@@ -25,10 +25,12 @@ SEVERITY = {
     "ctc_infeasible": "warning",
     "single_class_auroc": "warning",
     "extreme_temperature": "warning",
+    "top_k_covers_all_classes": "warning",
     "precision_loss": "warning",
     "empty_sequences": "info",
     "overflow": "warning",
     "binned_estimate": "info",
+    "sum_overflow": "error",
     "no_valid_pair": "warning",
     "rows_omitted": "warning",
     "first_nonfinite_batch": "warning",
@@ -138,6 +140,13 @@ def extreme_temperature():
     return out.diagnostics, ("temperature",)
 
 
+def top_k_covers_all_classes():
+    z, y = logits_labels()
+    out = evaluate({"scores": z, "labels": y}, [{"name": "top_k_accuracy", "inputs": {"logits": "scores"}, "params": {"k": K}}])
+    assert out["top_k_accuracy"].value == 1.0  # the value stays what it is: every label is among the top K
+    return out.diagnostics, ("k=5", "5 classes", "'scores'", "1.0", "pass k < 5")
+
+
 def precision_loss():
     z, y = logits_labels()
     z = z.half()
@@ -171,6 +180,13 @@ def binned_estimate():
     return out.diagnostics, ("100-bin", "bins=None")
 
 
+def sum_overflow():
+    z, y = logits_labels()
+    out = run({"logits": z, "labels": y, "weights": torch.full((N,), 1e308, dtype=torch.float64)}, "accuracy")
+    assert math.isnan(out["accuracy"].value)  # not the 0.0 or NaN of finite / inf, unexplained
+    return out.diagnostics, ("overflowed float64", "'weights'", "Scale the weights")
+
+
 def rows_omitted():
     z, y = logits_labels()
     z[2, 0] = math.nan
@@ -202,10 +218,12 @@ TRIGGERS: dict[str, Trigger] = {
         ctc_infeasible,
         single_class_auroc,
         extreme_temperature,
+        top_k_covers_all_classes,
         precision_loss,
         empty_sequences,
         overflow,
         binned_estimate,
+        sum_overflow,
         no_valid_pair,
         rows_omitted,
         first_nonfinite_batch,

@@ -16,7 +16,9 @@ import torch
 
 from lossd.kernels.budget import confusion
 from lossd.kernels.chunks import iter_class_last_chunks
-from lossd.kernels.declarations import FunctionDef, Output, Result, Role
+from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role
+from lossd.kernels.examples import K, normal
+from lossd.kernels.examples import class_labels as example_labels
 from lossd.kernels.losses.classification import INPUT_KIND, labels_all_valid
 from lossd.kernels.metrics.scores import (
     LABELS,
@@ -60,6 +62,10 @@ def _terms(values: torch.Tensor, valid: torch.Tensor) -> Terms:
     return Terms(values.to(torch.float64), valid)
 
 
+# More classes than the default k=5: the clean example must not raise top_k_covers_all_classes.
+TOP_K_EXAMPLE = Example(lambda rng, n: {"logits": normal(rng, n, 2 * K), "labels": example_labels(n, 2 * K)})
+
+
 # -- accuracy --------------------------------------------------------------------------------------
 def _accuracy_terms(view: View, p: Mapping[str, Any]) -> Terms:
     y, pred, valid, k = truth_and_predictions(view, p)
@@ -84,10 +90,24 @@ def _accuracy_terms(view: View, p: Mapping[str, Any]) -> Terms:
     return Terms(correct, valid)
 
 
+def _diagnose_k_covers_all(view: View, top: int, classes: int) -> None:
+    """top_k_covers_all_classes: with k >= K every label is among the top k, so the value (1.0) says nothing.
+
+    scikit-learn's top_k_accuracy_score warns the same; the value is still computed, not refused,
+    because a sweep over k or a model with few classes can ask for it on purpose."""
+    if top >= classes:
+        view.diag(
+            "top_k_covers_all_classes",
+            f"k={top} >= the {classes} classes of {view.tensor_name('logits')!r}: every valid label is among the top {top}, "
+            f"so the value is 1.0 whatever the scores; pass k < {classes} (k=1 is accuracy)",
+        )
+
+
 def _top_k_terms(view: View, p: Mapping[str, Any]) -> Terms:
     """Correct when fewer than k classes outrank the label; ties go to the lower class index, as argmax."""
     z, y, valid = multiclass(view, p)
     k = z.shape[1]
+    _diagnose_k_covers_all(view, p["k"], k)
     ranks = torch.empty(y.numel(), dtype=torch.int64, device=z.device)
     flat_y = y.reshape(-1)
     columns = torch.arange(k, device=z.device)
@@ -126,10 +146,19 @@ top_k_accuracy = mean_loss(
         Role("logits", "[N, K] or [N, K, d1, ...]", "float", "class scores"),
         Role("labels", "[N] or [N, d1, ...]", "index", "class indices or ignore_index"),
     ),
-    params=(Param("k", "int", 5, "how many top classes count as a hit (k >= K: every valid element is a hit)", minimum=1), IGNORE_INDEX),
+    params=(
+        Param(
+            "k",
+            "int",
+            5,
+            "how many top classes count as a hit (k >= K: every valid element is a hit, diagnosed as top_k_covers_all_classes)",
+            minimum=1,
+        ),
+        IGNORE_INDEX,
+    ),
     terms=_top_k_terms,
     reference="sklearn.metrics.top_k_accuracy_score on tie-free inputs",
-    example=MULTICLASS_EXAMPLE,
+    example=TOP_K_EXAMPLE,
     reduction=False,
     doc="Σ w·[rank of label < k] / Σ w",
 )
