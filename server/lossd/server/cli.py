@@ -12,6 +12,7 @@ Heavy imports (torch, the app) happen only when ``serve`` runs.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -109,7 +110,10 @@ def serve_command(overrides: dict[str, Any], *, err: TextIO | None = None) -> in
     from pydantic import ValidationError
 
     from lossd.server.settings import Settings
+    from lossd.server.unknown_settings import unknown_variable_warnings
 
+    for line in unknown_variable_warnings(os.environ):  # a misspelt variable would leave its default silently
+        print(f"lossd serve: warning: {line}", file=err or sys.stderr)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
