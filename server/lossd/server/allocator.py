@@ -16,6 +16,10 @@ Idle: the buffers are kept while requests keep coming, not forever.
 (``malloc_trim(0)``) once the server has had no request in progress for two
 seconds, so that RSS after a burst returns to what live objects hold (it is
 also what a soak measures: growth that survives a trim is a leak, not a cache).
+It first waits for the monitoring work queued behind the burst, which holds
+the requests' tensors, and runs the cyclic garbage collector: after eight
+[512, 128256] requests, half the runs of a server that trimmed without either
+sat idle at 1.2-1.5 GB, against 0.33-0.36 GB in every run with both.
 
 Arenas: glibc gives each thread that allocates its own arena, up to 8 per
 core, and each arena keeps its own scattered pages: a trim can only give back
@@ -38,6 +42,7 @@ torch's threads to the cores it may use divided by the compute threads.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import Callable
@@ -83,7 +88,13 @@ def limit_malloc_arenas(arenas: int) -> bool:
 
 
 def release_free_memory() -> bool:
-    """Give the free pages of every malloc arena back to the OS (glibc ``malloc_trim(0)``); False where there is none."""
+    """Collect cyclic garbage, then give the free pages of every malloc arena back to the OS (glibc ``malloc_trim(0)``).
+
+    False where there is no malloc_trim. The collection first: a finished call's
+    request (a 262 MB message) can sit in a reference cycle of its call objects,
+    which only the cyclic collector frees, and an idle server allocates nothing
+    that would start it."""
+    gc.collect()
     trim = getattr(buffers.libc(), "malloc_trim", None)
     if trim is None:
         return False
@@ -94,13 +105,20 @@ def release_free_memory() -> bool:
 class IdleTrim:
     """Called when the last request in progress ends: ``delay`` seconds later, if ``idle()`` still holds, trim the heap.
 
+    ``holding()`` is the bytes of request tensors still held after their
+    responses (the monitoring work queued behind them): while it is not 0 the
+    trim waits another ``delay``, so that the tensors it frees are given back
+    too. A trim that ran while the monitoring of a burst of 262 MB batches still
+    held them left the server idle at 1.2 GB instead of its idle 0.3 GB.
+
     Runs on the event loop; the trim itself (it walks the arenas) runs on the
     loop's default executor. One trim at most is pending at a time.
     """
 
-    def __init__(self, idle: Callable[[], bool], delay: float = 2.0) -> None:
+    def __init__(self, idle: Callable[[], bool], delay: float = 2.0, holding: Callable[[], int] | None = None) -> None:
         self.idle = idle
         self.delay = delay
+        self.holding = holding
         self._pending: asyncio.TimerHandle | None = None
 
     def __call__(self) -> None:
@@ -109,8 +127,12 @@ class IdleTrim:
 
     def _fire(self) -> None:
         self._pending = None
-        if self.idle():
-            asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+        if not self.idle():
+            return  # a request came meanwhile: its end arms the next trim
+        if self.holding is not None and self.holding() > 0:
+            self._pending = asyncio.get_running_loop().call_later(self.delay, self._fire)
+            return
+        asyncio.get_running_loop().run_in_executor(None, release_free_memory)
 
     def cancel(self) -> None:
         """Drop a pending trim (the server is stopping)."""

@@ -15,7 +15,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +143,7 @@ async def create_server(
     private_socket: Path | None = None,
     tracing: Tracing | None = None,
     reuse_port: bool = False,
+    holding: Callable[[], int] | None = None,
 ) -> RunningServer:
     """Build, bind and start the gRPC server described by ``settings``.
 
@@ -151,7 +152,8 @@ async def create_server(
     gateway. ``private_socket`` adds a plaintext Unix socket for the in-process
     gateway (tokens still apply there). ``tracing`` adds a span per call (README "Logs and traces").
     ``reuse_port``: a worker of ``lossd serve --workers N`` shares the port with the others
-    (SO_REUSEPORT: the kernel spreads new connections over them).
+    (SO_REUSEPORT: the kernel spreads new connections over them). ``holding``: the bytes
+    of request tensors the subscribers still hold after the responses (the idle trim waits for 0).
     """
     check_bind(settings)
     tls = TlsFiles.from_settings(settings)
@@ -201,7 +203,8 @@ async def create_server(
         budget=Budget(settings.max_request_memory_bytes, settings.max_message_bytes, admission.memory.reserve),
         subscribers=subscribers,
     )
-    service.admission.on_idle = IdleTrim(service.admission.idle)  # buffers kept through a burst, given back after it
+    # Buffers kept through a burst, given back after it (and after the monitoring work that holds its tensors).
+    service.admission.on_idle = IdleTrim(service.admission.idle, holding=holding)
     # The generated registration, Evaluate's tensor bytes left in the received message, bytes that do not parse INVALID_ARGUMENT.
     add_loss_service(service, server)
     health_servicer = health.aio.HealthServicer()

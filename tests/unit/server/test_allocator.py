@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import platform
 import subprocess
 import sys
+import weakref
 
 import pytest
 
+from lossd.server import allocator
 from lossd.server.admission import Admission, AdmissionLimits
 from lossd.server.allocator import IdleTrim
 
@@ -62,6 +65,46 @@ def test_idle_trim_fires_once_after_the_delay_and_only_if_still_idle() -> None:
         return events
 
     assert asyncio.run(main()) == ["checked", "checked"]
+
+
+def test_idle_trim_waits_while_request_tensors_are_still_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monitoring queued behind a burst holds its tensors: a trim before they are freed gives back none of them."""
+    trims: list[int] = []
+    held = {"bytes": 3 << 20}
+    monkeypatch.setattr(allocator, "release_free_memory", lambda: trims.append(held["bytes"]) or True)
+
+    async def main() -> None:
+        trim = IdleTrim(lambda: True, delay=0.05, holding=lambda: held["bytes"])
+        trim()
+        await asyncio.sleep(0.17)  # three checks: still held, no trim
+        assert trims == []
+        held["bytes"] = 0
+        await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    assert trims == [0]  # once, after the tensors were freed
+
+
+def test_the_idle_release_frees_what_a_reference_cycle_held() -> None:
+    """An idle server allocates nothing that would start the cyclic collector: the release runs it."""
+
+    class Call:  # a finished call's objects, pointing at each other, holding its request
+        def __init__(self) -> None:
+            self.request = bytearray(8 << 20)
+            self.me = self
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        call = Call()
+        gone = weakref.ref(call)
+        del call
+        assert gone() is not None  # held by its own cycle
+        allocator.release_free_memory()
+        assert gone() is None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_admission_calls_its_idle_hook_when_the_last_call_ends() -> None:

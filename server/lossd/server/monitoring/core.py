@@ -166,7 +166,11 @@ class Monitoring(Families):
     def server_hooks(self) -> dict[str, Any]:
         """The keyword arguments that attach this monitoring to ``create_server``."""
         subscribers: list[Subscriber] = [self.submit]
-        return {"subscribers": subscribers, "interceptors": [self.interceptor()]}
+        return {"subscribers": subscribers, "interceptors": [self.interceptor()], "holding": self.held_bytes}
+
+    def held_bytes(self) -> int:
+        """Bytes of request tensors the events queued or being observed hold (the server's idle trim waits for 0)."""
+        return self.worker.pending[1]
 
     def submit(self, event: EvaluationEvent) -> None:
         """The servicer's subscriber: queue the event for the worker (returns at once, never raises)."""
