@@ -18,8 +18,9 @@ seconds, so that RSS after a burst returns to what live objects hold (it is
 also what a soak measures: growth that survives a trim is a leak, not a cache).
 It first waits for the monitoring work queued behind the burst, which holds
 the requests' tensors, and runs the cyclic garbage collector: after eight
-[512, 128256] requests, half the runs of a server that trimmed without either
-sat idle at 1.2-1.5 GB, against 0.33-0.36 GB in every run with both.
+[512, 128256] requests, two of four runs of a server that did neither (and
+two of three that only waited) sat idle at 1.2-1.5 GB, against 0.33-0.36 GB
+in all five runs with both.
 
 Arenas: glibc gives each thread that allocates its own arena, up to 8 per
 core, and each arena keeps its own scattered pages: a trim can only give back
@@ -90,10 +91,11 @@ def limit_malloc_arenas(arenas: int) -> bool:
 def release_free_memory() -> bool:
     """Collect cyclic garbage, then give the free pages of every malloc arena back to the OS (glibc ``malloc_trim(0)``).
 
-    False where there is no malloc_trim. The collection first: a finished call's
-    request (a 262 MB message) can sit in a reference cycle of its call objects,
-    which only the cyclic collector frees, and an idle server allocates nothing
-    that would start it."""
+    False where there is no malloc_trim. The collection first: memory held by
+    reference cycles is freed only by the cyclic collector, which an idle server
+    (allocating nothing) never starts. Which cycle held a finished request's
+    buffers under ``lossd serve`` is not known; with the collection, the idle
+    RSS after eight [512, 128256] requests was 0.33-0.36 GB in every run."""
     gc.collect()
     trim = getattr(buffers.libc(), "malloc_trim", None)
     if trim is None:
@@ -108,8 +110,7 @@ class IdleTrim:
     ``holding()`` is the bytes of request tensors still held after their
     responses (the monitoring work queued behind them): while it is not 0 the
     trim waits another ``delay``, so that the tensors it frees are given back
-    too. A trim that ran while the monitoring of a burst of 262 MB batches still
-    held them left the server idle at 1.2 GB instead of its idle 0.3 GB.
+    too (a trim before that gives back none of them).
 
     Runs on the event loop; the trim itself (it walks the arenas) runs on the
     loop's default executor. One trim at most is pending at a time.
