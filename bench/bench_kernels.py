@@ -33,10 +33,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import median_seconds, report  # noqa: E402
 
-from lossd.kernels import (
-    evaluate,  # noqa: E402
-    plan,  # noqa: E402
-)
+from lossd.kernels import evaluate, input_diagnostics, row_stats, view  # noqa: E402
+from lossd.kernels.evaluate import prepare  # noqa: E402
+from lossd.kernels.tensor_names import names_read  # noqa: E402
 
 __all__ = ["main"]
 
@@ -93,8 +92,8 @@ def cross_entropy_alone(sizes: tuple[tuple[int, int], ...], repeats: int) -> Non
                     median_seconds(lambda t=tensors: evaluate(t, ["cross_entropy"]), repeats=repeats),
                     nbytes,
                 ),
-                ("  of which row_statistics", median_seconds(lambda z=z: plan.row_statistics(z, 1, False), repeats=repeats), nbytes),
-                ("  of which finiteness check", median_seconds(lambda z=z: plan.count_nonfinite(z), repeats=repeats), nbytes),
+                ("  of which row_statistics", median_seconds(lambda z=z: row_stats.row_statistics(z, 1, False), repeats=repeats), nbytes),
+                ("  of which finiteness check", median_seconds(lambda z=z: input_diagnostics.count_nonfinite(z), repeats=repeats), nbytes),
             ]
             dtype_name = str(dtype).replace("torch.", "")
             report(f"cross_entropy [{n}, {k}] {dtype_name} ({load()})", rows, base)
@@ -117,7 +116,9 @@ def shared_request(sizes: tuple[tuple[int, int], ...], repeats: int) -> None:
         rows: list[tuple[str, float, float | None]] = [("torch, 4 functions one by one (baseline)", base, nbytes)]
         rows += [(f"  torch {name}", seconds, nbytes) for name, seconds in timed.items()]
         rows.append(("lossd ONE request, 4 functions", median_seconds(lambda: evaluate(tensors, names), repeats=repeats), nbytes))
-        separate = [median_seconds(lambda name=name: evaluate(tensors, [name]), repeats=repeats) for name in names]
+        # Each alone gets only the tensors it reads (entropy reads no labels; an unread tensor is refused).
+        alone = {name: {k: t for k, t in tensors.items() if k in names_read(prepare([name]))} for name in names}
+        separate = [median_seconds(lambda name=name: evaluate(alone[name], [name]), repeats=repeats) for name in names]
         rows.append(("lossd 4 separate requests", sum(separate), nbytes))
         rows += [(f"  lossd {name} alone", seconds, nbytes) for name, seconds in zip(names, separate, strict=True)]
         report(f"cross_entropy + accuracy + ece + entropy [{n}, {k}] float32 ({load()})", rows, base)
@@ -157,14 +158,15 @@ def checks(n: int, k: int, repeats: int) -> None:
     for kind, scores in kinds.items():
         tensors = {"logits": scores, "labels": y}
         full = median_seconds(lambda t=tensors: evaluate(t, ["cross_entropy"]), repeats=repeats)
-        real_check, real_diagnose = plan.count_nonfinite, plan.View._diagnose_score_kind
+        # Each check switched off where the kernels call it (module globals of input_diagnostics and view).
+        real_check, real_diagnose = input_diagnostics.count_nonfinite, view.diagnose_score_kind
         try:
-            plan.count_nonfinite = lambda t: (0, False)  # type: ignore[assignment]
+            input_diagnostics.count_nonfinite = lambda t: (0, False)
             no_check = median_seconds(lambda t=tensors: evaluate(t, ["cross_entropy"]), repeats=repeats)
-            plan.View._diagnose_score_kind = lambda self, *args: None  # type: ignore[method-assign]
+            view.diagnose_score_kind = lambda *args: None
             neither = median_seconds(lambda t=tensors: evaluate(t, ["cross_entropy"]), repeats=repeats)
         finally:
-            plan.count_nonfinite, plan.View._diagnose_score_kind = real_check, real_diagnose  # type: ignore[method-assign]
+            input_diagnostics.count_nonfinite, view.diagnose_score_kind = real_check, real_diagnose
         rows += [
             (f"{kind}: evaluate(cross_entropy)", full, nbytes),
             (f"{kind}:   without the finiteness check", no_check, nbytes),
