@@ -55,9 +55,9 @@ def diagnose_sum_overflow(p: Prepared, fields: Mapping[str, torch.Tensor], resul
         return result
     diagnostics.add(
         "sum_overflow",
-        f"the sum(s) {', '.join(map(repr, overflowed))} overflowed float64 to inf (past 1.8e308) although no input was inf,"
-        " so the values are NaN. Scale the weights (or the inputs) down: a weighted mean is the same when every weight is"
-        " scaled by one factor",
+        f"the sum(s) {', '.join(map(repr, overflowed))} are inf with no inf input seen here: a sum of finite values"
+        " overflowed float64 (past 1.8e308), or a state merged here brought the inf from its own batch; the values are"
+        " NaN. Scale the weights (or the inputs) down: a weighted mean is the same when every weight is scaled by one factor",
         function=p.alias,
     )
     return dataclasses.replace(result, values={k: math.nan for k in result.values}, numerator=None)
