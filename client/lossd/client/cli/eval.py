@@ -69,18 +69,19 @@ def run(args: argparse.Namespace) -> int:
     return eval_command(settings, args.inputs, args.specs, dict(args.tags), as_json=args.as_json, timeout=args.timeout, arrays=args.arrays)
 
 
+# The prefixes numpy.load takes for a zip archive (a local file header, or an empty archive's end record).
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def load_npz(path: Path, arrays: Sequence[str] | None = None) -> dict[str, Any]:
     """The named arrays of an .npz file (pickled objects refused); only ``arrays`` when given, each of which it must hold."""
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic == b"\x93NUMPY":
         raise ValueError(f"expected an .npz archive of named arrays (numpy.savez), got a single .npy array in {path}")
-    if not magic.startswith(b"PK"):  # numpy would call any other file pickled data
+    if not magic.startswith(_ZIP_MAGIC):  # numpy would call any other file pickled data
         raise ValueError(f"expected an .npz archive of named arrays (numpy.savez writes one), got a file that is not a zip archive: {path}")
-    data = np.load(path, allow_pickle=False)
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"expected an .npz archive of named arrays, got a single array in {path}")
-    with data:
+    with np.load(path, allow_pickle=False) as data:  # a zip: numpy opens it as an NpzFile
         missing = [name for name in arrays or () if name not in data.files]
         if missing:
             raise ValueError(f"--array {missing[0]}: {path} has no array named {missing[0]!r}; it has: {', '.join(data.files)}")
