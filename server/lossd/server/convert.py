@@ -22,7 +22,7 @@ from lossd.kernels.params import resolve_params
 from lossd.kernels.state import check_state
 from lossd.server.shared_memory import ONLY_EVALUATE_MESSAGE, shared_tensor
 from lossd.server.wire_dtypes import check_bool_bytes, check_wire_shape, tensor_over, wire_dtype
-from lossd.server.wire_request import tensor_data_views
+from lossd.server.wire_request import take_tensor_data_views
 from lossd.v1 import lossd_pb2 as pb
 
 __all__ = [
@@ -90,7 +90,7 @@ def decode_request_tensors(
 
     ``allow_shared_memory``: the server's setting, for Evaluate's tensors; None
     where shared memory is not taken at all (a stream's messages), whatever the setting."""
-    views = tensor_data_views(tensors) or {}
+    views = take_tensor_data_views(tensors) or {}
     out = {}
     for name, t in tensors.items():
         if not name:

@@ -24,7 +24,7 @@ from lossd.client.local import diagnostic_to_proto
 from lossd.client.specs import SpecError
 from lossd.kernels.cancellation import Cancelled, DeadlineExceeded
 from lossd.kernels.errors import InvalidInput, StateLimitExceeded
-from lossd.server.wire_request import undecodable
+from lossd.server.wire_request import release_tensor_data, undecodable
 
 __all__ = ["rpc_errors", "status_for"]
 
@@ -143,5 +143,7 @@ def rpc_errors(handler: Handler) -> Handler:
             request_id = _cut(str(getattr(request, "request_id", "") or ""), MAX_REQUEST_ID_CHARS) or uuid.uuid4().hex[:12]
             log.exception("%s failed (request id %s)", handler.__name__, request_id)
             await context.abort_with_status(rpc_status.to_status(status_for(exc, request_id)))
+        finally:
+            release_tensor_data()  # a request that failed before its decode: timers scheduled later must not keep its bytes
 
     return wrapper  # type: ignore[return-value]

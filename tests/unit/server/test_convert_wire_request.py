@@ -13,7 +13,7 @@ from lossd.client.codec import encode_tensor
 from lossd.kernels.errors import InvalidInput
 from lossd.server import wire_request
 from lossd.server.convert import decode_request_tensors
-from lossd.server.wire_request import lenient, parse_evaluate_request, tensor_data_views, undecodable
+from lossd.server.wire_request import lenient, parse_evaluate_request, release_tensor_data, take_tensor_data_views, undecodable
 from lossd.v1 import lossd_pb2 as pb
 
 CPU = torch.device("cpu")
@@ -39,7 +39,7 @@ def _request(**tensors: object) -> pb.EvaluateRequest:
 def _reassembled(raw: bytes) -> pb.EvaluateRequest:
     """What parse_evaluate_request read, with each tensor's data put back from its view."""
     message = parse_evaluate_request(raw)
-    views = tensor_data_views(message.tensors)
+    views = take_tensor_data_views(message.tensors)
     assert views is not None
     whole = pb.EvaluateRequest()
     whole.CopyFrom(message)
@@ -81,7 +81,7 @@ def test_bytes_that_do_not_parse_raise_protobufs_error(raw: bytes) -> None:
         pb.EvaluateRequest.FromString(raw)
     with pytest.raises(DecodeError):
         parse_evaluate_request(raw)
-    assert tensor_data_views(pb.EvaluateRequest().tensors) is None
+    assert take_tensor_data_views(pb.EvaluateRequest().tensors) is None
 
 
 def test_decoded_tensors_are_views_into_the_received_bytes() -> None:
@@ -100,8 +100,28 @@ def test_decoded_tensors_are_views_into_the_received_bytes() -> None:
 def test_another_map_is_read_the_generated_way() -> None:
     parse_evaluate_request(_request(logits=np.zeros((2, 2), np.float32)).SerializeToString())
     other = _request(logits=np.full((2, 3), 4, np.float32))
-    assert tensor_data_views(other.tensors) is None
+    assert take_tensor_data_views(other.tensors) is None
     np.testing.assert_array_equal(decode_request_tensors(other.tensors, CPU)["logits"].numpy(), np.full((2, 3), 4, np.float32))
+
+
+def test_the_views_are_handed_over_once() -> None:
+    # asyncio copies the context into each timer it schedules (a stream's read timeout): once taken, no copy
+    # made before holds the request's bytes; a second decode of the same map would read empty data fields.
+    message = parse_evaluate_request(_request(logits=np.ones((2, 3), np.float32)).SerializeToString())
+    copied = contextvars.copy_context()
+    decode_request_tensors(message.tensors, CPU)
+    assert copied.run(lambda: wire_request._latest.get()).views is None  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="already taken"):
+        decode_request_tensors(message.tensors, CPU)
+
+
+def test_a_call_that_ends_undecoded_lets_go_of_its_views() -> None:
+    message = parse_evaluate_request(_request(logits=np.ones((2, 3), np.float32)).SerializeToString())
+    copied = contextvars.copy_context()
+    release_tensor_data()
+    assert copied.run(lambda: wire_request._latest.get()).views is None  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="already taken"):
+        take_tensor_data_views(message.tensors)
 
 
 def test_errors_name_the_tensor_as_before() -> None:
@@ -129,10 +149,10 @@ def test_small_requests_are_parsed_the_generated_way(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(wire_request, "ZERO_COPY_MIN_BYTES", 1 << 16)
     small = _request(logits=np.ones((4, 3), np.float32)).SerializeToString()
     message = parse_evaluate_request(small)
-    assert message.tensors["logits"].data and tensor_data_views(message.tensors) is None
+    assert message.tensors["logits"].data and take_tensor_data_views(message.tensors) is None
     large = _request(logits=np.ones((128, 128), np.float32)).SerializeToString()
     message = parse_evaluate_request(large)
-    assert not message.tensors["logits"].data and tensor_data_views(message.tensors) is not None
+    assert not message.tensors["logits"].data and take_tensor_data_views(message.tensors) is not None
 
 
 def test_bytes_that_do_not_parse_become_an_empty_message_and_a_noted_violation() -> None:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lossd.server import wire_request
-from lossd.server.wire_request import parse_evaluate_request, tensor_data_views
+from lossd.server.wire_request import parse_evaluate_request, take_tensor_data_views
 from lossd.v1 import lossd_pb2 as pb
 
 _tensor = st.builds(
@@ -84,7 +84,7 @@ def test_scan_agrees_with_protobuf_on_any_bytes(raw: bytes) -> None:
             parse_evaluate_request(raw)
         return
     message = parse_evaluate_request(raw)
-    views = tensor_data_views(message.tensors)
+    views = take_tensor_data_views(message.tensors)
     whole = pb.EvaluateRequest()
     whole.CopyFrom(message)
     if views is not None:
