@@ -109,7 +109,14 @@ def release_free_memory() -> bool:
 
 
 class IdleTrim:
-    """Called when the last request in progress ends: ``delay`` seconds later, if ``idle()`` still holds, trim the heap.
+    """Called when the last request in progress ends: once the server has been idle for ``delay`` seconds, trim the heap.
+
+    Idle for the whole ``delay``: a call that starts and ends meanwhile moves
+    the trim to ``delay`` after its end. Checking only at the moment the timer
+    fired, a steady loop of sequential calls (idle between two of them for a
+    fraction of a millisecond) was trimmed every few seconds, mid-loop: the
+    collection holds the GIL (the event loop waits), and the trim gives back the
+    large buffers the next request reuses (lossd.server.allocator).
 
     ``holding()`` is the bytes of request tensors still held after their
     responses (the monitoring work queued behind them): while it is not 0 the
@@ -125,20 +132,31 @@ class IdleTrim:
         self.delay = delay
         self.holding = holding
         self._pending: asyncio.TimerHandle | None = None
+        self._last_end = 0.0  # loop time of the last call's end
 
     def __call__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_end = loop.time()
         if self._pending is None:
-            # An empty context: the timer would otherwise keep a copy of the ending call's until it fires.
-            self._pending = asyncio.get_running_loop().call_later(self.delay, self._fire, context=contextvars.Context())
+            self._arm(loop, self.delay)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        # An empty context: the timer would otherwise keep a copy of the ending call's until it fires.
+        self._pending = loop.call_later(delay, self._fire, context=contextvars.Context())
 
     def _fire(self) -> None:
         self._pending = None
-        if not self.idle():
-            return  # a request came meanwhile: its end arms the next trim
-        if self.holding is not None and self.holding() > 0:
-            self._pending = asyncio.get_running_loop().call_later(self.delay, self._fire)
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last_end
+        if quiet < self.delay:  # a call ended meanwhile: idle for the whole delay after it
+            self._arm(loop, self.delay - quiet)
             return
-        asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+        if not self.idle():
+            return  # a request is in progress: its end arms the next trim
+        if self.holding is not None and self.holding() > 0:
+            self._arm(loop, self.delay)
+            return
+        loop.run_in_executor(None, release_free_memory)
 
     def cancel(self) -> None:
         """Drop a pending trim (the server is stopping)."""

@@ -7,6 +7,7 @@ import gc
 import platform
 import subprocess
 import sys
+import time
 import weakref
 
 import pytest
@@ -65,6 +66,25 @@ def test_idle_trim_fires_once_after_the_delay_and_only_if_still_idle() -> None:
         return events
 
     assert asyncio.run(main()) == ["checked", "checked"]
+
+
+def test_idle_trim_waits_for_a_whole_quiet_delay_after_the_last_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequential calls leave the server idle for moments between them: none of those moments is a trim."""
+    trims: list[float] = []
+    monkeypatch.setattr(allocator, "release_free_memory", lambda: trims.append(time.monotonic()) or True)
+
+    async def main() -> float:
+        trim = IdleTrim(lambda: True, delay=0.1)
+        for _ in range(8):  # a call ends every 40 ms, each idle at the moment the previous timer fires
+            trim()
+            await asyncio.sleep(0.04)
+        last_end = time.monotonic() - 0.04
+        assert trims == []
+        await asyncio.sleep(0.2)
+        return last_end
+
+    last_end = asyncio.run(main())
+    assert len(trims) == 1 and trims[0] - last_end >= 0.1 - 0.01
 
 
 def test_idle_trim_waits_while_request_tensors_are_still_held(monkeypatch: pytest.MonkeyPatch) -> None:
