@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import math
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -344,6 +348,37 @@ def test_deadline_is_504(replica: Replica, batch: dict[str, np.ndarray]) -> None
             assert problem["grpc_code"] == "DEADLINE_EXCEEDED"
     finally:
         gateway.stop()
+
+
+def test_an_overloaded_replica_is_503_with_its_retry_after(batch: dict[str, np.ndarray]) -> None:
+    """RESOURCE_EXHAUSTED with RetryInfo is an overloaded replica, not an oversize request: retry later, not never."""
+    busy = Replica(max_concurrent_requests=1, retry_after_seconds=3.0).start()
+    release = threading.Event()
+
+    def held() -> Iterator[pb.EvaluateRequest]:
+        release.wait(30)  # the stream holds the replica's one slot until then
+        yield from ()
+
+    channel = grpc.insecure_channel(busy.grpc_address)
+    stream = pb_grpc.LossServiceStub(channel).EvaluateStream.future(held())
+    try:
+        with httpx.Client(base_url=busy.url, timeout=60) as client:
+            for _ in range(100):  # until the stream has its slot
+                response = client.post("/v1/evaluate", json=_body(batch))
+                if response.status_code != 200:
+                    break
+                time.sleep(0.05)
+            problem = _problem(response, 503)
+        assert problem["grpc_code"] == "RESOURCE_EXHAUSTED" and problem["type"] == "urn:lossd:problem:overloaded"
+        assert "max_concurrent_requests" in problem["detail"]
+        assert 1.5 <= problem["retry_after_seconds"] <= 4.5  # the replica's hint, jittered ±50%
+        assert response.headers["retry-after"] == str(math.ceil(problem["retry_after_seconds"]))
+    finally:
+        release.set()
+        with contextlib.suppress(grpc.RpcError):
+            stream.result(30)
+        channel.close()
+        busy.stop()
 
 
 class _FakeError(grpc.RpcError):

@@ -15,6 +15,7 @@ NOT_FOUND              404
 ALREADY_EXISTS         409
 ABORTED                409
 RESOURCE_EXHAUSTED     413   message or state over its size limit
+  with RetryInfo       503   the replica is overloaded: Retry-After says when
 UNAUTHENTICATED        401
 PERMISSION_DENIED      403
 CANCELLED              499   (client closed request)
@@ -29,6 +30,7 @@ DATA_LOSS
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,7 +115,9 @@ class Problem(Exception):
         return out
 
     def response(self, instance: str | None = None) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 503 else None
+        # Retry-After in whole seconds (RFC 9110), never 0: the replica's own hint when it gave one.
+        retry_after = math.ceil(self.extra.get("retry_after_seconds", 1.0))
+        headers = {"Retry-After": str(max(1, retry_after))} if self.status == 503 else None
         return JSONResponse(self.body(instance), status_code=self.status, media_type=PROBLEM_JSON, headers=headers)
 
     @classmethod
@@ -128,19 +132,28 @@ def problem_from_rpc_error(error: grpc.RpcError) -> Problem:
     status, slug, title = _GRPC_TO_HTTP.get(code, (500, "internal", "Internal error"))
     details = error.details() if callable(getattr(error, "details", None)) else ""
     errors: list[FieldError] = []
+    extra: dict[str, Any] = {"grpc_code": code.name}
     try:
         rich = rpc_status.from_call(error)
     except ValueError:  # details that disagree with the status: keep the status, drop the details
         rich = None
+    retry: error_details_pb2.RetryInfo | None = None
     if rich is not None:
         for detail in rich.details:
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 errors.extend(FieldError(v.field, v.description) for v in bad.field_violations)
-    if status == 503:
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry is not None:
+        # Overloaded, not too large: the same request may succeed later (413 would tell the caller never to resend it).
+        status, slug, title = 503, "overloaded", "Server overloaded"
+        extra["retry_after_seconds"] = retry.retry_delay.ToNanoseconds() / 1e9
+    elif status == 503:
         details = f"no lossd backend answered ({details})" if details else "no lossd backend answered"
-    return Problem(status, slug, title, details or title, tuple(errors), {"grpc_code": code.name})
+    return Problem(status, slug, title, details or title, tuple(errors), extra)
 
 
 def field_path(loc: Sequence[str | int]) -> str:
