@@ -22,9 +22,11 @@ schedules, and a cancelled timer keeps its copy until its deadline. Before,
 each message of a stream scheduled the 300 s idle timeout of the next read
 with the previous message's views in its context: after eight 32 MiB parts of a
 [512, 128256] batch, the finished stream's bytes were still resident (up to
-four payloads over the server's idle RSS in back-to-back calls). Protobuf's rules are kept: the last occurrence of a field wins, a map
-entry replaces an earlier one with the same key, and bytes that do not scan
-cleanly are parsed the generated way (which raises its usual DecodeError).
+four payloads over the server's idle RSS in back-to-back calls).
+
+Protobuf's rules are kept: the last occurrence of a field wins, a map entry
+replaces an earlier one with the same key, and bytes that do not scan cleanly
+are parsed the generated way (which raises its usual DecodeError).
 
 Bytes that do not parse at all (bad UTF-8 in a string, a corrupt wire
 format) would have gRPC answer UNKNOWN from its deserializer. Every
