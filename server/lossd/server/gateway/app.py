@@ -59,7 +59,7 @@ _PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "invalid JSON body, tensors, functions or parameters; `errors` names each field",
         401: "no valid `Authorization: Bearer <token>` header (when the server has tokens)",
         413: "request body or message over its size limit",
-        503: "no backend answered",
+        503: "no backend answered, or the replica is overloaded (`Retry-After`: when to resend)",
         504: "the backend missed the deadline",
     }.items()
 }
