@@ -10,7 +10,8 @@ size of the logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from lossd.kernels.chunks import iter_class_last_chunks, iter_row_chunks
 from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role, no_valid_element
 from lossd.kernels.dtypes import as_dtype, compute_dtype
+from lossd.kernels.errors import InvalidInput
 from lossd.kernels.examples import K, log_softmax, normal, softmax
 from lossd.kernels.examples import class_labels as example_labels
 from lossd.kernels.params import IGNORE_INDEX, Param
@@ -117,7 +119,23 @@ def class_weight_vector(view: View, p: Mapping[str, Any], k: int, dtype: torch.d
         raise view.param_error(name, f"expected {k} class weights (one per class), got {len(w)}")
     if any(x < 0 for x in w):
         raise view.param_error(name, "expected non-negative class weights")
-    return torch.tensor(w, dtype=dtype, device=view.batch.device)
+    vector = torch.tensor(w, dtype=dtype)
+    _check_representable(view, name, w, vector)
+    return vector.to(view.batch.device)
+
+
+def _check_representable(view: View, name: str, given: Sequence[float], vector: torch.Tensor) -> None:
+    """Refuse a weight the compute dtype turns into inf or 0: the one would make the mean NaN, the other drop a class unsaid."""
+    if vector.dtype == torch.float64 or not bool((torch.isinf(vector) | (vector == 0)).any()):
+        return  # the usual case: one reduction over K values
+    for k, (x, rounded) in enumerate(zip(given, vector.tolist(), strict=True)):
+        if math.isinf(rounded) or (rounded == 0 and x != 0):
+            became, dtype = "inf" if math.isinf(rounded) else "0", str(vector.dtype).removeprefix("torch.")
+            raise InvalidInput.single(
+                f"{view.param_field(name)}[{k}]",
+                f"{view.function}: expected class weights that {dtype} (the scores' compute dtype) can hold,"
+                f" got {name}[{k}] = {x:g}, which rounds to {became}; scale the weights (a weighted mean depends only on their ratios)",
+            )
 
 
 def gather_class(z: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
