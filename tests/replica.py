@@ -53,6 +53,7 @@ class Replica:
         if not self.backends:
             monitoring = self.monitoring = Monitoring(self.settings)
             self.running = await create_server(self.settings, **monitoring.server_hooks())
+            self.running.service.admission.on_idle = None  # in the pytest process: see integration/conftest.no_idle_trim
         app = self.app = create_app(self.settings, backends=self.backends or [self.running.address], monitoring=monitoring)  # type: ignore[union-attr]
         if monitoring is None:
             self.monitoring = app.state.monitoring

@@ -16,6 +16,15 @@ from lossd.server.monitoring.events import Subscriber
 from lossd.server.settings import Settings
 
 
+def no_idle_trim(running: RunningServer) -> None:
+    """Turn off a server's idle trim when it runs in the pytest process.
+
+    Its gc.collect() would collect other tests' garbage during whichever test is running, and an
+    unclosed socket found there fails that test (filterwarnings = error). lossd serve processes keep
+    theirs; tests/unit/server/test_allocator.py covers the trim itself."""
+    running.service.admission.on_idle = None
+
+
 class ServerThread:
     """Runs ``create_server(settings)`` on its own event loop in a daemon thread."""
 
@@ -37,6 +46,7 @@ class ServerThread:
             self.running = self.loop.run_until_complete(
                 create_server(self.settings, subscribers=self.subscribers, interceptors=self.interceptors)
             )
+            no_idle_trim(self.running)
         except BaseException as exc:  # surfaced in start()
             self._error = exc
         self._ready.set()
