@@ -22,6 +22,15 @@ from lossd.server.settings import Settings
 __all__ = ["Replica"]
 
 
+def no_idle_trim(running: RunningServer) -> None:
+    """Turn off a server's idle trim when it runs in the pytest process.
+
+    Its gc.collect() would collect other tests' garbage during whichever test is running, and an
+    unclosed socket found there fails that test (filterwarnings = error). lossd serve processes keep
+    theirs; tests/unit/server/test_allocator.py covers the trim itself."""
+    running.service.admission.on_idle = None
+
+
 class Replica:
     """Start with :meth:`start`, stop with :meth:`stop`; ``url`` is the gateway, ``grpc_address`` the server."""
 
@@ -53,7 +62,7 @@ class Replica:
         if not self.backends:
             monitoring = self.monitoring = Monitoring(self.settings)
             self.running = await create_server(self.settings, **monitoring.server_hooks())
-            self.running.service.admission.on_idle = None  # in the pytest process: see integration/conftest.no_idle_trim
+            no_idle_trim(self.running)
         app = self.app = create_app(self.settings, backends=self.backends or [self.running.address], monitoring=monitoring)  # type: ignore[union-attr]
         if monitoring is None:
             self.monitoring = app.state.monitoring

@@ -10,19 +10,11 @@ from typing import TypeVar
 import grpc
 import pytest
 from integration.wire_recording import MethodRecorder
+from replica import no_idle_trim
 
 from lossd.server.app import RunningServer, create_server
 from lossd.server.monitoring.events import Subscriber
 from lossd.server.settings import Settings
-
-
-def no_idle_trim(running: RunningServer) -> None:
-    """Turn off a server's idle trim when it runs in the pytest process.
-
-    Its gc.collect() would collect other tests' garbage during whichever test is running, and an
-    unclosed socket found there fails that test (filterwarnings = error). lossd serve processes keep
-    theirs; tests/unit/server/test_allocator.py covers the trim itself."""
-    running.service.admission.on_idle = None
 
 
 class ServerThread:

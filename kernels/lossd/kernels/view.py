@@ -62,9 +62,10 @@ class RoleTensors:
         """An INVALID_ARGUMENT naming the role's tensor."""
         return InvalidInput.single(self.field(role), f"{self.function}: {description}")
 
-    def param_error(self, name: str, description: str) -> InvalidInput:
-        """An INVALID_ARGUMENT naming one of the function's parameters."""
-        return InvalidInput.single(self.param_field(name), f"{self.function}: {description}")
+    def param_error(self, name: str, description: str, *, index: int | None = None) -> InvalidInput:
+        """An INVALID_ARGUMENT naming one of the function's parameters (``index``: one element of a list parameter)."""
+        field = self.param_field(name) if index is None else f"{self.param_field(name)}[{index}]"
+        return InvalidInput.single(field, f"{self.function}: {description}")
 
     def diag(self, code: str, message: str, *, severity: str | None = None, count: int = 1) -> None:
         """Add a diagnostic raised by this function."""

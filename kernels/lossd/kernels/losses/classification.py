@@ -19,7 +19,6 @@ import torch
 from lossd.kernels.chunks import iter_class_last_chunks, iter_row_chunks
 from lossd.kernels.declarations import Example, FunctionDef, Output, Result, Role, no_valid_element
 from lossd.kernels.dtypes import as_dtype, compute_dtype
-from lossd.kernels.errors import InvalidInput
 from lossd.kernels.examples import K, log_softmax, normal, softmax
 from lossd.kernels.examples import class_labels as example_labels
 from lossd.kernels.params import IGNORE_INDEX, Param
@@ -131,10 +130,11 @@ def _check_representable(view: View, name: str, given: Sequence[float], vector: 
     for k, (x, rounded) in enumerate(zip(given, vector.tolist(), strict=True)):
         if math.isinf(rounded) or (rounded == 0 and x != 0):
             became, dtype = "inf" if math.isinf(rounded) else "0", str(vector.dtype).removeprefix("torch.")
-            raise InvalidInput.single(
-                f"{view.param_field(name)}[{k}]",
-                f"{view.function}: expected class weights that {dtype} (the scores' compute dtype) can hold,"
+            raise view.param_error(
+                name,
+                f"expected class weights that {dtype} (the scores' compute dtype) can hold,"
                 f" got {name}[{k}] = {x:g}, which rounds to {became}; scale the weights (a weighted mean depends only on their ratios)",
+                index=k,
             )
 
 
